@@ -1,0 +1,89 @@
+"""W3C trace context: parse, format, child spans, and the per-event ``ContextVar``.
+
+The trace is bound once at the edge (the dispatcher) and read from :data:`current_trace` by the
+logger and the BioT client, so every log line and every outgoing call of an event carries the
+same trace id without being passed around by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+    def child(self) -> TraceContext:
+        """Same trace, a new span id: one per outgoing call."""
+        return TraceContext(self.trace_id, _new_span_id(), self.flags)
+
+
+def _new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+def new_trace() -> TraceContext:
+    return TraceContext(os.urandom(16).hex(), _new_span_id(), "01")
+
+
+def parse_traceparent(value: str | None) -> TraceContext | None:
+    """Parse a W3C ``traceparent``; ``None`` when absent or malformed (all-zero ids are invalid)."""
+    if not value:
+        return None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags = match.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return TraceContext(trace_id, span_id, flags)
+
+
+def _from_bare_id(value: str | None) -> TraceContext | None:
+    # x-b3-traceid is 16 or 32 hex; a 64-bit id is left-padded as W3C advises.
+    if not value:
+        return None
+    candidate = value.strip().lower()
+    if not _HEX.match(candidate):
+        return None
+    trace_id = candidate.rjust(32, "0")
+    if trace_id == _ZERO_TRACE:
+        return None
+    return TraceContext(trace_id, _new_span_id(), "01")
+
+
+def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:
+    """The event's trace: ``traceparent``, then ``x-b3-traceid``, then ``trace-id``, else new.
+
+    ``headers`` must have lower-case keys (events normalise them).
+    """
+    return (
+        parse_traceparent(headers.get("traceparent"))
+        or _from_bare_id(headers.get("x-b3-traceid"))
+        or _from_bare_id(headers.get("trace-id"))
+        or new_trace()
+    )
+
+
+current_trace: ContextVar[TraceContext | None] = ContextVar("biot_trace", default=None)
+
+
+def current_trace_id() -> str | None:
+    trace = current_trace.get()
+    return trace.trace_id if trace is not None else None
