@@ -10,7 +10,7 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
@@ -161,7 +161,9 @@ def _read_biot(r: _Reader) -> BiotSettings:
     base_url = r.get("BIOT_BASE_URL", _opt_str, None)
     if base_url is not None:
         if not base_url.startswith(("http://", "https://")):
-            r.problems.append(f"BIOT_BASE_URL: must start with http:// or https://, got {base_url!r}")
+            r.problems.append(
+                f"BIOT_BASE_URL: must start with http:// or https://, got {base_url!r}"
+            )
         base_url = base_url.rstrip("/")
     user_id = r.get("BIOT_SERVICE_USER_ID", _opt_str, None)
     secret = r.get("BIOT_SERVICE_USER_SECRET_KEY", _opt_str, None)
@@ -232,16 +234,12 @@ def _read_worker(r: _Reader) -> WorkerSettings:
         api_retries=retries,
         api_backoff_base=r.positive("WORKER_API_BACKOFF_BASE", _float, d.api_backoff_base),
         api_backoff_max=r.positive("WORKER_API_BACKOFF_MAX", _float, d.api_backoff_max),
-        api_max_connections=r.positive(
-            "WORKER_API_MAX_CONNECTIONS", _int, d.api_max_connections
-        ),
+        api_max_connections=r.positive("WORKER_API_MAX_CONNECTIONS", _int, d.api_max_connections),
         ca_bundle=r.get("WORKER_CA_BUNDLE", _opt_str, d.ca_bundle),
     )
 
 
-def load_settings(
-    env: Mapping[str, str], overrides: Mapping[str, str] | None = None
-) -> Settings:
+def load_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` with ``overrides`` (CLI flags) taking precedence.
 
     Raises :class:`SettingsError` naming every bad or missing value.
@@ -258,8 +256,7 @@ def load_settings(
 
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:
-    """Return a copy with ``biot``/``worker`` fields changed (``worker_port=0``, ``biot_base_url``)."""
-    from dataclasses import replace
+    """A copy with fields changed, named ``biot_<field>`` or ``worker_<field>``."""
 
     biot = {k[5:]: v for k, v in changes.items() if k.startswith("biot_")}
     worker = {k[7:]: v for k, v in changes.items() if k.startswith("worker_")}
@@ -267,3 +264,59 @@ def replace_settings(settings: Settings, **changes: Any) -> Settings:
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
     return Settings(biot=replace(settings.biot, **biot), worker=replace(settings.worker, **worker))
+
+
+# ---------------------------------------------------------------- documentation
+
+#: Every variable the settings read, with its meaning; the CLI derives its flags from the
+#: ``WORKER_`` and ``BIOT_`` names here, and a test keeps the README's table in step.
+VARIABLES: Final[dict[str, str]] = {
+    "BIOT_BASE_URL": "BioT API root (no trailing slash); unset: `run` starts the emulator",
+    "BIOT_SERVICE_USER_ID": "service user id for the login (required with BIOT_BASE_URL)",
+    "BIOT_SERVICE_USER_SECRET_KEY": "service user secret (required with BIOT_BASE_URL)",
+    "BIOT_APP_NAME": "plugin name in logs (`appName`) and errors (`serviceName`)",
+    "BIOT_SERVICE_ENVIRONMENT": "environment label in error bodies",
+    "BIOT_SHOULD_VALIDATE_JWT": "`false` switches inbound JWT checks off (warned at start)",
+    "BIOT_PUBLIC_KEY": "RSA public key (base64 body or PEM); unset: fetched from UMS",
+    "BIOT_JWT_PERMISSION_NOTIFICATION": "scope required for notifications; empty: no check",
+    "BIOT_JWT_PERMISSION_INTERCEPTION": "scope required for interceptors; empty: no check",
+    "JWT_PERMISSION": "scope for every hook unless the per-hook variable is set",
+    "WORKER_HOST": "address the HTTP adapter listens on",
+    "WORKER_PORT": "port the HTTP adapter listens on (0: any free port)",
+    "WORKER_MAX_IN_FLIGHT": "events handled at once; more answer 503 with Retry-After",
+    "WORKER_MAX_BODY_BYTES": "largest event body accepted; larger answers 413",
+    "WORKER_DEADLINE_NOTIFICATION": "seconds a notification handler may run",
+    "WORKER_DEADLINE_INTERCEPTOR": "seconds an interceptor handler may run (BioT waits 3 s)",
+    "WORKER_DEADLINE_NONSPECIFIC": "seconds a nonspecific handler may run",
+    "WORKER_SHUTDOWN_GRACE": "seconds in-flight events get to finish on SIGTERM/SIGINT",
+    "WORKER_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR",
+    "WORKER_LOG_BACKEND": "stdlib (QueueHandler thread) or aiologger",
+    "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT": "accept NONSPECIFIC calls that carry no JWT",
+    "WORKER_JWT_LEEWAY": "seconds of clock skew allowed on a JWT's exp",
+    "WORKER_PUBLIC_KEY_TTL": "seconds a fetched public key is kept",
+    "WORKER_KEY_REFETCH_COOLDOWN": "least seconds between two key refetches on bad signatures",
+    "WORKER_TOKEN_REFRESH_MARGIN": "refresh the service token this long before it expires",
+    "WORKER_API_TIMEOUT": "seconds one BioT API attempt may take",
+    "WORKER_API_RETRIES": "extra attempts for idempotent calls on 429/502/503/504/network",
+    "WORKER_API_BACKOFF_BASE": "first retry delay in seconds (doubles, jittered)",
+    "WORKER_API_BACKOFF_MAX": "largest retry delay in seconds",
+    "WORKER_API_MAX_CONNECTIONS": "size of the keep-alive connection pool to BioT",
+    "WORKER_CA_BUNDLE": "CA bundle file to trust for BioT's HTTPS (e.g. the emulator's CA)",
+}
+
+
+def defaults() -> dict[str, str]:
+    """The default of each variable as text, for help output (secrets have none)."""
+    d, b = WorkerSettings(), BiotSettings()
+    values: dict[str, object] = {
+        "BIOT_APP_NAME": b.app_name,
+        "BIOT_SERVICE_ENVIRONMENT": b.environment,
+        "BIOT_SHOULD_VALIDATE_JWT": "true",
+        "BIOT_JWT_PERMISSION_NOTIFICATION": DEFAULT_NOTIFICATION_SCOPE,
+        "BIOT_JWT_PERMISSION_INTERCEPTION": DEFAULT_INTERCEPTION_SCOPE,
+    }
+    for name in VARIABLES:
+        if name.startswith("WORKER_"):
+            value = getattr(d, name[7:].lower())
+            values[name] = str(value).lower() if isinstance(value, bool) else value
+    return {k: "" if v is None else str(v) for k, v in values.items()}

@@ -1,0 +1,490 @@
+"""The dispatcher: hook contracts, auth decisions, routing, deadlines, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from config.settings import Settings
+from handlers import build_routes
+from tests.conftest import (
+    TRACE_ID,
+    KeyPair,
+    headers_for,
+    interceptor_body,
+    make_event,
+    notification_body,
+    settings_for,
+)
+from worker.auth import JwtVerifier
+from worker.client import BiotClient
+from worker.dispatch import Context, Dispatcher
+from worker.errors import Block
+from worker.events import (
+    AdaptEntityInterception,
+    NonSpecific,
+    Notification,
+    PostInterception,
+    PreInterception,
+)
+from worker.logs import CapturingLog
+from worker.responses import Response
+from worker.routing import Router
+
+NOTIFY = "PLUGIN_INTERCEPTOR"
+
+
+class FakeApi:
+    """Stands in for BiotClient where a handler's API calls are not the point."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def search(self, path: str, **kw: Any) -> dict[str, Any]:
+        self.calls.append(path)
+        return {"data": [], "metadata": {"page": {"totalResults": 3, "page": 0, "limit": 10}}}
+
+
+def make_dispatcher(
+    keys: KeyPair,
+    routes: Router | None = None,
+    settings: Settings | None = None,
+    log: CapturingLog | None = None,
+) -> tuple[Dispatcher, CapturingLog]:
+    settings = settings or settings_for()
+    log = log or CapturingLog()
+    verifier = JwtVerifier(static_key=keys.public_b64) if settings.biot.validate_jwt else None
+    dispatcher = Dispatcher(
+        routes=routes if routes is not None else build_routes(),
+        api=cast(BiotClient, FakeApi()),
+        log=log,
+        settings=settings,
+        verifier=verifier,
+    )
+    return dispatcher, log
+
+
+def interceptor_token(keys: KeyPair) -> str:
+    return keys.sign(scopes=["PLUGIN_INTERCEPTOR"])
+
+
+def notification_token(keys: KeyPair) -> str:
+    return keys.sign(scopes=["ACTION_NOTIFICATION"])
+
+
+# ---------------------------------------------------------------- success contracts
+
+
+async def test_notification_is_routed_with_its_typed_view(keys: KeyPair) -> None:
+    seen: list[Notification] = []
+
+    async def handler(view: Notification, ctx: Context) -> None:
+        seen.append(view)
+
+    routes = Router().notification("patient", "_update", handler)
+    dispatcher, log = make_dispatcher(keys, routes)
+    body = notification_body(notification_token(keys), action="_update")
+    response = await dispatcher.dispatch(make_event("NOTIFICATION", body))
+    assert response.status == 200
+    assert response.body == b""
+    assert TRACE_ID in response.headers["traceparent"]
+    assert seen[0].entity_type == "patient" and seen[0].action == "_update"
+    assert seen[0].old_entity is not None and seen[0].old_entity["_name"]["firstName"] == "Old"
+    assert log.find("event handled")[0]["status"] == 200
+
+
+async def test_example_notification_handler_reads_patients(keys: KeyPair) -> None:
+    dispatcher, log = make_dispatcher(keys)
+    body = notification_body(notification_token(keys))
+    response = await dispatcher.dispatch(make_event("NOTIFICATION", body))
+    assert response.status == 200
+    record = log.find("patient notification handled")[0]
+    assert record["patients_total"] == 3
+    assert record["traceId"] == TRACE_ID
+
+
+async def test_pre_rewrites_the_request_in_the_contract_shape(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    event = make_event(
+        "INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"), token=interceptor_token(keys)
+    )
+    response = await dispatcher.dispatch(event)
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    request = response.json()["request"]
+    assert set(request) == {"path", "queryParameters", "headers", "body"}
+    assert request["body"]["_name"]["firstName"] == "Ada LAMBDA MODIFIED"
+    assert request["queryParameters"] == {"a": ["1"]}
+
+
+async def test_pre_handler_may_return_a_replacement(keys: KeyPair) -> None:
+    async def reroute(view: PreInterception, ctx: Context) -> dict[str, Any]:
+        return {"path": "/elsewhere", "body": {"x": 1}}
+
+    dispatcher, _ = make_dispatcher(keys, Router().pre(reroute))
+    event = make_event(
+        "interceptor_pre", interceptor_body("INTERCEPTOR_PRE"), token=interceptor_token(keys)
+    )
+    request = (await dispatcher.dispatch(event)).json()["request"]
+    assert request["path"] == "/elsewhere"
+    assert request["body"] == {"x": 1}
+    assert request["headers"] == {"authorization": "Bearer user-token-not-ours"}
+
+
+@pytest.mark.parametrize("status", ["200 OK", "OK", "201 CREATED"])
+async def test_post_echoes_http_status_code_as_it_came(keys: KeyPair, status: str) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    body = interceptor_body("INTERCEPTOR_POST", status=status)
+    event = make_event("INTERCEPTOR_POST", body, token=interceptor_token(keys))
+    response = (await dispatcher.dispatch(event)).json()["response"]
+    assert response["httpStatusCode"] == status
+    assert response["body"]["_name"]["firstName"] == "Ada LAMBDA MODIFIED"
+
+
+@pytest.mark.parametrize(
+    ("given_form", "expected"), [("200 OK", "404 NOT_FOUND"), ("OK", "NOT_FOUND")]
+)
+async def test_post_status_change_keeps_the_form(
+    keys: KeyPair, given_form: str, expected: str
+) -> None:
+    async def not_found(view: PostInterception, ctx: Context) -> dict[str, str]:
+        view.status.set(404)
+        return {"hidden": "yes"}
+
+    dispatcher, _ = make_dispatcher(keys, Router().post(not_found))
+    body = interceptor_body("INTERCEPTOR_POST", status=given_form)
+    event = make_event("INTERCEPTOR_POST", body, token=interceptor_token(keys))
+    response = (await dispatcher.dispatch(event)).json()["response"]
+    assert response == {"body": {"hidden": "yes"}, "httpStatusCode": expected}
+
+
+async def test_adapt_entity_rewrites_every_entity(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    body = interceptor_body("INTERCEPTOR_POST_ENTITY")
+    event = make_event("INTERCEPTOR_POST_ENTITY", body, token=interceptor_token(keys))
+    response = (await dispatcher.dispatch(event)).json()["response"]
+    names = [e["_name"]["firstName"] for e in response["entities"]]
+    assert names == ["Ada LAMBDA", "Bob LAMBDA"]
+    assert response["httpStatusCode"] == "200 OK"
+
+
+@pytest.mark.parametrize("hook", ["INTERCEPTOR_PRE", "INTERCEPTOR_POST", "INTERCEPTOR_POST_ENTITY"])
+async def test_interceptor_without_handler_passes_payload_through(keys: KeyPair, hook: str) -> None:
+    dispatcher, _ = make_dispatcher(keys, Router())
+    body = interceptor_body(hook)
+    response = await dispatcher.dispatch(make_event(hook, body, token=interceptor_token(keys)))
+    assert response.status == 200
+    answer = response.json()
+    if hook == "INTERCEPTOR_PRE":
+        expected = {k: body["request"][k] for k in ("path", "queryParameters", "headers", "body")}
+        assert answer == {"request": expected}
+    else:
+        assert answer == {"response": body["response"]}
+
+
+async def test_interceptor_routes_by_api_id_before_entity(keys: KeyPair) -> None:
+    calls: list[str] = []
+
+    async def by_api(view: AdaptEntityInterception, ctx: Context) -> None:
+        calls.append("api")
+
+    async def by_entity(view: AdaptEntityInterception, ctx: Context) -> None:
+        calls.append("entity")
+
+    routes = Router()
+    routes.adapt_entity(by_entity, entity="patient")
+    routes.adapt_entity(by_api, api_id="PATCH/organization/v1/users/patients/{id}")
+    dispatcher, _ = make_dispatcher(keys, routes)
+    hook = "INTERCEPTOR_POST_ENTITY"
+    await dispatcher.dispatch(
+        make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    )
+    other = interceptor_body(hook, api_id="GET/organization/v1/users/patients")
+    await dispatcher.dispatch(make_event(hook, other, token=interceptor_token(keys)))
+    assert calls == ["api", "entity"]
+
+
+async def test_nonspecific_without_token_is_allowed_and_answers_json(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    response = await dispatcher.dispatch(make_event("NONSPECIFIC", {"anything": 1}))
+    assert response.status == 200
+    assert response.json() == {"patients": 3, "traceId": TRACE_ID}
+
+
+async def test_nonspecific_without_token_refused_when_configured(keys: KeyPair) -> None:
+    settings = settings_for(WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT="false")
+    dispatcher, _ = make_dispatcher(keys, settings=settings)
+    response = await dispatcher.dispatch(make_event("NONSPECIFIC", {}))
+    assert response.status == 400
+    assert response.json()["code"] == "JWT_ERROR"
+
+
+async def test_unknown_hooktype_is_nonspecific_with_a_warning(keys: KeyPair) -> None:
+    seen: list[Any] = []
+
+    async def handler(view: NonSpecific, ctx: Context) -> Response:
+        seen.append(view.body)
+        return Response(202, b"", {})
+
+    dispatcher, log = make_dispatcher(keys, Router().nonspecific(handler))
+    response = await dispatcher.dispatch(make_event("SOMETHING_ELSE", {"k": "v"}))
+    assert response.status == 202
+    assert seen == [{"k": "v"}]
+    assert log.find("missing or unknown hooktype header; handled as NONSPECIFIC")
+
+
+async def test_nonspecific_without_handler_is_404(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys, Router())
+    response = await dispatcher.dispatch(make_event("NONSPECIFIC", None))
+    assert response.status == 404
+    assert response.json()["code"] == "NO_HANDLER"
+
+
+# ---------------------------------------------------------------- refusals
+
+
+async def test_block_becomes_biot_error_envelope(keys: KeyPair) -> None:
+    dispatcher, log = make_dispatcher(keys)
+    body = interceptor_body("INTERCEPTOR_PRE")
+    body["request"]["body"]["_name"]["firstName"] = "FORBIDDEN"
+    event = make_event("INTERCEPTOR_PRE", body, token=interceptor_token(keys))
+    response = await dispatcher.dispatch(event)
+    assert response.status == 403
+    assert response.json() == {
+        "code": "MODIFICATION_FORBIDDEN",
+        "message": "this first name is not allowed",
+        "serviceName": "test-plugin",
+        "traceId": TRACE_ID,
+        "environment": "test",
+        "details": {"field": "_name"},
+    }
+    assert log.find("event refused")[0]["code"] == "MODIFICATION_FORBIDDEN"
+
+
+def test_block_refuses_a_success_status() -> None:
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        Block(200)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "NO_EVENT"),
+        (b"{not json", "NO_EVENT"),
+        (b"[1, 2]", "NO_EVENT"),
+        (orjson.dumps({"data": {"entity": {}}, "jwt": "x"}), "JWT_ERROR"),
+    ],
+)
+async def test_malformed_notifications_get_platform_codes(
+    keys: KeyPair, body: bytes, code: str
+) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    response = await dispatcher.dispatch(make_event("NOTIFICATION", body))
+    assert response.status == 400
+    assert response.json()["code"] == code
+
+
+@pytest.mark.parametrize(("drop", "code"), [("metadata", "NO_METADATA"), ("data", "NO_DATA")])
+async def test_notification_missing_parts(keys: KeyPair, drop: str, code: str) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    body = notification_body(notification_token(keys))
+    del body[drop]
+    response = await dispatcher.dispatch(make_event("NOTIFICATION", body))
+    assert (response.status, response.json()["code"]) == (400, code)
+
+
+async def test_notification_without_jwt_is_jwt_error(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    response = await dispatcher.dispatch(make_event("NOTIFICATION", notification_body(None)))
+    assert (response.status, response.json()["code"]) == (400, "JWT_ERROR")
+
+
+@pytest.mark.parametrize("missing", ["apiId", "method", "request"])
+async def test_interceptor_missing_field_is_no_data(keys: KeyPair, missing: str) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    body = interceptor_body("INTERCEPTOR_PRE")
+    del body[missing]
+    event = make_event("INTERCEPTOR_PRE", body, token=interceptor_token(keys))
+    response = await dispatcher.dispatch(event)
+    assert (response.status, response.json()["code"]) == (400, "NO_DATA")
+
+
+async def test_post_without_response_is_no_data(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    event = make_event(
+        "INTERCEPTOR_POST", interceptor_body("INTERCEPTOR_PRE"), token=interceptor_token(keys)
+    )
+    response = await dispatcher.dispatch(event)
+    assert (response.status, response.json()["code"]) == (400, "NO_DATA")
+
+
+async def test_interceptor_without_authorization_is_jwt_error(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    response = await dispatcher.dispatch(
+        make_event("INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"))
+    )
+    assert (response.status, response.json()["code"]) == (400, "JWT_ERROR")
+
+
+async def test_scope_is_checked_per_hook(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    # A notification token is not good for an interceptor, and the other way round.
+    pre = make_event(
+        "INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"), token=notification_token(keys)
+    )
+    note = make_event("NOTIFICATION", notification_body(interceptor_token(keys)))
+    for event in (pre, note):
+        response = await dispatcher.dispatch(event)
+        assert (response.status, response.json()["code"]) == (403, "JWT_ERROR")
+
+
+async def test_scope_overrides_come_from_settings(keys: KeyPair) -> None:
+    settings = settings_for(BIOT_JWT_PERMISSION_INTERCEPTION="CUSTOM_SCOPE")
+    dispatcher, _ = make_dispatcher(keys, settings=settings)
+    hook = "INTERCEPTOR_PRE"
+    refused = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    allowed = make_event(hook, interceptor_body(hook), token=keys.sign(scopes=["CUSTOM_SCOPE"]))
+    assert (await dispatcher.dispatch(refused)).status == 403
+    assert (await dispatcher.dispatch(allowed)).status == 200
+
+
+async def test_token_from_another_key_is_refused(keys: KeyPair, other_keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    hook = "INTERCEPTOR_PRE"
+    event = make_event(hook, interceptor_body(hook), token=interceptor_token(other_keys))
+    response = await dispatcher.dispatch(event)
+    assert (response.status, response.json()["code"]) == (400, "JWT_ERROR")
+
+
+async def test_validation_off_accepts_events_without_tokens(keys: KeyPair) -> None:
+    settings = settings_for(BIOT_SHOULD_VALIDATE_JWT="false")
+    dispatcher, _ = make_dispatcher(keys, settings=settings)
+    hook = "INTERCEPTOR_PRE"
+    response = await dispatcher.dispatch(make_event(hook, interceptor_body(hook)))
+    assert response.status == 200
+
+
+# ---------------------------------------------------------------- deadlines and failures
+
+
+async def test_deadline_cancels_the_handler_and_answers_504(keys: KeyPair) -> None:
+    cancelled = asyncio.Event()
+
+    async def stuck(view: PreInterception, ctx: Context) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    settings = settings_for(WORKER_DEADLINE_INTERCEPTOR="0.05")
+    dispatcher, _ = make_dispatcher(keys, Router().pre(stuck), settings)
+    hook = "INTERCEPTOR_PRE"
+    event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    response = await dispatcher.dispatch(event)
+    assert response.status == 504
+    assert response.json()["code"] == "DEADLINE_EXCEEDED"
+    assert cancelled.is_set()
+
+
+async def test_context_exposes_the_deadline(keys: KeyPair) -> None:
+    remaining: list[float] = []
+
+    async def handler(view: PreInterception, ctx: Context) -> None:
+        remaining.append(ctx.remaining())
+
+    dispatcher, _ = make_dispatcher(keys, Router().pre(handler))
+    hook = "INTERCEPTOR_PRE"
+    await dispatcher.dispatch(
+        make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    )
+    assert 0 < remaining[0] <= 2.5
+
+
+async def test_handler_bug_is_500_without_traceback(keys: KeyPair) -> None:
+    async def broken(view: PreInterception, ctx: Context) -> None:
+        raise KeyError("secret-detail")
+
+    dispatcher, log = make_dispatcher(keys, Router().pre(broken))
+    hook = "INTERCEPTOR_PRE"
+    event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    response = await dispatcher.dispatch(event)
+    assert response.status == 500
+    assert response.json()["code"] == "INTERNAL_SERVER_ERROR"
+    assert b"Traceback" not in response.body and b"secret-detail" not in response.body
+    assert "KeyError" in str(log.find("handler raised an unexpected error")[0]["error"])
+
+
+async def test_handler_returning_the_wrong_type_is_a_clear_500(keys: KeyPair) -> None:
+    async def wrong(view: AdaptEntityInterception, ctx: Context) -> Any:
+        return "not a list"
+
+    dispatcher, _ = make_dispatcher(keys, Router().adapt_entity(wrong))
+    hook = "INTERCEPTOR_POST_ENTITY"
+    event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    response = await dispatcher.dispatch(event)
+    assert response.status == 500
+    assert "not a list" in response.json()["message"]
+
+
+async def test_trace_falls_back_to_b3_header(keys: KeyPair) -> None:
+    dispatcher, _ = make_dispatcher(keys)
+    headers = headers_for("NONSPECIFIC")
+    del headers["traceparent"]
+    headers["x-b3-traceid"] = "a07a7e532f3541d8"
+    response = await dispatcher.dispatch(make_event("NONSPECIFIC", {}, headers=headers))
+    assert response.json()["traceId"] == "0000000000000000a07a7e532f3541d8"
+
+
+async def test_every_log_line_of_an_event_carries_its_trace_and_no_token(keys: KeyPair) -> None:
+    dispatcher, log = make_dispatcher(keys)
+    token = notification_token(keys)
+    await dispatcher.dispatch(make_event("NOTIFICATION", notification_body(token)))
+    assert log.records
+    assert all(r["traceId"] == TRACE_ID for r in log.records)
+    assert token not in orjson.dumps(log.records).decode()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    hook=st.sampled_from(
+        ["NOTIFICATION", "INTERCEPTOR_PRE", "INTERCEPTOR_POST", "INTERCEPTOR_POST_ENTITY", None]
+    ),
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+            | st.text(max_size=10),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+            ),
+            max_leaves=12,
+        ).map(orjson.dumps),
+    ),
+    validate=st.booleans(),
+)
+async def test_nothing_a_caller_sends_yields_a_500(
+    keys: KeyPair, hook: str | None, body: bytes, validate: bool
+) -> None:
+    settings = settings_for(BIOT_SHOULD_VALIDATE_JWT=str(validate).lower())
+    dispatcher, _ = make_dispatcher(keys, Router(), settings, CapturingLog())
+    response = await dispatcher.dispatch(make_event(hook, body, token="not.a.jwt"))
+    assert response.status in (200, 400, 403, 404)
+    if response.status >= 400:
+        assert response.json()["code"] in (
+            "NO_EVENT",
+            "NO_DATA",
+            "NO_METADATA",
+            "JWT_ERROR",
+            "NO_HANDLER",
+        )

@@ -1,0 +1,173 @@
+"""The HTTP adapter over real loopback HTTP: contract, limits, load shedding, health."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import TRACE_ID, KeyPair, headers_for, interceptor_body
+from tests.test_dispatch import interceptor_token, make_dispatcher
+from worker.adapters.http import HttpAdapter
+from worker.dispatch import Context
+from worker.errors import LoginError
+from worker.events import PreInterception
+from worker.routing import Router
+
+Serve = Callable[..., Awaitable[TestServer]]
+
+
+async def _ready() -> None:
+    return None
+
+
+@pytest.fixture
+async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
+    servers: list[TestServer] = []
+
+    async def start(
+        routes: Router | None = None,
+        *,
+        max_in_flight: int = 16,
+        max_body_bytes: int = 64 * 1024,
+        ready: Callable[[], Awaitable[None]] = _ready,
+    ) -> TestServer:
+        dispatcher, log = make_dispatcher(keys, routes)
+        adapter = HttpAdapter(
+            dispatcher,
+            max_in_flight=max_in_flight,
+            max_body_bytes=max_body_bytes,
+            ready=ready,
+            log=log,
+        )
+        server = TestServer(adapter.application(), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_signed_interceptor_over_http(serve: Serve, keys: KeyPair) -> None:
+    server = await serve()
+    body = orjson.dumps(interceptor_body("INTERCEPTOR_PRE"))
+    headers = headers_for("INTERCEPTOR_PRE", interceptor_token(keys))
+    async with (
+        ClientSession() as http,
+        http.post(server.make_url("/"), data=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("application/json")
+        assert TRACE_ID in response.headers["traceparent"]
+        payload = await response.json()
+    assert payload["request"]["body"]["_name"]["firstName"] == "Ada LAMBDA MODIFIED"
+
+
+async def test_any_path_is_an_event_endpoint(serve: Serve) -> None:
+    server = await serve()
+    async with (
+        ClientSession() as http,
+        http.post(server.make_url("/plugin/hooks"), data=b"{}") as response,
+    ):
+        assert response.status == 200  # NONSPECIFIC without token, example handler
+        assert "patients" in await response.json()
+
+
+async def test_oversized_body_is_413_in_biot_shape(serve: Serve) -> None:
+    server = await serve(max_body_bytes=1000)
+    async with (
+        ClientSession() as http,
+        http.post(server.make_url("/"), data=b"x" * 5000) as response,
+    ):
+        assert response.status == 413
+        payload = await response.json()
+    assert payload["code"] == "PAYLOAD_TOO_LARGE"
+    assert set(payload) == {"code", "message", "serviceName", "traceId", "environment", "details"}
+
+
+async def test_oversized_chunked_body_is_413(serve: Serve) -> None:
+    server = await serve(max_body_bytes=1000)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 500
+
+    async with ClientSession() as http, http.post(server.make_url("/"), data=chunks()) as response:
+        assert response.status == 413
+
+
+async def _raw_exchange(server: TestServer, request: bytes, *, eof: bool = True) -> bytes:
+    """Send raw bytes, optionally half-close, and read until the server closes."""
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request)
+    await writer.drain()
+    if eof:
+        writer.write_eof()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_truncated_body_never_yields_500(serve: Serve) -> None:
+    server = await serve()
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nhooktype: NOTIFICATION\r\n"
+        b'Content-Length: 500\r\n\r\n{"metadata": {'
+    )
+    answer = await _raw_exchange(server, request)
+    assert not answer.startswith(b"HTTP/1.1 5")
+
+
+async def test_malformed_http_is_400(serve: Serve) -> None:
+    server = await serve()
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+    answer = await _raw_exchange(server, request, eof=False)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+
+
+async def test_overload_answers_503_with_retry_after(serve: Serve, keys: KeyPair) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(view: PreInterception, ctx: Context) -> None:
+        entered.set()
+        await release.wait()
+
+    server = await serve(Router().pre(slow), max_in_flight=1)
+    body = orjson.dumps(interceptor_body("INTERCEPTOR_PRE"))
+    headers = headers_for("INTERCEPTOR_PRE", interceptor_token(keys))
+    async with ClientSession() as http:
+        first = asyncio.create_task(http.post(server.make_url("/"), data=body, headers=headers))
+        await entered.wait()
+        async with http.post(server.make_url("/"), data=body, headers=headers) as response:
+            assert response.status == 503
+            assert response.headers["retry-after"] == "1"
+            assert (await response.json())["code"] == "OVERLOADED"
+        release.set()
+        async with await first as response:
+            assert response.status == 200
+
+
+async def test_health_and_readiness(serve: Serve) -> None:
+    async def not_ready() -> None:
+        raise LoginError("login failed: 503")
+
+    healthy = await serve()
+    failing = await serve(ready=not_ready)
+    async with ClientSession() as http:
+        async with http.get(healthy.make_url("/healthz")) as response:
+            assert response.status == 200
+        async with http.get(healthy.make_url("/readyz")) as response:
+            assert response.status == 200
+        async with http.get(failing.make_url("/healthz")) as response:
+            assert response.status == 200
+        async with http.get(failing.make_url("/readyz")) as response:
+            assert response.status == 503
+            assert (await response.json())["code"] == "LOGIN_FAILED"

@@ -1,0 +1,100 @@
+"""The ``biot-worker`` command.
+
+``run`` serves events over HTTP (against the embedded BioT emulator when ``BIOT_BASE_URL`` is
+unset), ``emulator`` runs BioT in a box alone, ``demo`` drives one event of each hook type
+through both, ``config`` prints the settings in effect. Settings come from the environment;
+every ``WORKER_*``/``BIOT_*`` variable also has a flag (``WORKER_MAX_IN_FLIGHT`` is
+``--max-in-flight``, ``BIOT_BASE_URL`` is ``--biot-base-url``), except the service secret, which
+is read from the environment only so it never shows in a process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from config.settings import VARIABLES, Settings, SettingsError, defaults, load_settings
+from worker import __version__
+
+SECRET_VARIABLES = frozenset({"BIOT_SERVICE_USER_SECRET_KEY"})
+
+
+def flag_for(variable: str) -> str:
+    name = variable.removeprefix("WORKER_")
+    return "--" + name.lower().replace("_", "-")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each overrides its environment variable)")
+    shown = defaults()
+    for variable, meaning in VARIABLES.items():
+        if variable in SECRET_VARIABLES:
+            continue
+        default = shown.get(variable)
+        suffix = f" [{variable}; default {default}]" if default else f" [{variable}]"
+        group.add_argument(flag_for(variable), dest=variable, metavar="VALUE", help=meaning + suffix)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, str]:
+    return {v: str(getattr(args, v)) for v in VARIABLES if getattr(args, v, None) is not None}
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(os.environ, overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker.emulator.cli import add_emulator_arguments
+
+    parser = argparse.ArgumentParser(prog="biot-worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"biot-worker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve BioT events over HTTP")
+    _add_setting_flags(run)
+    run.add_argument(
+        "--emulator-tls",
+        action="store_true",
+        help="with the embedded emulator: serve its API over HTTPS (trusting its own CA)",
+    )
+
+    emulator = commands.add_parser("emulator", help="run BioT in a box alone")
+    add_emulator_arguments(emulator)
+
+    demo = commands.add_parser("demo", help="one event of each hook through emulator and worker")
+    demo.add_argument("--tls", action="store_true", help="emulator on HTTPS")
+
+    config = commands.add_parser("config", help="check the settings and print them")
+    _add_setting_flags(config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch_command(args)
+    except SettingsError as exc:
+        sys.stderr.write(f"biot-worker: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch_command(args: argparse.Namespace) -> int:
+    from worker import commands
+
+    if args.command == "run":
+        return asyncio.run(commands.run(settings_from(args), emulator_tls=args.emulator_tls))
+    if args.command == "emulator":
+        return asyncio.run(commands.emulator(args))
+    if args.command == "demo":
+        return asyncio.run(commands.demo(tls=args.tls))
+    sys.stdout.write(f"{settings_from(args)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

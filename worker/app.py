@@ -1,0 +1,171 @@
+"""The composition root: builds every collaborator from :class:`Settings`, owns their lifecycle.
+
+``async with WorkerApp(settings, routes) as app:`` opens, in order, the log, the one HTTP
+session, the service-token cache (with its background refresher), the JWT verifier, the BioT
+client and the dispatcher; leaving the block closes them in reverse. Closing twice is harmless.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import IO, Any
+
+import aiohttp
+
+from config.settings import Settings
+from worker import __version__
+from worker.auth import JwtVerifier, PublicKeys
+from worker.client import BiotClient, create_session, fetch_public_key_texts, service_login
+from worker.dispatch import Dispatcher
+from worker.errors import LoginError, WorkerError
+from worker.logs import Log, open_log
+from worker.routing import Router
+from worker.tokens import AccessToken, ServiceTokens, parse_expiration
+
+USER_AGENT = f"biot-worker/{__version__}"
+
+
+class WorkerApp:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: Router,
+        *,
+        log: Log | None = None,
+        stream: IO[Any] | None = None,
+    ) -> None:
+        """``log`` replaces the configured backend (tests pass a capturing log)."""
+        if settings.biot.base_url is None:
+            raise ValueError("WorkerApp needs settings.biot.base_url (the emulator provides one)")
+        self.settings = settings
+        self._routes = routes
+        self._given_log = log
+        self._stream = stream
+        self._stack: AsyncExitStack | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.log: Log
+        self.tokens: ServiceTokens
+        self.verifier: JwtVerifier | None
+        self.api: BiotClient
+        self.dispatcher: Dispatcher
+
+    async def __aenter__(self) -> WorkerApp:
+        stack = AsyncExitStack()
+        try:
+            await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        biot, worker = self.settings.biot, self.settings.worker
+        self.log = self._given_log or await stack.enter_async_context(
+            open_log(
+                worker.log_backend,
+                app_name=biot.app_name,
+                level=worker.log_level,
+                stream=self._stream,
+            )
+        )
+        self._session = create_session(
+            max_connections=worker.api_max_connections,
+            ca_bundle=worker.ca_bundle,
+            user_agent=USER_AGENT,
+        )
+        stack.push_async_callback(self._session.close)
+        self.tokens = await stack.enter_async_context(
+            ServiceTokens(self._login, refresh_margin=worker.token_refresh_margin, log=self.log)
+        )
+        self.verifier = self._make_verifier()
+        self.api = BiotClient(
+            self._session,
+            self._base_url,
+            self.tokens,
+            timeout=worker.api_timeout,
+            retries=worker.api_retries,
+            backoff_base=worker.api_backoff_base,
+            backoff_max=worker.api_backoff_max,
+            user_agent=USER_AGENT,
+            log=self.log,
+        )
+        self.dispatcher = Dispatcher(
+            routes=self._routes,
+            api=self.api,
+            log=self.log,
+            settings=self.settings,
+            verifier=self.verifier,
+        )
+
+    @property
+    def _base_url(self) -> str:
+        assert self.settings.biot.base_url is not None
+        return self.settings.biot.base_url
+
+    def _make_verifier(self) -> JwtVerifier | None:
+        biot, worker = self.settings.biot, self.settings.worker
+        if not biot.validate_jwt:
+            self.log.warning(
+                "BIOT_SHOULD_VALIDATE_JWT is false: events are NOT authenticated; "
+                "never run like this where BioT can reach the worker"
+            )
+            return None
+        return JwtVerifier(
+            fetch_keys=None if biot.public_key else self._fetch_keys,
+            static_key=biot.public_key,
+            leeway=worker.jwt_leeway,
+            key_ttl=worker.public_key_ttl,
+            refetch_cooldown=worker.key_refetch_cooldown,
+            log=self.log,
+        )
+
+    async def _login(self) -> AccessToken:
+        biot = self.settings.biot
+        if biot.service_user_id is None or biot.service_user_secret is None:
+            raise LoginError("BIOT_SERVICE_USER_ID and BIOT_SERVICE_USER_SECRET_KEY are not set")
+        assert self._session is not None
+        value, expiration = await service_login(
+            self._session,
+            self._base_url,
+            biot.service_user_id,
+            biot.service_user_secret,
+            timeout=self.settings.worker.api_timeout,
+            user_agent=USER_AGENT,
+        )
+        try:
+            return AccessToken(value, parse_expiration(expiration))
+        except ValueError:
+            raise LoginError("login answered an unreadable accessTokenExpiration") from None
+
+    async def _fetch_keys(self) -> PublicKeys:
+        assert self._session is not None
+        current, previous = await fetch_public_key_texts(
+            self._session, self._base_url, timeout=self.settings.worker.api_timeout
+        )
+        return PublicKeys(current, previous)
+
+    async def ready(self) -> None:
+        """Raise a :class:`WorkerError` unless the public key and a service token are obtainable."""
+        if self.verifier is not None:
+            await self.verifier.ready()
+        try:
+            await self.tokens.get()
+        except WorkerError:
+            raise
+        except Exception as exc:  # translate anything unexpected at this boundary
+            raise LoginError(f"service token not obtainable: {type(exc).__name__}") from None

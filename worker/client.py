@@ -1,0 +1,628 @@
+"""The BioT API client: one pooled ``aiohttp.ClientSession`` per process (platform §4, §5, §8).
+
+Contract of every outgoing call made here:
+
+- headers are set explicitly per request (never through session defaults, middlewares or trace
+  configs, which ``aioresponses`` bypasses): ``Authorization`` with the service token,
+  ``traceparent`` as a child span of the current trace, ``User-Agent``, ``Accept``, and
+  ``Content-Type`` only when there is a body;
+- each attempt is bounded by its timeout and by what is left of the event's deadline;
+- transient failures of idempotent calls are retried with jittered backoff; a 401 refreshes the
+  token once; everything else raises an error from :mod:`worker.errors`, never an aiohttp one.
+
+Seams for the composition root: ``worker.tokens.ServiceTokens`` satisfies :class:`TokenSource`;
+:func:`service_login` returns ``(accessToken, accessTokenExpiration)`` as text, to be wrapped as
+``AccessToken(token, parse_expiration(text))``; :func:`fetch_public_key_texts` returns
+``(publicKey, previousPublicKey)``, to be wrapped as ``PublicKeys(*texts)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Protocol, TypeVar
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+from yarl import URL
+
+from worker.deadlines import remaining
+from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
+from worker.tracing import TraceContext, current_trace, new_trace
+
+T = TypeVar("T")
+
+DEFAULT_USER_AGENT: Final = "biot-worker/0.1.0"
+LOGIN_PATH: Final = "/ums/v2/services/accessToken"
+PUBLIC_KEY_PATH: Final = "/ums/v1/security/public-key"
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
+# Backstop for code that uses the session directly; this module bounds each attempt itself.
+SESSION_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=10.0)
+_UNBOUNDED: Final = aiohttp.ClientTimeout()  # per request: our asyncio.timeout is the bound
+_TEXT_LIMIT: Final = 500
+
+
+class TokenSource(Protocol):
+    """Where the service token comes from (``worker.tokens.ServiceTokens``)."""
+
+    async def get(self) -> str: ...
+
+    def invalidate(self, token: str) -> None: ...
+
+
+class ClientLog(Protocol):
+    """The part of ``worker.logs.Log`` the client uses."""
+
+    def debug(self, message: str, /, **fields: Any) -> None: ...
+
+    def warning(self, message: str, /, **fields: Any) -> None: ...
+
+
+class _SilentLog:
+    def debug(self, message: str, /, **fields: Any) -> None:
+        pass
+
+    def warning(self, message: str, /, **fields: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the session
+
+
+def make_ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """A verifying TLS context: the system trust store, or only ``ca_bundle`` when given.
+
+    Blocking (reads certificate files): call it at startup or via ``asyncio.to_thread``.
+    Raises ``ValueError`` naming the bundle when it cannot be loaded. Verification is never off.
+    """
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except OSError as exc:  # FileNotFoundError, PermissionError, ssl.SSLError (not PEM)
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"cannot load CA bundle {ca_bundle!r}: {reason}") from exc
+
+
+def create_session(
+    *,
+    max_connections: int = 100,
+    ca_bundle: str | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> aiohttp.ClientSession:
+    """The process's one keep-alive session. Call it once at startup, inside the running loop.
+
+    It loads the trust store synchronously (blocking file I/O); from code that must not block,
+    use :func:`open_session`. Raises ``RuntimeError`` outside a running loop.
+    """
+    asyncio.get_running_loop()
+    return _build_session(make_ssl_context(ca_bundle), max_connections, user_agent)
+
+
+async def open_session(
+    *,
+    max_connections: int = 100,
+    ca_bundle: str | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> aiohttp.ClientSession:
+    """:func:`create_session`, loading the trust store in a thread so the loop never blocks."""
+    context = await asyncio.to_thread(make_ssl_context, ca_bundle)
+    return _build_session(context, max_connections, user_agent)
+
+
+def _build_session(
+    context: ssl.SSLContext, max_connections: int, user_agent: str
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_connections, ssl=context, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": user_agent},
+        json_serialize=_dumps_text,
+        json_serialize_bytes=orjson.dumps,
+        timeout=SESSION_TIMEOUT,
+        trust_env=False,  # no proxy or netrc picked up from the environment behind our back
+    )
+
+
+def _dumps_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------- one exchange
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: Mapping[str, str]
+    raw: bytes
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    limit: float,
+    params: list[tuple[str, str]] | None = None,
+    body: bytes | None = None,
+) -> _Reply:
+    """One request with its body read, within ``limit`` seconds; aiohttp failures translated.
+
+    Timeouts and connection failures raise :class:`TransientApiError`, a malformed URL
+    :class:`ApiError`. HTTP error statuses are returned, not raised.
+    """
+    where = public_url(url)
+    try:
+        async with asyncio.timeout(limit):
+            async with session.request(
+                method, url, params=params, data=body, headers=headers,
+                timeout=_UNBOUNDED, allow_redirects=False,  # the token never follows a redirect
+            ) as response:
+                return _Reply(response.status, response.headers, await response.read())
+    except TimeoutError:
+        message = f"no answer within {limit:.3g}s"
+        raise TransientApiError(message, method=method, url=where) from None
+    except aiohttp.InvalidURL as exc:
+        raise ApiError("invalid URL", method=method, url=where) from exc
+    except aiohttp.ClientError as exc:
+        message = f"connection failed ({type(exc).__name__})"
+        raise TransientApiError(message, method=method, url=where) from exc
+
+
+def public_url(url: str) -> str:
+    """``url`` without its query string, which may carry search terms or secrets."""
+    return url.split("?", 1)[0]
+
+
+def join_url(base_url: str, path: str) -> str:
+    """``path`` under ``base_url``; a full URL is accepted only on the same origin.
+
+    Raises ``ValueError`` for another origin, so the service token never leaves for it.
+    """
+    if not path.startswith(("http://", "https://")):
+        return base_url.rstrip("/") + "/" + path.lstrip("/")
+    if URL(path).origin() != URL(base_url).origin():
+        raise ValueError(f"refusing to call {public_url(path)}: not under {base_url}")
+    return path
+
+
+def _error_body(raw: bytes) -> Any:
+    """BioT's ``ErrorResponse`` when the body is JSON, else its text cut to a readable size."""
+    try:
+        return orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        return raw[:_TEXT_LIMIT].decode("utf-8", "replace")
+
+
+def _error_for(reply: _Reply, method: str, url: str) -> ApiError:
+    """The typed error for a non-2xx reply; transient ones carry ``details["retryAfter"]``."""
+    body = _error_body(reply.raw)
+    code = body.get("code") if isinstance(body, dict) else None
+    url = public_url(url)
+    message = f"BioT answered {reply.status}{f' {code}' if code else ''} to {method} {url}"
+    kind = _error_kind(reply.status)
+    error = kind(message, status=reply.status, method=method, url=url, body=body)
+    wait = parse_retry_after(reply.headers.get("Retry-After"))
+    if kind is TransientApiError and wait is not None:
+        error.details["retryAfter"] = wait
+    return error
+
+
+def _error_kind(status: int) -> type[ApiError]:
+    if status in RETRYABLE_STATUSES:
+        return TransientApiError
+    if status in (401, 403):
+        return ApiAuthError
+    return ApiError
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or ``None``."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _decode(reply: _Reply, method: str, url: str) -> Any:
+    """The decoded JSON of a 2xx reply; ``None`` for 204 or an empty body."""
+    if reply.status == 204 or not reply.raw.strip():
+        return None
+    try:
+        return orjson.loads(reply.raw)
+    except orjson.JSONDecodeError:
+        message = f"BioT answered {reply.status} to {method} with a body that is not JSON"
+        body = reply.raw[:_TEXT_LIMIT].decode("utf-8", "replace")
+        raise ApiError(message, status=reply.status, method=method, url=public_url(url),
+                       body=body) from None
+
+
+def encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """Query pairs: lists and tuples repeat the key, ``None`` is left out, booleans are
+    ``true``/``false``, and dicts (BioT's ``searchRequest``) are JSON-encoded with orjson."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        values = value if isinstance(value, list | tuple) else (value,)
+        pairs.extend((key, _param_text(item)) for item in values if item is not None)
+    return pairs
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    method: str
+    url: str
+    params: list[tuple[str, str]]
+    body: bytes | None
+    headers: Mapping[str, str]
+    allow_interception: bool
+    timeout: float
+    trace: TraceContext
+
+
+class BiotClient:
+    """Calls BioT's API with the service token and the current trace; see the module contract.
+
+    Retry policy, for idempotent methods only (``GET HEAD OPTIONS PUT DELETE``): connection
+    errors, timeouts and 429/502/503/504 are retried up to ``retries`` extra times after
+    ``min(backoff_max, backoff_base * 2**attempt) * (0.5 + random() / 2)`` seconds ("equal
+    jitter"), or after ``Retry-After`` when BioT asks for longer. A wait that would not end
+    before the event's deadline (or, with no deadline, a ``Retry-After`` longer than the
+    per-attempt timeout) is not started: the last error is raised at once. POST and PATCH are
+    never retried on those, since BioT may have acted on them. A 401, for any method, drops
+    the token and retries once with a fresh one; a second 401 raises :class:`ApiAuthError`.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        tokens: TokenSource,
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff_base: float = 0.05,
+        backoff_max: float = 1.0,
+        user_agent: str = DEFAULT_USER_AGENT,
+        log: ClientLog | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._tokens = tokens
+        self._timeout = timeout
+        self._retries = retries
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._user_agent = user_agent
+        self._log: ClientLog = log if log is not None else _SilentLog()
+        self._sleep = sleep
+        self._random = random
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        allow_interception: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call bound, merged with the deadline
+    ) -> Any:
+        """Send one call and return its decoded JSON (``None`` for 204 or an empty body).
+
+        ``json=None`` sends no body. ``path`` is joined to the base URL (a full URL must be on
+        the same origin). Caller ``headers`` go on top of ours, except ``Authorization``.
+        Raises :class:`TransientApiError`, :class:`ApiAuthError` or :class:`ApiError`.
+        """
+        call = _Call(
+            method=method.upper(),
+            url=join_url(self._base_url, path),
+            params=encode_params(params),
+            body=None if json is None else orjson.dumps(json),
+            headers=headers or {},
+            allow_interception=allow_interception,
+            timeout=self._timeout if timeout is None else timeout,
+            trace=current_trace.get() or new_trace(),
+        )
+        reply = await self._send(call)
+        return _decode(reply, call.method, call.url)
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, **kw: Any) -> Any:
+        return await self.request("POST", path, **kw)
+
+    async def put(self, path: str, **kw: Any) -> Any:
+        return await self.request("PUT", path, **kw)
+
+    async def patch(self, path: str, **kw: Any) -> Any:
+        return await self.request("PATCH", path, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Any:
+        return await self.request("DELETE", path, **kw)
+
+    async def search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        page: int = 0,
+        limit: int = 30,
+        free_text: str | None = None,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        """``GET path?searchRequest=<JSON>``; returns ``{data, metadata: {page: {...}}}``.
+
+        Raises :class:`ApiError` when the answer is not a JSON object.
+        """
+        search_request: dict[str, Any] = {"filter": dict(filter or {}), "page": page,
+                                          "limit": limit}
+        if sort:
+            search_request["sort"] = [dict(item) for item in sort]
+        if free_text:
+            search_request["freeTextSearch"] = free_text
+        params = {**(kw.pop("params", None) or {}), "searchRequest": search_request}
+        answer = await self.request("GET", path, params=params, **kw)
+        if not isinstance(answer, dict):
+            raise ApiError("search answer is not a JSON object", method="GET",
+                           url=public_url(join_url(self._base_url, path)))
+        return answer
+
+    async def iter_search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        limit: int = 30,
+        max_pages: int | None = None,
+        **kw: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every entity across pages, in order; stops at an empty page, when ``totalResults``
+        is covered, or after ``max_pages`` pages."""
+        page = 0
+        while max_pages is None or page < max_pages:
+            answer = await self.search(path, filter=filter, sort=sort, page=page, limit=limit,
+                                       **kw)
+            data = answer.get("data") or []
+            for entity in data:
+                yield entity
+            if not data or _is_last_page(answer, page, limit, len(data)):
+                return
+            page += 1
+
+    async def _send(self, call: _Call) -> _Reply:
+        """Attempts until a 2xx, applying the 401 refresh and the retry policy."""
+        attempt = 0
+        refreshed = False
+        while True:
+            token = await self._tokens.get()
+            try:
+                return await self._attempt(call, token)
+            except ApiAuthError as error:
+                if refreshed or error.upstream_status != 401:
+                    raise
+                self._log.debug("service token refused; retrying with a fresh one",
+                                method=call.method, url=public_url(call.url))
+                self._tokens.invalidate(token)
+                refreshed = True
+            except TransientApiError as error:
+                await self._backoff(call, attempt, error)
+                attempt += 1
+
+    async def _attempt(self, call: _Call, token: str) -> _Reply:
+        left = remaining()
+        if left is not None and left <= 0:
+            raise TransientApiError("deadline exceeded before call", method=call.method,
+                                    url=public_url(call.url))
+        limit = call.timeout if left is None else min(call.timeout, left)
+        reply = await _exchange(
+            self._session, call.method, call.url, headers=self._headers(call, token),
+            limit=limit, params=call.params, body=call.body,
+        )
+        if reply.status >= 300:
+            raise _error_for(reply, call.method, call.url)
+        return reply
+
+    def _headers(self, call: _Call, token: str) -> CIMultiDict[str]:
+        headers = CIMultiDict(
+            {
+                "User-Agent": self._user_agent,
+                "Accept": "application/json",
+                "traceparent": call.trace.child().traceparent,  # a new span per attempt
+            }
+        )
+        if call.body is not None:
+            headers["Content-Type"] = JSON_CONTENT_TYPE
+        if call.allow_interception:
+            headers["allow-interception"] = "1"
+        headers.update(call.headers)
+        headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def _backoff(self, call: _Call, attempt: int, error: TransientApiError) -> None:
+        """Sleep before the next attempt, or re-raise ``error`` when none may be made."""
+        if call.method not in IDEMPOTENT_METHODS or attempt >= self._retries:
+            raise error
+        delay = self._delay(attempt, error.details.get("retryAfter"))
+        left = remaining()
+        if delay >= (call.timeout if left is None else left):
+            raise error
+        self._log.warning("retrying BioT call", method=call.method, url=public_url(call.url),
+                          status=error.upstream_status, attempt=attempt + 1, delay=delay)
+        await self._sleep(delay)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = min(self._backoff_max, self._backoff_base * 2.0**attempt)
+        jittered = backoff * (0.5 + self._random() / 2)
+        return jittered if retry_after is None else max(jittered, retry_after)
+
+
+def _is_last_page(answer: Mapping[str, Any], page: int, limit: int, count: int) -> bool:
+    metadata = answer.get("metadata")
+    page_info = metadata.get("page") if isinstance(metadata, dict) else None
+    total = page_info.get("totalResults") if isinstance(page_info, dict) else None
+    if isinstance(total, int):
+        return total <= (page + 1) * limit
+    return count < limit  # no total given: a short page is the last one
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+async def fan_out(calls: Iterable[Callable[[], Awaitable[T]]], *, limit: int = 8) -> list[T]:
+    """Run the calls concurrently, at most ``limit`` at a time; results in input order.
+
+    Structured: when one fails the others are cancelled, and the failure of the first failed
+    call (in input order) is raised as itself, not as an ``ExceptionGroup``, so that handlers
+    can ``except ApiError``; a note on it counts any other failures.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be 1 or more, got {limit}")
+    factories = list(calls)
+    gate = asyncio.Semaphore(limit)
+
+    async def gated(call: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await call()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(gated(call)) for call in factories]
+    except ExceptionGroup as failures:
+        raise _first_failure(tasks, failures) from None
+    return [task.result() for task in tasks]
+
+
+def _first_failure(tasks: list[asyncio.Task[Any]], failures: ExceptionGroup[Any]) -> Exception:
+    # The group lists failures in the order they happened; callers expect input order.
+    failed = [task.exception() for task in tasks if task.done() and not task.cancelled()]
+    first = next((exc for exc in failed if isinstance(exc, Exception)), failures.exceptions[0])
+    if len(failures.exceptions) > 1:
+        first.add_note(f"{len(failures.exceptions) - 1} other call(s) of the fan-out also failed")
+    return first
+
+
+# ---------------------------------------------------------------- login and public key
+
+
+async def service_login(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    user_id: str,
+    secret: str,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - the login is bounded on its own, see below
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> tuple[str, str]:
+    """``POST /ums/v2/services/accessToken``; returns ``(accessToken, accessTokenExpiration)``.
+
+    Bounded by ``timeout`` only, not by the current event's deadline: one login serves every
+    event waiting on the token cache. Not retried here (the token cache decides). Any failure
+    raises :class:`LoginError` with the status and BioT's error code, never the secret;
+    ``transient`` is false for a refusal (4xx other than 429).
+    """
+    url = join_url(base_url, LOGIN_PATH)
+    headers = {
+        "User-Agent": user_agent,
+        "Accept": "application/json",
+        "Content-Type": JSON_CONTENT_TYPE,
+        "traceparent": (current_trace.get() or new_trace()).child().traceparent,
+    }
+    body = orjson.dumps({"id": user_id, "secretKey": secret})
+    try:
+        reply = await _exchange(session, "POST", url, headers=headers, limit=timeout, body=body)
+    except ApiError as error:
+        raise _login_error(error.message, url) from error
+    if reply.status >= 300:
+        raise _login_refused(reply, url, secret)
+    return _login_answer(reply, url)
+
+
+def _login_error(
+    message: str, url: str, status: int | None = None, body: Any = None
+) -> LoginError:
+    error = LoginError(f"service-user login failed: {message}", status=status, method="POST",
+                       url=public_url(url), body=body)
+    error.transient = status is None or status >= 500 or status == 429
+    return error
+
+
+def _login_refused(reply: _Reply, url: str, secret: str) -> LoginError:
+    body = _error_body(reply.raw)
+    code = body.get("code") if isinstance(body, dict) else None
+    if secret and secret in orjson.dumps(body).decode():
+        body = {"code": code}  # BioT echoed the secret back: keep only the code
+    detail = f"BioT answered {reply.status}{f' {code}' if code else ''}"
+    return _login_error(detail, url, reply.status, body)
+
+
+def _login_answer(reply: _Reply, url: str) -> tuple[str, str]:
+    # The answer holds a token: never attach it to an error.
+    try:
+        answer = orjson.loads(reply.raw)
+    except orjson.JSONDecodeError:
+        raise _login_error("the answer is not JSON", url, reply.status) from None
+    token = answer.get("accessToken") if isinstance(answer, dict) else None
+    expiration = answer.get("accessTokenExpiration") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token or not isinstance(expiration, str):
+        raise _login_error("the answer lacks accessToken or accessTokenExpiration", url,
+                           reply.status)
+    return token, expiration
+
+
+async def fetch_public_key_texts(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounded on its own, like the login
+) -> tuple[str, str | None]:
+    """``GET /ums/v1/security/public-key`` → ``(publicKey, previousPublicKey or None)``.
+
+    Sent without ``Authorization`` or trace headers, as the platform does. Raises
+    :class:`TransientApiError` (connection, timeout, 429/5xx) or :class:`ApiError`.
+    """
+    url = join_url(base_url, PUBLIC_KEY_PATH)
+    headers = {"Accept": "application/json"}
+    reply = await _exchange(session, "GET", url, headers=headers, limit=timeout)
+    if reply.status >= 300:
+        raise _error_for(reply, "GET", url)
+    answer = _decode(reply, "GET", url)
+    current = answer.get("publicKey") if isinstance(answer, dict) else None
+    if not isinstance(current, str) or not current:
+        raise ApiError("public-key answer lacks publicKey", status=reply.status, method="GET",
+                       url=public_url(url))
+    previous = answer.get("previousPublicKey")
+    return current, previous if isinstance(previous, str) and previous else None

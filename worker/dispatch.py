@@ -1,0 +1,256 @@
+"""The dispatcher: the one core callable, ``dispatch(event) -> Response``.
+
+For each event: bind the trace, authenticate the platform's JWT, build the hook's typed view,
+route it, run the handler under the hook's deadline with a :class:`Context`, and map the result
+or the error to the hook's response contract. Adapters (HTTP, Lambda, queues) are thin shells
+around :meth:`Dispatcher.dispatch`; it never raises for anything a caller sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from config.settings import Settings
+from worker.deadlines import current_deadline
+from worker.errors import AuthError, DeadlineExceeded, WorkerError
+from worker.events import (
+    AdaptEntityInterception,
+    Event,
+    HookType,
+    InterceptedRequest,
+    NonSpecific,
+    Notification,
+    PostInterception,
+    PreInterception,
+    View,
+    decode_payload,
+    event_token,
+    require_object,
+    view_for,
+)
+from worker.logs import Log
+from worker.responses import (
+    ErrorContext,
+    Response,
+    adapt_entity_response,
+    empty_response,
+    error_response,
+    json_response,
+    post_response,
+    pre_response,
+)
+from worker.routing import AnyHandler, Router
+from worker.tracing import TraceContext, current_trace, trace_from_headers
+
+if TYPE_CHECKING:
+    from worker.client import BiotClient
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, token: str, scope: str | None) -> Mapping[str, Any]: ...
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler gets besides its event's view."""
+
+    api: BiotClient
+    log: Log
+    trace: TraceContext
+    deadline: float
+    settings: Settings
+    event: Event
+
+    def remaining(self) -> float:
+        """Seconds left before this event's deadline."""
+        return self.deadline - asyncio.get_running_loop().time()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        routes: Router,
+        api: BiotClient,
+        log: Log,
+        settings: Settings,
+        verifier: TokenVerifier | None,
+    ) -> None:
+        """``verifier=None`` switches JWT validation off (``BIOT_SHOULD_VALIDATE_JWT=false``)."""
+        self._routes = routes
+        self._api = api
+        self._log = log
+        self._settings = settings
+        self._verifier = verifier
+        biot, worker = settings.biot, settings.worker
+        self._errors = ErrorContext(biot.app_name, biot.environment)
+        self._scopes = {
+            HookType.NOTIFICATION: biot.notification_scope,
+            HookType.INTERCEPTOR_PRE: biot.interception_scope,
+            HookType.INTERCEPTOR_POST: biot.interception_scope,
+            HookType.INTERCEPTOR_POST_ENTITY: biot.interception_scope,
+            HookType.NONSPECIFIC: biot.nonspecific_scope,
+        }
+        self._budgets = {
+            HookType.NOTIFICATION: worker.deadline_notification,
+            HookType.INTERCEPTOR_PRE: worker.deadline_interceptor,
+            HookType.INTERCEPTOR_POST: worker.deadline_interceptor,
+            HookType.INTERCEPTOR_POST_ENTITY: worker.deadline_interceptor,
+            HookType.NONSPECIFIC: worker.deadline_nonspecific,
+        }
+        self._hook_logs = {hook: log.bind(hook=hook.value) for hook in HookType}
+
+    @property
+    def error_context(self) -> ErrorContext:
+        return self._errors
+
+    async def dispatch(self, event: Event) -> Response:
+        """Answer one event. Never raises, except ``CancelledError`` when the caller cancels."""
+        trace = trace_from_headers(event.headers)
+        reset = current_trace.set(trace)
+        try:
+            response = await self._answer(event, trace)
+            self._log_outcome(event, response)
+            return response
+        finally:
+            current_trace.reset(reset)
+
+    async def _answer(self, event: Event, trace: TraceContext) -> Response:
+        try:
+            return await self._handle(event, trace)
+        except WorkerError as exc:
+            return error_response(exc, trace, self._errors)
+        except Exception:  # a handler's bug: logged with its traceback, never sent to BioT
+            self._hook_logs[event.hook].exception("handler raised an unexpected error")
+            failure = WorkerError("internal error in plugin handler")
+            return error_response(failure, trace, self._errors)
+
+    async def _handle(self, event: Event, trace: TraceContext) -> Response:
+        if not event.hook_known:
+            self._log.warning(
+                "missing or unknown hooktype header; handled as NONSPECIFIC",
+                hooktype=(event.headers.get("hooktype") or "")[:64],
+            )
+        payload = decode_payload(event)
+        if event.hook is not HookType.NONSPECIFIC:
+            require_object(payload, event.hook.value)
+        await self._authenticate(event, payload)
+        view = view_for(event, payload)
+        handler = self._routes.find(event.hook, view)
+        if handler is None:
+            return self._unhandled(event, view, trace)
+        result = await self._run(handler, view, event, trace)
+        return self._success(view, result, trace)
+
+    async def _authenticate(self, event: Event, payload: Any) -> None:
+        if self._verifier is None:
+            return
+        token = event_token(event.hook, event.headers, payload)
+        if token is None:
+            if event.hook is HookType.NONSPECIFIC and self._allow_anonymous_nonspecific:
+                return
+            raise AuthError("the event carries no JWT")
+        await self._verifier.verify(token, self._scopes[event.hook])
+
+    @property
+    def _allow_anonymous_nonspecific(self) -> bool:
+        return self._settings.worker.allow_nonspecific_without_jwt
+
+    def deadline_for(self, event: Event) -> float:
+        deadline = event.received_at + self._budgets[event.hook]
+        return deadline if event.deadline is None else min(deadline, event.deadline)
+
+    async def _run(self, handler: AnyHandler, view: View, event: Event, trace: TraceContext) -> Any:
+        deadline = self.deadline_for(event)
+        ctx = Context(
+            self._api, self._hook_logs[event.hook], trace, deadline, self._settings, event
+        )
+        bound = current_deadline.set(deadline)
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                return await handler(view, ctx)
+        except TimeoutError:
+            if timeout.expired():
+                budget = self._budgets[event.hook]
+                raise DeadlineExceeded(
+                    f"{event.hook.value} handler did not finish within its deadline",
+                    details={"deadlineSeconds": budget},
+                ) from None
+            raise
+        finally:
+            current_deadline.reset(bound)
+
+    def _unhandled(self, event: Event, view: View, trace: TraceContext) -> Response:
+        if isinstance(view, NonSpecific):
+            raise WorkerError("no handler for nonspecific calls", status=404, code="NO_HANDLER")
+        if isinstance(view, Notification):
+            self._log.debug(
+                "no handler for notification", entity=view.entity_type, action=view.action
+            )
+        # An interceptor with no handler passes the payload through unchanged.
+        return self._success(view, None, trace)
+
+    def _success(self, view: View, result: Any, trace: TraceContext) -> Response:
+        if isinstance(result, Response):
+            return result
+        if isinstance(view, Notification):
+            return empty_response(trace)
+        if isinstance(view, PreInterception):
+            _apply_pre(view, result)
+            return pre_response(view, trace)
+        if isinstance(view, PostInterception):
+            if result is not None:
+                view.body = result
+            return post_response(view, trace)
+        if isinstance(view, AdaptEntityInterception):
+            _apply_entities(view, result)
+            return adapt_entity_response(view, trace)
+        return empty_response(trace) if result is None else json_response(result, trace)
+
+    def _log_outcome(self, event: Event, response: Response) -> None:
+        log = self._hook_logs[event.hook]
+        elapsed = asyncio.get_running_loop().time() - event.received_at
+        duration_ms = round(elapsed * 1000, 3)
+        if response.status < 400:
+            log.info("event handled", status=response.status, duration_ms=duration_ms)
+            return
+        error = response.json() or {}
+        emit = log.warning if response.status < 500 else log.error
+        emit(
+            "event refused" if response.status < 500 else "event failed",
+            status=response.status,
+            duration_ms=duration_ms,
+            code=error.get("code"),
+            reason=error.get("message"),
+        )
+
+
+def _apply_pre(view: PreInterception, result: Any) -> None:
+    if result is None or result is view.request:
+        return
+    if isinstance(result, InterceptedRequest):
+        view.request = result
+        return
+    if isinstance(result, dict):
+        merged = {**view.request.to_contract(), **result}
+        view.request = InterceptedRequest(
+            merged["path"],
+            merged["queryParameters"],
+            merged["headers"],
+            merged["body"],
+            view.request.path_variables,
+        )
+        return
+    raise WorkerError(f"PRE handler returned {type(result).__name__}, not a request")
+
+
+def _apply_entities(view: AdaptEntityInterception, result: Any) -> None:
+    if result is None:
+        return
+    if not isinstance(result, list):
+        raise WorkerError(f"ADAPT_ENTITY handler returned {type(result).__name__}, not a list")
+    view.entities = result
