@@ -47,7 +47,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker.emulator.cli import add_emulator_arguments
+    from worker.emulator import add_cli_arguments as add_emulator_arguments
 
     parser = argparse.ArgumentParser(prog="biot-worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"biot-worker {__version__}")
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     emulator = commands.add_parser("emulator", help="run BioT in a box alone")
+    emulator.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    emulator.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     add_emulator_arguments(emulator)
 
     demo = commands.add_parser("demo", help="one event of each hook through emulator and worker")
@@ -91,7 +93,9 @@ def _dispatch_command(args: argparse.Namespace) -> int:
     if args.command == "emulator":
         return asyncio.run(commands.emulator(args))
     if args.command == "demo":
-        return asyncio.run(commands.demo(tls=args.tls))
+        from worker.demo import demo
+
+        return asyncio.run(demo(tls=args.tls))
     sys.stdout.write(f"{settings_from(args)}\n")
     return 0
 

@@ -7,6 +7,8 @@ client and the dispatcher; leaving the block closes them in reverse. Closing twi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import IO, Any
@@ -34,14 +36,17 @@ class WorkerApp:
         *,
         log: Log | None = None,
         stream: IO[Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """``log`` replaces the configured backend (tests pass a capturing log)."""
+        """``log`` replaces the configured backend (tests pass a capturing log); ``clock`` is
+        the wall clock used for token expiries (tests share one with the emulator)."""
         if settings.biot.base_url is None:
             raise ValueError("WorkerApp needs settings.biot.base_url (the emulator provides one)")
         self.settings = settings
         self._routes = routes
         self._given_log = log
         self._stream = stream
+        self._clock = clock
         self._stack: AsyncExitStack | None = None
         self._session: aiohttp.ClientSession | None = None
         self.log: Log
@@ -90,7 +95,12 @@ class WorkerApp:
         )
         stack.push_async_callback(self._session.close)
         self.tokens = await stack.enter_async_context(
-            ServiceTokens(self._login, refresh_margin=worker.token_refresh_margin, log=self.log)
+            ServiceTokens(
+                self._login,
+                refresh_margin=worker.token_refresh_margin,
+                clock=self._clock,
+                log=self.log,
+            )
         )
         self.verifier = self._make_verifier()
         self.api = BiotClient(
@@ -131,6 +141,7 @@ class WorkerApp:
             leeway=worker.jwt_leeway,
             key_ttl=worker.public_key_ttl,
             refetch_cooldown=worker.key_refetch_cooldown,
+            wall_clock=self._clock,
             log=self.log,
         )
 

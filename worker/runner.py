@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from typing import IO, Any
 
 from config.settings import Settings
 from worker.adapters.http import HttpAdapter, serve
@@ -40,11 +40,13 @@ async def run_worker(
     *,
     stop: asyncio.Event,
     started: Started | None = None,
-    stack: AsyncExitStack | None = None,
+    stream: IO[Any] | None = None,
 ) -> None:
-    """Serve events over HTTP until ``stop`` is set; ``started(app, url)`` once listening."""
-    async with AsyncExitStack() as own:
-        app = await own.enter_async_context(WorkerApp(settings, routes))
+    """Serve events over HTTP until ``stop`` is set; ``started(app, url)`` once listening.
+
+    ``stream`` is where log lines go (default stdout).
+    """
+    async with WorkerApp(settings, routes, stream=stream) as app:
         worker = settings.worker
         adapter = HttpAdapter(
             app.dispatcher,

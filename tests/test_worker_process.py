@@ -1,0 +1,204 @@
+"""``biot-worker run`` as a real process against the BioT emulator over loopback HTTP.
+
+These are the issue's acceptance checks: each hook type answered per the contract, one login
+for a burst, log lines that are JSON with the event's trace id and no secret, and SIGTERM
+during load losing no in-flight response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import TRACEPARENT, interceptor_body, notification_body
+from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
+
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class WorkerProcess:
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[bytes] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    async def read_rest(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.lines.append(line)
+
+    def records(self) -> list[dict[str, object]]:
+        return [orjson.loads(line) for line in self.lines]
+
+
+async def start_worker(emulator: Emulator, base_url: str, **env: str) -> WorkerProcess:
+    environment = {
+        **os.environ,
+        "BIOT_BASE_URL": base_url,
+        "BIOT_SERVICE_USER_ID": emulator.service_user_id,
+        "BIOT_SERVICE_USER_SECRET_KEY": emulator.service_user_secret,
+        "BIOT_APP_NAME": "process-test",
+        "WORKER_PORT": "0",
+        **env,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    lines: list[bytes] = []
+    async with asyncio.timeout(START_TIMEOUT):
+        async for line in process.stdout:
+            lines.append(line)
+            record = orjson.loads(line)
+            if record["message"] == "worker listening":
+                worker = WorkerProcess(process, str(record["url"]), lines)
+                worker._reader = asyncio.create_task(worker.read_rest())
+                return worker
+    stderr = await process.stderr.read() if process.stderr else b""
+    raise AssertionError(f"worker did not start: {stderr.decode()[-2000:]}")
+
+
+async def stop_worker(worker: WorkerProcess) -> int:
+    if worker.process.returncode is None:
+        worker.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(START_TIMEOUT):
+        code = await worker.process.wait()
+        if worker._reader is not None:
+            await worker._reader
+    return code
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[tuple[Emulator, str]]:
+    emu = Emulator(EmulatorConfig())
+    async with EmulatorServer(emu) as server:
+        yield emu, server.url
+
+
+@pytest.fixture
+async def worker(emulator: tuple[Emulator, str]) -> AsyncIterator[WorkerProcess]:
+    emu, url = emulator
+    process = await start_worker(emu, url)
+    try:
+        yield process
+    finally:
+        await stop_worker(process)
+
+
+def signed(emu: Emulator, hook: str, body: dict[str, object]) -> tuple[dict[str, str], bytes]:
+    headers = {"hooktype": hook, "traceparent": TRACEPARENT, "content-type": "application/json"}
+    if hook == "NOTIFICATION":
+        body = {**body, "jwt": emu.sign_token(scopes=["ACTION_NOTIFICATION"])}
+    else:
+        headers["authorization"] = "Bearer " + emu.sign_token(scopes=["PLUGIN_INTERCEPTOR"])
+    return headers, orjson.dumps(body)
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes
+) -> tuple[int, bytes]:
+    async with http.post(url, data=body, headers=headers) as response:
+        return response.status, await response.read()
+
+
+async def test_each_hook_type_answers_per_contract(
+    emulator: tuple[Emulator, str], worker: WorkerProcess
+) -> None:
+    emu, _ = emulator
+    async with aiohttp.ClientSession() as http:
+        status, body = await post(
+            http, worker.url, *signed(emu, "NOTIFICATION", notification_body(None))
+        )
+        assert (status, body) == (200, b"")
+        for hook in ("INTERCEPTOR_PRE", "INTERCEPTOR_POST", "INTERCEPTOR_POST_ENTITY"):
+            status, body = await post(http, worker.url, *signed(emu, hook, interceptor_body(hook)))
+            assert status == 200, body
+            answer = orjson.loads(body)
+            assert list(answer) == ["request" if hook == "INTERCEPTOR_PRE" else "response"]
+        status, body = await post(http, worker.url, {"traceparent": TRACEPARENT}, b"{}")
+        assert status == 200
+        assert orjson.loads(body)["patients"] == 3
+
+
+async def test_burst_of_200_events_logs_in_once(
+    emulator: tuple[Emulator, str], worker: WorkerProcess
+) -> None:
+    emu, _ = emulator
+    async with aiohttp.ClientSession() as http:
+        calls = [
+            post(http, worker.url, *signed(emu, "NOTIFICATION", notification_body(None)))
+            for _ in range(200)
+        ]
+        results = await asyncio.gather(*calls)
+    assert [status for status, _ in results] == [200] * 200
+    assert emu.logins == 1
+
+
+async def test_log_lines_are_json_with_trace_and_no_secret(
+    emulator: tuple[Emulator, str], worker: WorkerProcess
+) -> None:
+    emu, _ = emulator
+    headers, body = signed(emu, "INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"))
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, worker.url, headers, body))[0] == 200
+        note_headers, note_body = signed(emu, "NOTIFICATION", notification_body(None))
+        assert (await post(http, worker.url, note_headers, note_body))[0] == 200
+    assert await stop_worker(worker) == 0
+    records = worker.records()  # every line parses as one JSON object
+    event_lines = [r for r in records if "hook" in r]
+    assert len(event_lines) >= 3
+    assert all(r["traceId"] == TRACEPARENT.split("-")[1] for r in event_lines)
+    output = b"".join(worker.lines).decode()
+    token = headers["authorization"].split()[1]
+    for secret in (token, emu.service_user_secret, orjson.loads(note_body)["jwt"]):
+        assert secret not in output
+    assert all({"@timestamp", "message", "level", "level_value", "appName"} <= set(r) for r in records)
+
+
+async def test_sigterm_during_load_loses_no_in_flight_response(
+    emulator: tuple[Emulator, str],
+) -> None:
+    emu, url = emulator
+    # Every patients search takes 0.3 s, so events are in flight when SIGTERM arrives.
+    emu.faults.update({"latency": {"GET /organization/v1/users/patients": 0.3}})
+    worker = await start_worker(emu, url, WORKER_SHUTDOWN_GRACE="10")
+    events = 40
+    async with aiohttp.ClientSession() as http:
+        calls = [
+            asyncio.create_task(
+                post(http, worker.url, *signed(emu, "NOTIFICATION", notification_body(None)))
+            )
+            for _ in range(events)
+        ]
+        await _wait_in_flight(http, worker.url, events)
+        worker.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*calls)
+    assert [status for status, _ in results] == [200] * events
+    assert await stop_worker(worker) == 0
+    messages = [r["message"] for r in worker.records()]
+    assert messages.count("event handled") == events
+    assert messages[-1] == "worker stopped; closing resources"
+
+
+async def _wait_in_flight(http: aiohttp.ClientSession, url: str, expected: int) -> None:
+    """Poll /healthz (bounded) until every event is in the worker's hands."""
+    for _ in range(2000):
+        async with http.get(url + "/healthz") as response:
+            if (await response.json())["inFlight"] >= expected:
+                return
+    raise AssertionError("events never all reached the worker")

@@ -1,0 +1,171 @@
+"""What the CLI's commands do: ``run`` (with the embedded emulator by default), ``emulator``.
+
+``demo`` lives in :mod:`worker.demo`. The CLI module only parses flags and calls these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import IO, Any
+
+from config.settings import Settings, replace_settings
+from worker.app import WorkerApp
+from worker.emulator import Emulator, EmulatorConfig, EmulatorServer, config_from_args
+from worker.emulator import serve_forever as serve_emulator
+from worker.events import HookType
+from worker.logs import Log
+from worker.routing import WILDCARD, Router
+from worker.runner import install_signal_handlers, run_worker
+
+Started = Callable[[WorkerApp, str], None]
+
+INTERCEPTION_TYPES = {
+    HookType.INTERCEPTOR_PRE: "PRE_REQUEST",
+    HookType.INTERCEPTOR_POST: "POST_REQUEST",
+    HookType.INTERCEPTOR_POST_ENTITY: "ADAPT_ENTITY",
+}
+
+
+def _routes() -> Router:
+    from handlers import build_routes
+
+    return build_routes()
+
+
+async def run(
+    settings: Settings,
+    *,
+    emulator_tls: bool = False,
+    routes: Router | None = None,
+    stop: asyncio.Event | None = None,
+    started: Started | None = None,
+) -> int:
+    """``biot-worker run``: serve until SIGTERM/SIGINT (or ``stop``)."""
+    routes = routes if routes is not None else _routes()
+    stop = stop if stop is not None else asyncio.Event()
+    remove = install_signal_handlers(stop)
+    try:
+        if settings.biot.base_url is not None:
+            await run_worker(settings, routes, stop=stop, started=started)
+        else:
+            await run_embedded(settings, routes, stop=stop, tls=emulator_tls, started=started)
+    finally:
+        remove()
+    return 0
+
+
+@asynccontextmanager
+async def embedded_emulator(
+    settings: Settings, *, tls: bool = False
+) -> AsyncIterator[tuple[Emulator, EmulatorServer, Settings]]:
+    """Start an emulator and give the settings that point the worker at it."""
+    emulator = Emulator(EmulatorConfig(tls=tls))
+    async with EmulatorServer(emulator) as server:
+        pointed = replace_settings(
+            settings,
+            biot_base_url=server.url,
+            biot_service_user_id=emulator.service_user_id,
+            biot_service_user_secret=emulator.service_user_secret,
+            worker_ca_bundle=server.ca_file,
+        )
+        yield emulator, server, pointed
+
+
+async def run_embedded(
+    settings: Settings,
+    routes: Router,
+    *,
+    stop: asyncio.Event,
+    tls: bool = False,
+    started: Started | None = None,
+    stream: IO[Any] | None = None,
+) -> None:
+    """The worker against an in-process emulator, subscribed to every routed hook."""
+    async with embedded_emulator(settings, tls=tls) as (emulator, server, pointed):
+
+        def on_started(app: WorkerApp, url: str) -> None:
+            subscribe_routes(emulator, routes, url, app.log)
+            log_instructions(app.log, server.url, url, routes)
+            if started is not None:
+                started(app, url)
+
+        await run_worker(pointed, routes, stop=stop, started=on_started, stream=stream)
+
+
+def subscribe_routes(emulator: Emulator, routes: Router, endpoint: str, log: Log) -> None:
+    """Subscribe ``endpoint`` to every concrete route, as a deployment would with BioT."""
+    for route in routes.notification_routes():
+        if WILDCARD in (route.entity_type, route.action):
+            log.warning("wildcard notification route not subscribed", route=str(route))
+            continue
+        emulator.subscribe_notification(
+            route.entity_type, route.action, endpoint, template=route.template
+        )
+    for hook_route in routes.interception_routes():
+        kind = INTERCEPTION_TYPES[hook_route.hook]
+        if hook_route.api_id is None and hook_route.entity is None:
+            log.warning("catch-all interceptor not subscribed", type=kind)
+            continue
+        emulator.subscribe_interception(
+            kind, endpoint, api_id=hook_route.api_id, entity_name=hook_route.entity
+        )
+
+
+def trigger_commands(emulator_url: str, worker_url: str, routes: Router) -> Iterator[str]:
+    """Shell commands that make the emulator (or a direct call) fire each routed hook."""
+    token = (
+        f"TOKEN=$(curl -s -X POST {emulator_url}/_emulator/user-token"
+        " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"accessToken\"])')"
+    )
+    patients = f"{emulator_url}/organization/v1/users/patients"
+    yield f"get a user token: {token}"
+    yield (
+        "PRE, ADAPT_ENTITY, POST and a NOTIFICATION (_update): "
+        f"ID=$(curl -s -H \"authorization: Bearer $TOKEN\" {patients}"
+        " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"data\"][0][\"_id\"])'); "
+        f"curl -s -X PATCH -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json'"
+        f" -d '{{\"_name\": {{\"firstName\": \"Ada\", \"lastName\": \"Lovelace\"}}}}' {patients}/$ID"
+    )
+    if routes.has_nonspecific:
+        yield f"NONSPECIFIC: curl -s -X POST -d '{{}}' {worker_url}/"
+
+
+def log_instructions(log: Log, emulator_url: str, worker_url: str, routes: Router) -> None:
+    log.info("embedded BioT emulator running", emulator_url=emulator_url, worker_url=worker_url)
+    for line in trigger_commands(emulator_url, worker_url, routes):
+        log.info("to trigger hooks: " + line)
+
+
+async def emulator(args: argparse.Namespace, *, out: IO[str] | None = None) -> int:
+    """``biot-worker emulator``: BioT in a box alone, until SIGTERM/SIGINT."""
+    stream = out or sys.stdout
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        sys.stderr.write(f"biot-worker emulator: {exc}\n")
+        return 2
+    stop = asyncio.Event()
+    remove = install_signal_handlers(stop)
+
+    def ready(server: EmulatorServer) -> None:
+        info = server.emulator.info()
+        stream.write(
+            f"BioT emulator listening on {server.url}\n"
+            f"  BIOT_BASE_URL={server.url}\n"
+            f"  BIOT_SERVICE_USER_ID={info['serviceUserId']}\n"
+            f"  BIOT_SERVICE_USER_SECRET_KEY={config.service_user_secret}"
+            "   (a development value)\n"
+            + (f"  WORKER_CA_BUNDLE={server.ca_file}\n" if server.ca_file else "")
+            + f"  admin API: {server.url}/_emulator/info\n"
+        )
+        stream.flush()
+
+    try:
+        await serve_emulator(config, host=args.host, port=args.port, ready=ready, stop=stop)
+    finally:
+        remove()
+    return 0
