@@ -71,6 +71,7 @@ class WorkerSettings:
     api_backoff_max: float = 1.0
     api_max_connections: int = 100
     ca_bundle: str | None = None
+    routes: str = "handlers:build_routes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,13 @@ def _bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _routes_ref(raw: str) -> str:
+    module, _, function = raw.strip().partition(":")
+    if not module or not function:
+        raise ValueError(f"expected module:function, got {raw!r}")
+    return raw.strip()
 
 
 def _validate_jwt_flag(raw: str) -> bool:
@@ -236,6 +244,7 @@ def _read_worker(r: _Reader) -> WorkerSettings:
         api_backoff_max=r.positive("WORKER_API_BACKOFF_MAX", _float, d.api_backoff_max),
         api_max_connections=r.positive("WORKER_API_MAX_CONNECTIONS", _int, d.api_max_connections),
         ca_bundle=r.get("WORKER_CA_BUNDLE", _opt_str, d.ca_bundle),
+        routes=r.get("WORKER_ROUTES", _routes_ref, d.routes),
     )
 
 
@@ -302,6 +311,7 @@ VARIABLES: Final[dict[str, str]] = {
     "WORKER_API_BACKOFF_MAX": "largest retry delay in seconds",
     "WORKER_API_MAX_CONNECTIONS": "size of the keep-alive connection pool to BioT",
     "WORKER_CA_BUNDLE": "CA bundle file to trust for BioT's HTTPS (e.g. the emulator's CA)",
+    "WORKER_ROUTES": "module:function returning the plugin's Router",
 }
 
 

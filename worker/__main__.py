@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve BioT events over HTTP")
     _add_setting_flags(run)
     run.add_argument(
+        "--source",
+        metavar="URL",
+        help="take events from a queue (redis://HOST:PORT/DB?stream=..., amqp://USER:PASS@HOST/"
+        "?queue=...) instead of HTTP",
+    )
+    run.add_argument(
         "--emulator-tls",
         action="store_true",
         help="with the embedded emulator: serve its API over HTTPS (trusting its own CA)",
@@ -68,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="one event of each hook through emulator and worker")
     demo.add_argument("--tls", action="store_true", help="emulator on HTTPS")
+
+    publish = commands.add_parser("publish", help="put events on a queue (samples or a file)")
+    from worker.adapters.publish import add_publish_arguments
+
+    add_publish_arguments(publish)
+
+    bench = commands.add_parser("bench", help="measure interceptor latency side by side")
+    from worker.bench.cli import add_bench_arguments
+
+    add_bench_arguments(bench)
 
     config = commands.add_parser("config", help="check the settings and print them")
     _add_setting_flags(config)
@@ -89,7 +105,18 @@ def _dispatch_command(args: argparse.Namespace) -> int:
     from worker import commands
 
     if args.command == "run":
-        return asyncio.run(commands.run(settings_from(args), emulator_tls=args.emulator_tls))
+        settings = settings_from(args)
+        return asyncio.run(
+            commands.run(settings, emulator_tls=args.emulator_tls, source=args.source)
+        )
+    if args.command == "publish":
+        from worker.adapters.publish import publish_main
+
+        return asyncio.run(publish_main(args))
+    if args.command == "bench":
+        from worker.bench.cli import bench_main
+
+        return bench_main(args)
     if args.command == "emulator":
         return asyncio.run(commands.emulator(args))
     if args.command == "demo":

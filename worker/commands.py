@@ -17,6 +17,7 @@ from worker.app import WorkerApp
 from worker.emulator import Emulator, EmulatorConfig, EmulatorServer, config_from_args
 from worker.emulator import serve_forever as serve_emulator
 from worker.events import HookType
+from worker.loading import load_routes
 from worker.logs import Log
 from worker.routing import WILDCARD, Router
 from worker.runner import install_signal_handlers, run_worker
@@ -30,26 +31,28 @@ INTERCEPTION_TYPES = {
 }
 
 
-def _routes() -> Router:
-    from handlers import build_routes
-
-    return build_routes()
-
-
 async def run(
     settings: Settings,
     *,
     emulator_tls: bool = False,
+    source: str | None = None,
     routes: Router | None = None,
     stop: asyncio.Event | None = None,
     started: Started | None = None,
 ) -> int:
-    """``biot-worker run``: serve until SIGTERM/SIGINT (or ``stop``)."""
-    routes = routes if routes is not None else _routes()
+    """``biot-worker run``: serve until SIGTERM/SIGINT (or ``stop``).
+
+    Events come over HTTP, or from the queue named by ``source`` (``redis://``, ``amqp://``).
+    """
+    routes = routes if routes is not None else load_routes(settings.worker.routes)
     stop = stop if stop is not None else asyncio.Event()
     remove = install_signal_handlers(stop)
     try:
-        if settings.biot.base_url is not None:
+        if source is not None:
+            from worker.adapters.source import run_source
+
+            await run_source(settings, routes, source, stop=stop)
+        elif settings.biot.base_url is not None:
             await run_worker(settings, routes, stop=stop, started=started)
         else:
             await run_embedded(settings, routes, stop=stop, tls=emulator_tls, started=started)

@@ -1,0 +1,1 @@
+"""The interceptor latency benchmark (``biot-worker bench``)."""
