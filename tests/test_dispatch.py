@@ -488,3 +488,21 @@ async def test_nothing_a_caller_sends_yields_a_500(
             "JWT_ERROR",
             "NO_HANDLER",
         )
+
+
+async def test_outcome_says_whether_a_failure_is_transient(keys: KeyPair) -> None:
+    from worker.errors import TransientApiError
+
+    async def flaky(view: PreInterception, ctx: Context) -> None:
+        raise TransientApiError("BioT answered 503", status=503, method="GET", url="/x")
+
+    dispatcher, _ = make_dispatcher(keys, Router().pre(flaky))
+    hook = "INTERCEPTOR_PRE"
+    good = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    outcome = await dispatcher.handle(good)
+    assert outcome.transient and outcome.response.status == 502
+    refused = await dispatcher.handle(make_event(hook, interceptor_body(hook)))
+    assert refused.error is not None and not refused.transient
+    assert refused.response.status == 400
+    passed = await make_dispatcher(keys, Router())[0].handle(good)
+    assert passed.error is None and not passed.transient

@@ -69,6 +69,19 @@ class Context:
         return self.deadline - asyncio.get_running_loop().time()
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A dispatched event's response, and the error that produced it when it failed."""
+
+    response: Response
+    error: WorkerError | None = None
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying the same event again later may succeed (see :mod:`worker.errors`)."""
+        return self.error is not None and self.error.transient
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -109,24 +122,28 @@ class Dispatcher:
 
     async def dispatch(self, event: Event) -> Response:
         """Answer one event. Never raises, except ``CancelledError`` when the caller cancels."""
+        return (await self.handle(event)).response
+
+    async def handle(self, event: Event) -> Outcome:
+        """Like :meth:`dispatch`, and say why it failed (queue adapters retry transient ones)."""
         trace = trace_from_headers(event.headers)
         reset = current_trace.set(trace)
         try:
-            response = await self._answer(event, trace)
-            self._log_outcome(event, response)
-            return response
+            outcome = await self._answer(event, trace)
+            self._log_outcome(event, outcome.response)
+            return outcome
         finally:
             current_trace.reset(reset)
 
-    async def _answer(self, event: Event, trace: TraceContext) -> Response:
+    async def _answer(self, event: Event, trace: TraceContext) -> Outcome:
         try:
-            return await self._handle(event, trace)
+            return Outcome(await self._handle(event, trace))
         except WorkerError as exc:
-            return error_response(exc, trace, self._errors)
+            return Outcome(error_response(exc, trace, self._errors), exc)
         except Exception:  # a handler's bug: logged with its traceback, never sent to BioT
             self._hook_logs[event.hook].exception("handler raised an unexpected error")
             failure = WorkerError("internal error in plugin handler")
-            return error_response(failure, trace, self._errors)
+            return Outcome(error_response(failure, trace, self._errors), failure)
 
     async def _handle(self, event: Event, trace: TraceContext) -> Response:
         if not event.hook_known:
