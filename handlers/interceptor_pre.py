@@ -30,6 +30,5 @@ async def mark_request(event: PreInterception, ctx: Context) -> None:
 
 
 def _name(body: Any) -> dict[str, Any] | None:
-    if isinstance(body, dict) and isinstance(body.get("_name"), dict):
-        return body["_name"]
-    return None
+    name = body.get("_name") if isinstance(body, dict) else None
+    return name if isinstance(name, dict) else None

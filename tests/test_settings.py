@@ -91,5 +91,7 @@ def test_replace_settings_checks_names() -> None:
 
 def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)` \| (?:`--|\(environment only\))", readme, flags=re.MULTILINE))
+    documented = set(
+        re.findall(r"^\| `([A-Z_]+)` \| (?:`--|\(environment only\))", readme, flags=re.MULTILINE)
+    )
     assert documented == set(VARIABLES)

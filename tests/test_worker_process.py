@@ -167,7 +167,9 @@ async def test_log_lines_are_json_with_trace_and_no_secret(
     token = headers["authorization"].split()[1]
     for secret in (token, emu.service_user_secret, orjson.loads(note_body)["jwt"]):
         assert secret not in output
-    assert all({"@timestamp", "message", "level", "level_value", "appName"} <= set(r) for r in records)
+    assert all(
+        {"@timestamp", "message", "level", "level_value", "appName"} <= set(r) for r in records
+    )
 
 
 async def test_sigterm_during_load_loses_no_in_flight_response(

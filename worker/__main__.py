@@ -35,7 +35,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = shown.get(variable)
         suffix = f" [{variable}; default {default}]" if default else f" [{variable}]"
-        group.add_argument(flag_for(variable), dest=variable, metavar="VALUE", help=meaning + suffix)
+        group.add_argument(
+            flag_for(variable), dest=variable, metavar="VALUE", help=meaning + suffix
+        )
 
 
 def overrides(args: argparse.Namespace) -> dict[str, str]:

@@ -7,11 +7,12 @@ client and the dispatcher; leaving the block closes them in reverse. Closing twi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import IO, Any
+from typing import BinaryIO, TextIO
 
 import aiohttp
 
@@ -35,7 +36,7 @@ class WorkerApp:
         routes: Router,
         *,
         log: Log | None = None,
-        stream: IO[Any] | None = None,
+        stream: TextIO | BinaryIO | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``log`` replaces the configured backend (tests pass a capturing log); ``clock`` is
@@ -80,14 +81,17 @@ class WorkerApp:
 
     async def _open(self, stack: AsyncExitStack) -> None:
         biot, worker = self.settings.biot, self.settings.worker
-        self.log = self._given_log or await stack.enter_async_context(
-            open_log(
-                worker.log_backend,
-                app_name=biot.app_name,
-                level=worker.log_level,
-                stream=self._stream,
+        if self._given_log is not None:
+            self.log = self._given_log
+        else:
+            self.log = await stack.enter_async_context(
+                open_log(
+                    worker.log_backend,
+                    app_name=biot.app_name,
+                    level=worker.log_level,
+                    stream=self._stream,
+                )
             )
-        )
         self._session = create_session(
             max_connections=worker.api_max_connections,
             ca_bundle=worker.ca_bundle,
@@ -159,7 +163,9 @@ class WorkerApp:
             user_agent=USER_AGENT,
         )
         try:
-            return AccessToken(value, parse_expiration(expiration))
+            # The JWT's own exp is whole seconds while accessTokenExpiration has milliseconds:
+            # trust the earlier of the two, or BioT may refuse a token we still think valid.
+            return AccessToken(value, math.floor(parse_expiration(expiration)))
         except ValueError:
             raise LoginError("login answered an unreadable accessTokenExpiration") from None
 

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import IO, Any
+from typing import IO, BinaryIO, TextIO
 
 from config.settings import Settings, replace_settings
 from worker.app import WorkerApp
@@ -85,7 +85,7 @@ async def run_embedded(
     stop: asyncio.Event,
     tls: bool = False,
     started: Started | None = None,
-    stream: IO[Any] | None = None,
+    stream: TextIO | BinaryIO | None = None,
 ) -> None:
     """The worker against an in-process emulator, subscribed to every routed hook."""
     async with embedded_emulator(settings, tls=tls) as (emulator, server, pointed):
@@ -128,10 +128,10 @@ def trigger_commands(emulator_url: str, worker_url: str, routes: Router) -> Iter
     yield f"get a user token: {token}"
     yield (
         "PRE, ADAPT_ENTITY, POST and a NOTIFICATION (_update): "
-        f"ID=$(curl -s -H \"authorization: Bearer $TOKEN\" {patients}"
-        " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"data\"][0][\"_id\"])'); "
+        f'ID=$(curl -s -H "authorization: Bearer $TOKEN" {patients}'
+        ' | python3 -c \'import json,sys; print(json.load(sys.stdin)["data"][0]["_id"])\'); '
         f"curl -s -X PATCH -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json'"
-        f" -d '{{\"_name\": {{\"firstName\": \"Ada\", \"lastName\": \"Lovelace\"}}}}' {patients}/$ID"
+        f' -d \'{{"_name": {{"firstName": "Ada", "lastName": "Lovelace"}}}}\' {patients}/$ID'
     )
     if routes.has_nonspecific:
         yield f"NONSPECIFIC: curl -s -X POST -d '{{}}' {worker_url}/"
@@ -140,7 +140,7 @@ def trigger_commands(emulator_url: str, worker_url: str, routes: Router) -> Iter
 def log_instructions(log: Log, emulator_url: str, worker_url: str, routes: Router) -> None:
     log.info("embedded BioT emulator running", emulator_url=emulator_url, worker_url=worker_url)
     for line in trigger_commands(emulator_url, worker_url, routes):
-        log.info("to trigger hooks: " + line)
+        log.info("how to trigger hooks", command=line)
 
 
 async def emulator(args: argparse.Namespace, *, out: IO[str] | None = None) -> int:

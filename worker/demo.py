@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import aiohttp
 import orjson
@@ -45,7 +45,7 @@ class Outcome:
         return f"{self.hook:<26} {self.status:>6} {p50:>9.2f} {worst:>9.2f}  {self.did}"
 
 
-async def demo(*, tls: bool = False, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+async def demo(*, tls: bool = False, out: IO[str] | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     stop = asyncio.Event()
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -70,7 +70,8 @@ async def demo(*, tls: bool = False, out: IO[str] | None = None, err: IO[str] | 
 
 
 async def _wait_listening(listening: asyncio.Future[str], worker: asyncio.Task[None]) -> str:
-    await asyncio.wait({listening, worker}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: list[asyncio.Future[Any]] = [listening, worker]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if not listening.done():
         worker.result()  # raises the worker's start-up error
         raise RuntimeError("the worker stopped before listening")
@@ -87,7 +88,7 @@ async def _drive(
         ssl = await asyncio.to_thread(ssl_module.create_default_context, cafile=ca_file)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl)) as http:
         # Read the sample patient as a service would: no interceptor runs on it.
-        service = emulator.sign_token(scopes=[], token_type="SERVICE_EXTERNAL")
+        service = emulator.sign_token(scopes=[], token_type="SERVICE_EXTERNAL")  # noqa: S106
         async with http.get(api_url + PATIENTS, headers=_bearer(service)) as response:
             patient = (await response.json())["data"][0]
         user = _bearer(emulator.user_token())
@@ -218,4 +219,3 @@ def _print(out: IO[str], outcomes: list[Outcome], api_url: str) -> None:
     for outcome in outcomes:
         out.write(outcome.row() + "\n")
     out.write(f"(latency: {ROUNDS} round trips per hook after one warm-up, loopback HTTP)\n")
-

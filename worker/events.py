@@ -371,7 +371,9 @@ def _response(payload: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-def interception_view(hook: HookType, payload: Any) -> Interception:
+def interception_view(
+    hook: HookType, payload: Any
+) -> PreInterception | PostInterception | AdaptEntityInterception:
     common = _common(hook, payload)
     if hook is HookType.INTERCEPTOR_PRE:
         return PreInterception(**common)

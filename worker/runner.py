@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from typing import IO, Any
+from typing import BinaryIO, TextIO
 
 from config.settings import Settings
 from worker.adapters.http import HttpAdapter, serve
@@ -40,7 +40,7 @@ async def run_worker(
     *,
     stop: asyncio.Event,
     started: Started | None = None,
-    stream: IO[Any] | None = None,
+    stream: TextIO | BinaryIO | None = None,
 ) -> None:
     """Serve events over HTTP until ``stop`` is set; ``started(app, url)`` once listening.
 

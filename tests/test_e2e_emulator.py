@@ -1,0 +1,245 @@
+"""End to end over real loopback HTTP: the emulator plays BioT, the worker is the real one.
+
+The emulator calls the worker's HTTP adapter with signed hook calls; the worker's handlers call
+back into the emulator's API with the service token. Clocks are shared and manual where time
+matters (token lifetimes, login back-off), so nothing here waits on real time.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from config.settings import Settings
+from handlers import build_routes
+from tests.conftest import TRACE_ID, TRACEPARENT, settings_for
+from worker.adapters.http import HttpAdapter
+from worker.app import WorkerApp
+from worker.commands import subscribe_routes
+from worker.dispatch import Context
+from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.emulator.testing import ManualClock
+from worker.events import Notification
+from worker.logs import CapturingLog
+from worker.routing import Router
+
+PATIENTS = "/organization/v1/users/patients"
+
+
+@dataclass
+class Stack:
+    emulator: Emulator
+    api_url: str
+    worker_url: str
+    app: WorkerApp
+    log: CapturingLog
+    http: aiohttp.ClientSession
+    clock: ManualClock
+
+    def user(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.emulator.user_token()}", "traceparent": TRACEPARENT}
+
+    async def patient(self) -> dict[str, Any]:
+        service = self.emulator.sign_token(scopes=[], token_type="SERVICE_EXTERNAL")
+        headers = {"authorization": f"Bearer {service}"}
+        async with self.http.get(self.api_url + PATIENTS, headers=headers) as response:
+            return dict((await response.json())["data"][0])
+
+    async def notify(self) -> int:
+        """Send a signed notification straight to the worker, as BioT does; its status."""
+        patient = await self.patient()
+        body = {
+            "metadata": {"entityTypeName": "patient", "actionName": "_update"},
+            "data": {"entity": patient, "additionalData": {}},
+            "jwt": self.emulator.sign_token(scopes=["ACTION_NOTIFICATION"]),
+        }
+        headers = {"hooktype": "NOTIFICATION", "content-type": "application/json"}
+        async with self.http.post(self.worker_url, data=orjson.dumps(body), headers=headers) as r:
+            return r.status
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def make_stack() -> AsyncIterator[StackFactory]:
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            *,
+            routes: Router | None = None,
+            config: EmulatorConfig | None = None,
+            clock_fraction: float = 0.0,
+            **env: str,
+        ) -> Stack:
+            clock = ManualClock(int(time.time()) + clock_fraction)
+            emulator = Emulator(config or EmulatorConfig(), clock=clock)
+            server = await stack.enter_async_context(EmulatorServer(emulator))
+            settings = _pointed(server, emulator, **env)
+            log = CapturingLog()
+            routes = routes or build_routes()
+            app = await stack.enter_async_context(WorkerApp(settings, routes, log=log, clock=clock))
+            adapter = HttpAdapter(
+                app.dispatcher, max_in_flight=64, max_body_bytes=1 << 20, ready=app.ready, log=log
+            )
+            worker = TestServer(adapter.application(), host="127.0.0.1")
+            await worker.start_server()
+            stack.push_async_callback(worker.close)
+            worker_url = str(worker.make_url("/"))
+            subscribe_routes(emulator, routes, worker_url, log)
+            http = await stack.enter_async_context(_client(server.ca_file))
+            return Stack(emulator, server.url, worker_url, app, log, http, clock)
+
+        yield start
+
+
+def _pointed(server: EmulatorServer, emulator: Emulator, **env: str) -> Settings:
+    return settings_for(
+        BIOT_BASE_URL=server.url,
+        BIOT_SERVICE_USER_ID=emulator.service_user_id,
+        BIOT_SERVICE_USER_SECRET_KEY=emulator.service_user_secret,
+        WORKER_API_BACKOFF_BASE="0.001",
+        WORKER_API_BACKOFF_MAX="0.002",
+        **({"WORKER_CA_BUNDLE": server.ca_file} if server.ca_file else {}),
+        **env,
+    )
+
+
+def _client(ca_file: str | None) -> aiohttp.ClientSession:
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
+    return aiohttp.ClientSession(connector=connector)
+
+
+async def _patch_chain(s: Stack) -> None:
+    """A user's PATCH runs PRE -> update -> ADAPT_ENTITY -> POST, then a notification."""
+    patient = await s.patient()
+    url = f"{s.api_url}{PATIENTS}/{patient['_id']}"
+    change = {"_name": {"firstName": "Ada", "lastName": "Lovelace"}}
+    async with s.http.patch(url, json=change, headers=s.user()) as response:
+        assert response.status == 200
+        body = await response.json()
+    # PRE marked the request, ADAPT_ENTITY the entity, POST the response.
+    assert body["_name"]["firstName"] == "Ada LAMBDA MODIFIED LAMBDA LAMBDA MODIFIED"
+    stored = await s.patient()
+    assert stored["_name"]["firstName"] == "Ada LAMBDA MODIFIED"  # only PRE changes storage
+    await s.emulator.drain_notifications()
+
+    hops = s.emulator.calls.records(trace_id=TRACE_ID)
+    hooks = [c.hook for c in hops if c.direction == "out"]
+    assert hooks == [
+        "INTERCEPTOR_PRE",
+        "INTERCEPTOR_POST_ENTITY",
+        "INTERCEPTOR_POST",
+        "NOTIFICATION",
+    ]
+    assert all(c.status == 200 for c in hops if c.direction == "out")
+    # The notification handler called back into the API with the same trace id.
+    callbacks = [c for c in hops if c.direction == "in" and c.method == "GET"]
+    assert callbacks and callbacks[0].token != "USER"
+    handled = s.log.find("patient notification handled")
+    assert handled and handled[0]["traceId"] == TRACE_ID
+    assert {r["traceId"] for r in s.log.find("event handled")} == {TRACE_ID}
+
+
+async def test_patch_runs_the_whole_chain_with_one_trace_id(make_stack: StackFactory) -> None:
+    await _patch_chain(await make_stack())
+
+
+async def test_the_whole_flow_passes_with_the_emulator_on_https(make_stack: StackFactory) -> None:
+    s = await make_stack(config=EmulatorConfig(tls=True))
+    assert s.api_url.startswith("https://")
+    await _patch_chain(s)
+
+
+async def test_pre_handler_blocks_the_call_and_the_user_gets_its_error(
+    make_stack: StackFactory,
+) -> None:
+    s = await make_stack()
+    patient = await s.patient()
+    url = f"{s.api_url}{PATIENTS}/{patient['_id']}"
+    change = {"_name": {"firstName": "FORBIDDEN", "lastName": "X"}}
+    async with s.http.patch(url, json=change, headers=s.user()) as response:
+        assert response.status == 403
+        error = await response.json()
+    assert error["code"] == "MODIFICATION_FORBIDDEN"
+    assert error["traceId"] == TRACE_ID
+    assert (await s.patient())["_name"] == patient["_name"]  # the update never happened
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.9])
+async def test_short_token_lifetime_means_one_login_per_lifetime(
+    make_stack: StackFactory, fraction: float
+) -> None:
+    # With a fractional start, the JWT's whole-second exp is up to 1 s before the
+    # accessTokenExpiration BioT advertises; the worker must not be caught out by it.
+    s = await make_stack(config=EmulatorConfig(token_lifetime=2.0), clock_fraction=fraction)
+    statuses = []
+    for _ in range(20):  # 10 s of the shared clock, an event every 0.5 s
+        statuses.append(await s.notify())
+        s.clock.advance(0.5)
+    assert statuses == [200] * 20
+    # A token is refreshed once per lifetime (20% ahead of expiry), never per event; with a
+    # fractional start its real lifetime (to the JWT's exp) is only 2.0 - fraction seconds.
+    lifetime = 2.0 - fraction
+    assert int(9.5 / lifetime) <= s.emulator.logins <= 10 / (0.8 * lifetime) + 1
+    assert not [c for c in s.emulator.call_log if c.status == 401]
+
+
+async def test_key_rotation_mid_run_keeps_verification_working(make_stack: StackFactory) -> None:
+    # A cooldown of 0.1 ms lets this test rotate twice in quick succession, which BioT never
+    # does; the cooldown itself is covered in test_auth.
+    s = await make_stack(WORKER_KEY_REFETCH_COOLDOWN="0.0001")
+    assert await s.notify() == 200
+    await s.emulator.rotate_keys_async()
+    assert await s.notify() == 200  # signed with the new key: one refetch
+    await s.emulator.rotate_keys_async()
+    await s.emulator.rotate_keys_async()
+    assert await s.notify() == 200
+    fetches = [c for c in s.emulator.call_log if c.path == "/ums/v1/security/public-key"]
+    assert len(fetches) == 3
+
+
+async def _get_then_post(view: Notification, ctx: Context) -> None:
+    await ctx.api.get(f"{PATIENTS}/{view.entity['_id']}")
+    await ctx.api.post(PATIENTS, json={"_name": {"firstName": "New", "lastName": "P"}})
+
+
+async def test_injected_503_retried_for_get_not_for_post(make_stack: StackFactory) -> None:
+    routes = Router().notification("patient", "_update", _get_then_post)
+    s = await make_stack(routes=routes)
+    s.emulator.faults.update(
+        {
+            "errors": [
+                {"route": "GET /organization/v1/users/patients/*", "status": 503, "count": 2},
+                {"route": "POST /organization/v1/users/patients", "status": 503, "count": 1},
+            ]
+        }
+    )
+    assert await s.notify() == 502
+    incoming = [c for c in s.emulator.call_log if c.direction == "in" and c.token != "USER"]
+    gets = [c.status for c in incoming if c.method == "GET" and c.path.count("/") == 5]
+    posts = [c.status for c in incoming if c.method == "POST" and c.path == PATIENTS]
+    assert gets[-3:] == [503, 503, 200]  # retried to success
+    assert posts == [503]  # not retried
+    failed = s.log.find("event failed")[0]
+    assert failed["code"] == "CALL_TO_API_FAILED"
+
+
+async def test_login_outage_is_a_clear_error_and_recovers(make_stack: StackFactory) -> None:
+    s = await make_stack()
+    s.emulator.faults.update({"loginFails": True})
+    assert await s.notify() == 502
+    assert s.log.find("event failed")[0]["code"] == "LOGIN_FAILED"
+    s.emulator.faults.update({"loginFails": False})
+    s.clock.advance(60)  # past the login back-off
+    assert await s.notify() == 200
