@@ -204,3 +204,51 @@ async def _wait_in_flight(http: aiohttp.ClientSession, url: str, expected: int) 
             if (await response.json())["inFlight"] >= expected:
                 return
     raise AssertionError("events never all reached the worker")
+
+
+async def test_main_command_runs_on_the_embedded_emulator() -> None:
+    """The README's main job: no BIOT_BASE_URL, so `run` brings its own BioT."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BIOT_", "WORKER_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    url = api = ""
+    async with asyncio.timeout(START_TIMEOUT):
+        async for line in process.stdout:
+            record = orjson.loads(line)
+            if record["message"] == "worker listening":
+                url = str(record["url"])
+            if record["message"] == "embedded BioT emulator running":
+                api = str(record["emulator_url"])
+                break
+    assert url and api
+    async with aiohttp.ClientSession() as http:
+        headers = {"hooktype": "NONSPECIFIC"}
+        async with http.post(url, data=b"{}", headers=headers) as response:
+            assert response.status == 200
+            assert (await response.json())["patients"] == 3
+        # The routed hooks were subscribed: a user's PATCH runs PRE, ADAPT_ENTITY and POST.
+        async with http.post(api + "/_emulator/user-token") as response:
+            user = {"authorization": "Bearer " + (await response.json())["accessToken"]}
+        patients = api + "/organization/v1/users/patients"
+        async with http.get(patients, headers=user) as response:
+            patient_id = (await response.json())["data"][0]["_id"]
+        change = {"_name": {"firstName": "Ada", "lastName": "L"}}
+        async with http.patch(f"{patients}/{patient_id}", json=change, headers=user) as response:
+            name = (await response.json())["_name"]["firstName"]
+        assert name == "Ada LAMBDA MODIFIED LAMBDA LAMBDA MODIFIED"
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(START_TIMEOUT):
+        _, stderr = await process.communicate()
+    assert process.returncode == 0
+    banner = stderr.decode()
+    assert "To trigger hooks" in banner and "PATCH" in banner

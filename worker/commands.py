@@ -134,13 +134,24 @@ def trigger_commands(emulator_url: str, worker_url: str, routes: Router) -> Iter
         f' -d \'{{"_name": {{"firstName": "Ada", "lastName": "Lovelace"}}}}\' {patients}/$ID'
     )
     if routes.has_nonspecific:
-        yield f"NONSPECIFIC: curl -s -X POST -d '{{}}' {worker_url}/"
+        yield f"NONSPECIFIC: curl -s -X POST -H 'hooktype: NONSPECIFIC' -d '{{}}' {worker_url}/"
 
 
-def log_instructions(log: Log, emulator_url: str, worker_url: str, routes: Router) -> None:
+def log_instructions(
+    log: Log, emulator_url: str, worker_url: str, routes: Router, banner: TextIO | None = None
+) -> None:
+    """One JSON log line with the URLs, and copy-paste commands as plain text on stderr.
+
+    The commands are for a person at a terminal; they stay out of the JSON log stream (where
+    ``Bearer $TOKEN`` would, rightly, be redacted).
+    """
     log.info("embedded BioT emulator running", emulator_url=emulator_url, worker_url=worker_url)
+    out = banner or sys.stderr
+    out.write(f"\nBioT emulator at {emulator_url}; worker at {worker_url}. To trigger hooks:\n")
     for line in trigger_commands(emulator_url, worker_url, routes):
-        log.info("how to trigger hooks", command=line)
+        out.write(f"  - {line}\n")
+    out.write("  (or run: biot-worker demo)\n\n")
+    out.flush()
 
 
 async def emulator(args: argparse.Namespace, *, out: IO[str] | None = None) -> int:
