@@ -158,8 +158,12 @@ async def test_log_lines_are_json_with_trace_and_no_secret(
         assert (await post(http, worker.url, headers, body))[0] == 200
         note_headers, note_body = signed(emu, "NOTIFICATION", notification_body(None))
         assert (await post(http, worker.url, note_headers, note_body))[0] == 200
+    await _send_malformed_http(worker.url)
     assert await stop_worker(worker) == 0
     records = worker.records()  # every line parses as one JSON object
+    assert [r for r in records if r["message"] == "malformed HTTP request refused"]
+    assert worker.process.stderr is not None
+    assert await worker.process.stderr.read() == b""  # nothing outside the JSON stream
     event_lines = [r for r in records if "hook" in r]
     assert len(event_lines) >= 3
     assert all(r["traceId"] == TRACEPARENT.split("-")[1] for r in event_lines)
@@ -195,6 +199,16 @@ async def test_sigterm_during_load_loses_no_in_flight_response(
     messages = [r["message"] for r in worker.records()]
     assert messages.count("event handled") == events
     assert messages[-1] == "worker stopped; closing resources"
+
+
+async def _send_malformed_http(url: str) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    await writer.drain()
+    assert (await reader.read()).split(b" ", 2)[1] == b"400"
+    writer.close()
+    await writer.wait_closed()
 
 
 async def _wait_in_flight(http: aiohttp.ClientSession, url: str, expected: int) -> None:

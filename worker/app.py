@@ -22,6 +22,7 @@ from worker.auth import JwtVerifier, PublicKeys
 from worker.client import BiotClient, create_session, fetch_public_key_texts, service_login
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
+from worker.log_bridge import bridge_stdlib_logging
 from worker.logs import Log, open_log
 from worker.routing import Router
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
@@ -92,6 +93,8 @@ class WorkerApp:
                     stream=self._stream,
                 )
             )
+            # aiohttp and asyncio log through stdlib logging: make those lines ours too.
+            stack.enter_context(bridge_stdlib_logging(self.log))
         self._session = create_session(
             max_connections=worker.api_max_connections,
             ca_bundle=worker.ca_bundle,

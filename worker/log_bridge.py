@@ -1,0 +1,69 @@
+"""Other libraries' stdlib log records (aiohttp, asyncio) as our JSON lines.
+
+Without this, aiohttp's server logger prints a plain-text traceback to stderr for every
+malformed request a caller sends. :func:`bridge_stdlib_logging` attaches one handler to the root
+logger that forwards records into the worker's :class:`~worker.logs.Log` (so they are JSON,
+redacted and carry the trace id), and removes it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+from worker.logs import Log
+
+
+class LogBridge(logging.Handler):
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._forward(record)
+        except Exception:  # a log record must never break the caller
+            self.handleError(record)
+
+    def _forward(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        error = record.exc_info[1] if record.exc_info else None
+        level = record.levelno
+        message = record.getMessage()
+        if isinstance(error, HttpProcessingError):
+            # A caller sent malformed HTTP; aiohttp already answered 400. Not our error.
+            level, message = logging.WARNING, "malformed HTTP request refused"
+            fields["error"] = {"type": type(error).__name__, "message": error.message}
+        elif error is not None:
+            fields["error"] = {"type": type(error).__name__, "message": str(error)}
+        self._emit(level, message, fields)
+
+    def _emit(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        if level >= logging.ERROR:
+            self._log.error(message, **fields)
+        elif level >= logging.WARNING:
+            self._log.warning(message, **fields)
+        elif level >= logging.INFO:
+            self._log.info(message, **fields)
+        else:
+            self._log.debug(message, **fields)
+
+
+@contextmanager
+def bridge_stdlib_logging(log: Log, level: int = logging.WARNING) -> Iterator[LogBridge]:
+    """Forward stdlib records at ``level`` and above into ``log`` while the block runs."""
+    root = logging.getLogger()
+    bridge = LogBridge(log)
+    bridge.setLevel(level)
+    previous = root.level
+    root.addHandler(bridge)
+    root.setLevel(min(previous, level) if previous else level)
+    try:
+        yield bridge
+    finally:
+        root.removeHandler(bridge)
+        root.setLevel(previous)
