@@ -180,8 +180,9 @@ async def test_sigterm_during_load_loses_no_in_flight_response(
     emulator: tuple[Emulator, str],
 ) -> None:
     emu, url = emulator
-    # Every patients search takes 0.3 s, so events are in flight when SIGTERM arrives.
-    emu.faults.update({"latency": {"GET /organization/v1/users/patients": 0.3}})
+    # Every patients search takes 2 s, so all events are still in flight when SIGTERM arrives
+    # even on a loaded machine (the test waits until the worker holds every one of them).
+    emu.faults.update({"latency": {"GET /organization/v1/users/patients": 2.0}})
     worker = await start_worker(emu, url, WORKER_SHUTDOWN_GRACE="10")
     events = 40
     async with aiohttp.ClientSession() as http:

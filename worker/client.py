@@ -1,4 +1,5 @@
-"""The BioT API client: one pooled ``aiohttp.ClientSession`` per process (platform §4, §5, §8).
+"""The BioT API client: authenticated, traced, retried calls on the one pooled session
+(platform §4, §5, §8).
 
 Contract of every outgoing call made here:
 
@@ -10,44 +11,60 @@ Contract of every outgoing call made here:
 - transient failures of idempotent calls are retried with jittered backoff; a 401 refreshes the
   token once; everything else raises an error from :mod:`worker.errors`, never an aiohttp one.
 
-Seams for the composition root: ``worker.tokens.ServiceTokens`` satisfies :class:`TokenSource`;
-:func:`service_login` returns ``(accessToken, accessTokenExpiration)`` as text, to be wrapped as
-``AccessToken(token, parse_expiration(text))``; :func:`fetch_public_key_texts` returns
-``(publicKey, previousPublicKey)``, to be wrapped as ``PublicKeys(*texts)``.
+Seams for the composition root: ``worker.tokens.ServiceTokens`` satisfies :class:`TokenSource`.
+
+The rest of the client's public API lives in one module per concept and is re-exported here:
+:mod:`worker.http_session` (the session and its TLS context), :mod:`worker.transport` (one
+exchange, error translation, URL and query encoding), :mod:`worker.fan_out` (:func:`fan_out`)
+and :mod:`worker.platform_api` (:func:`service_login`, :func:`fetch_public_key_texts`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random as _random
-import ssl
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
-from yarl import URL
 
 from worker.deadlines import remaining
-from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
+from worker.errors import ApiAuthError, ApiError, TransientApiError
+from worker.fan_out import fan_out
+from worker.http_session import (
+    DEFAULT_USER_AGENT,
+    SESSION_TIMEOUT,
+    create_session,
+    make_ssl_context,
+    open_session,
+)
+from worker.platform_api import LOGIN_PATH, PUBLIC_KEY_PATH, fetch_public_key_texts, service_login
 from worker.tracing import TraceContext, current_trace, new_trace
+from worker.transport import (
+    JSON_CONTENT_TYPE,
+    RETRYABLE_STATUSES,
+    Reply,
+    decode,
+    encode_params,
+    error_for,
+    exchange,
+    join_url,
+    parse_retry_after,
+    public_url,
+)
 
-T = TypeVar("T")
+__all__ = [  # what moved out is re-exported: importers of worker.client keep working
+    "DEFAULT_USER_AGENT", "IDEMPOTENT_METHODS", "JSON_CONTENT_TYPE", "LOGIN_PATH",
+    "PUBLIC_KEY_PATH", "RETRYABLE_STATUSES", "SESSION_TIMEOUT", "BiotClient", "ClientLog",
+    "TokenSource", "create_session", "encode_params", "fan_out", "fetch_public_key_texts",
+    "join_url", "make_ssl_context", "open_session", "parse_retry_after", "public_url",
+    "service_login",
+]  # fmt: skip
 
-DEFAULT_USER_AGENT: Final = "biot-worker/0.1.0"
-LOGIN_PATH: Final = "/ums/v2/services/accessToken"
-PUBLIC_KEY_PATH: Final = "/ums/v1/security/public-key"
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
-JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
-# Backstop for code that uses the session directly; this module bounds each attempt itself.
-SESSION_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=10.0)
-_UNBOUNDED: Final = aiohttp.ClientTimeout()  # per request: our asyncio.timeout is the bound
-_TEXT_LIMIT: Final = 500
 
 
 class TokenSource(Protocol):
@@ -72,207 +89,6 @@ class _SilentLog:
 
     def warning(self, message: str, /, **fields: Any) -> None:
         pass
-
-
-# ---------------------------------------------------------------- the session
-
-
-def make_ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
-    """A verifying TLS context: the system trust store, or only ``ca_bundle`` when given.
-
-    Blocking (reads certificate files): call it at startup or via ``asyncio.to_thread``.
-    Raises ``ValueError`` naming the bundle when it cannot be loaded. Verification is never off.
-    """
-    try:
-        return ssl.create_default_context(cafile=ca_bundle)
-    except OSError as exc:  # FileNotFoundError, PermissionError, ssl.SSLError (not PEM)
-        reason = exc.strerror or str(exc)
-        raise ValueError(f"cannot load CA bundle {ca_bundle!r}: {reason}") from exc
-
-
-def create_session(
-    *,
-    max_connections: int = 100,
-    ca_bundle: str | None = None,
-    user_agent: str = DEFAULT_USER_AGENT,
-) -> aiohttp.ClientSession:
-    """The process's one keep-alive session. Call it once at startup, inside the running loop.
-
-    It loads the trust store synchronously (blocking file I/O); from code that must not block,
-    use :func:`open_session`. Raises ``RuntimeError`` outside a running loop.
-    """
-    asyncio.get_running_loop()
-    return _build_session(make_ssl_context(ca_bundle), max_connections, user_agent)
-
-
-async def open_session(
-    *,
-    max_connections: int = 100,
-    ca_bundle: str | None = None,
-    user_agent: str = DEFAULT_USER_AGENT,
-) -> aiohttp.ClientSession:
-    """:func:`create_session`, loading the trust store in a thread so the loop never blocks."""
-    context = await asyncio.to_thread(make_ssl_context, ca_bundle)
-    return _build_session(context, max_connections, user_agent)
-
-
-def _build_session(
-    context: ssl.SSLContext, max_connections: int, user_agent: str
-) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max_connections, ssl=context, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": user_agent},
-        json_serialize=_dumps_text,
-        json_serialize_bytes=orjson.dumps,
-        timeout=SESSION_TIMEOUT,
-        trust_env=False,  # no proxy or netrc picked up from the environment behind our back
-    )
-
-
-def _dumps_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-# ---------------------------------------------------------------- one exchange
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    headers: Mapping[str, str]
-    raw: bytes
-
-
-async def _exchange(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    *,
-    headers: Mapping[str, str],
-    limit: float,
-    params: list[tuple[str, str]] | None = None,
-    body: bytes | None = None,
-) -> _Reply:
-    """One request with its body read, within ``limit`` seconds; aiohttp failures translated.
-
-    Timeouts and connection failures raise :class:`TransientApiError`, a malformed URL
-    :class:`ApiError`. HTTP error statuses are returned, not raised.
-    """
-    where = public_url(url)
-    try:
-        async with asyncio.timeout(limit):
-            async with session.request(
-                method, url, params=params, data=body, headers=headers,
-                timeout=_UNBOUNDED, allow_redirects=False,  # the token never follows a redirect
-            ) as response:
-                return _Reply(response.status, response.headers, await response.read())
-    except TimeoutError:
-        message = f"no answer within {limit:.3g}s"
-        raise TransientApiError(message, method=method, url=where) from None
-    except aiohttp.InvalidURL as exc:
-        raise ApiError("invalid URL", method=method, url=where) from exc
-    except aiohttp.ClientError as exc:
-        message = f"connection failed ({type(exc).__name__})"
-        raise TransientApiError(message, method=method, url=where) from exc
-
-
-def public_url(url: str) -> str:
-    """``url`` without its query string, which may carry search terms or secrets."""
-    return url.split("?", 1)[0]
-
-
-def join_url(base_url: str, path: str) -> str:
-    """``path`` under ``base_url``; a full URL is accepted only on the same origin.
-
-    Raises ``ValueError`` for another origin, so the service token never leaves for it.
-    """
-    if not path.startswith(("http://", "https://")):
-        return base_url.rstrip("/") + "/" + path.lstrip("/")
-    if URL(path).origin() != URL(base_url).origin():
-        raise ValueError(f"refusing to call {public_url(path)}: not under {base_url}")
-    return path
-
-
-def _error_body(raw: bytes) -> Any:
-    """BioT's ``ErrorResponse`` when the body is JSON, else its text cut to a readable size."""
-    try:
-        return orjson.loads(raw) if raw.strip() else None
-    except orjson.JSONDecodeError:
-        return raw[:_TEXT_LIMIT].decode("utf-8", "replace")
-
-
-def _error_for(reply: _Reply, method: str, url: str) -> ApiError:
-    """The typed error for a non-2xx reply; transient ones carry ``details["retryAfter"]``."""
-    body = _error_body(reply.raw)
-    code = body.get("code") if isinstance(body, dict) else None
-    url = public_url(url)
-    message = f"BioT answered {reply.status}{f' {code}' if code else ''} to {method} {url}"
-    kind = _error_kind(reply.status)
-    error = kind(message, status=reply.status, method=method, url=url, body=body)
-    wait = parse_retry_after(reply.headers.get("Retry-After"))
-    if kind is TransientApiError and wait is not None:
-        error.details["retryAfter"] = wait
-    return error
-
-
-def _error_kind(status: int) -> type[ApiError]:
-    if status in RETRYABLE_STATUSES:
-        return TransientApiError
-    if status in (401, 403):
-        return ApiAuthError
-    return ApiError
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or ``None``."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _decode(reply: _Reply, method: str, url: str) -> Any:
-    """The decoded JSON of a 2xx reply; ``None`` for 204 or an empty body."""
-    if reply.status == 204 or not reply.raw.strip():
-        return None
-    try:
-        return orjson.loads(reply.raw)
-    except orjson.JSONDecodeError:
-        message = f"BioT answered {reply.status} to {method} with a body that is not JSON"
-        body = reply.raw[:_TEXT_LIMIT].decode("utf-8", "replace")
-        raise ApiError(message, status=reply.status, method=method, url=public_url(url),
-                       body=body) from None
-
-
-def encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """Query pairs: lists and tuples repeat the key, ``None`` is left out, booleans are
-    ``true``/``false``, and dicts (BioT's ``searchRequest``) are JSON-encoded with orjson."""
-    pairs: list[tuple[str, str]] = []
-    for key, value in (params or {}).items():
-        values = value if isinstance(value, list | tuple) else (value,)
-        pairs.extend((key, _param_text(item)) for item in values if item is not None)
-    return pairs
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return orjson.dumps(value).decode()
-
-
-# ---------------------------------------------------------------- the client
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +171,7 @@ class BiotClient:
             trace=current_trace.get() or new_trace(),
         )
         reply = await self._send(call)
-        return _decode(reply, call.method, call.url)
+        return decode(reply, call.method, call.url)
 
     async def get(self, path: str, **kw: Any) -> Any:
         return await self.request("GET", path, **kw)
@@ -423,7 +239,7 @@ class BiotClient:
                 return
             page += 1
 
-    async def _send(self, call: _Call) -> _Reply:
+    async def _send(self, call: _Call) -> Reply:
         """Attempts until a 2xx, applying the 401 refresh and the retry policy."""
         attempt = 0
         refreshed = False
@@ -442,18 +258,18 @@ class BiotClient:
                 await self._backoff(call, attempt, error)
                 attempt += 1
 
-    async def _attempt(self, call: _Call, token: str) -> _Reply:
+    async def _attempt(self, call: _Call, token: str) -> Reply:
         left = remaining()
         if left is not None and left <= 0:
             raise TransientApiError("deadline exceeded before call", method=call.method,
                                     url=public_url(call.url))
         limit = call.timeout if left is None else min(call.timeout, left)
-        reply = await _exchange(
+        reply = await exchange(
             self._session, call.method, call.url, headers=self._headers(call, token),
             limit=limit, params=call.params, body=call.body,
         )
         if reply.status >= 300:
-            raise _error_for(reply, call.method, call.url)
+            raise error_for(reply, call.method, call.url)
         return reply
 
     def _headers(self, call: _Call, token: str) -> CIMultiDict[str]:
@@ -498,131 +314,3 @@ def _is_last_page(answer: Mapping[str, Any], page: int, limit: int, count: int) 
         return total <= (page + 1) * limit
     return count < limit  # no total given: a short page is the last one
 
-
-# ---------------------------------------------------------------- fan-out
-
-
-async def fan_out(calls: Iterable[Callable[[], Awaitable[T]]], *, limit: int = 8) -> list[T]:
-    """Run the calls concurrently, at most ``limit`` at a time; results in input order.
-
-    Structured: when one fails the others are cancelled, and the failure of the first failed
-    call (in input order) is raised as itself, not as an ``ExceptionGroup``, so that handlers
-    can ``except ApiError``; a note on it counts any other failures.
-    """
-    if limit < 1:
-        raise ValueError(f"limit must be 1 or more, got {limit}")
-    factories = list(calls)
-    gate = asyncio.Semaphore(limit)
-
-    async def gated(call: Callable[[], Awaitable[T]]) -> T:
-        async with gate:
-            return await call()
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(gated(call)) for call in factories]
-    except ExceptionGroup as failures:
-        raise _first_failure(tasks, failures) from None
-    return [task.result() for task in tasks]
-
-
-def _first_failure(tasks: list[asyncio.Task[Any]], failures: ExceptionGroup[Any]) -> Exception:
-    # The group lists failures in the order they happened; callers expect input order.
-    failed = [task.exception() for task in tasks if task.done() and not task.cancelled()]
-    first = next((exc for exc in failed if isinstance(exc, Exception)), failures.exceptions[0])
-    if len(failures.exceptions) > 1:
-        first.add_note(f"{len(failures.exceptions) - 1} other call(s) of the fan-out also failed")
-    return first
-
-
-# ---------------------------------------------------------------- login and public key
-
-
-async def service_login(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    user_id: str,
-    secret: str,
-    *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - the login is bounded on its own, see below
-    user_agent: str = DEFAULT_USER_AGENT,
-) -> tuple[str, str]:
-    """``POST /ums/v2/services/accessToken``; returns ``(accessToken, accessTokenExpiration)``.
-
-    Bounded by ``timeout`` only, not by the current event's deadline: one login serves every
-    event waiting on the token cache. Not retried here (the token cache decides). Any failure
-    raises :class:`LoginError` with the status and BioT's error code, never the secret;
-    ``transient`` is false for a refusal (4xx other than 429).
-    """
-    url = join_url(base_url, LOGIN_PATH)
-    headers = {
-        "User-Agent": user_agent,
-        "Accept": "application/json",
-        "Content-Type": JSON_CONTENT_TYPE,
-        "traceparent": (current_trace.get() or new_trace()).child().traceparent,
-    }
-    body = orjson.dumps({"id": user_id, "secretKey": secret})
-    try:
-        reply = await _exchange(session, "POST", url, headers=headers, limit=timeout, body=body)
-    except ApiError as error:
-        raise _login_error(error.message, url) from error
-    if reply.status >= 300:
-        raise _login_refused(reply, url, secret)
-    return _login_answer(reply, url)
-
-
-def _login_error(
-    message: str, url: str, status: int | None = None, body: Any = None
-) -> LoginError:
-    error = LoginError(f"service-user login failed: {message}", status=status, method="POST",
-                       url=public_url(url), body=body)
-    error.transient = status is None or status >= 500 or status == 429
-    return error
-
-
-def _login_refused(reply: _Reply, url: str, secret: str) -> LoginError:
-    body = _error_body(reply.raw)
-    code = body.get("code") if isinstance(body, dict) else None
-    if secret and secret in orjson.dumps(body).decode():
-        body = {"code": code}  # BioT echoed the secret back: keep only the code
-    detail = f"BioT answered {reply.status}{f' {code}' if code else ''}"
-    return _login_error(detail, url, reply.status, body)
-
-
-def _login_answer(reply: _Reply, url: str) -> tuple[str, str]:
-    # The answer holds a token: never attach it to an error.
-    try:
-        answer = orjson.loads(reply.raw)
-    except orjson.JSONDecodeError:
-        raise _login_error("the answer is not JSON", url, reply.status) from None
-    token = answer.get("accessToken") if isinstance(answer, dict) else None
-    expiration = answer.get("accessTokenExpiration") if isinstance(answer, dict) else None
-    if not isinstance(token, str) or not token or not isinstance(expiration, str):
-        raise _login_error("the answer lacks accessToken or accessTokenExpiration", url,
-                           reply.status)
-    return token, expiration
-
-
-async def fetch_public_key_texts(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - bounded on its own, like the login
-) -> tuple[str, str | None]:
-    """``GET /ums/v1/security/public-key`` → ``(publicKey, previousPublicKey or None)``.
-
-    Sent without ``Authorization`` or trace headers, as the platform does. Raises
-    :class:`TransientApiError` (connection, timeout, 429/5xx) or :class:`ApiError`.
-    """
-    url = join_url(base_url, PUBLIC_KEY_PATH)
-    headers = {"Accept": "application/json"}
-    reply = await _exchange(session, "GET", url, headers=headers, limit=timeout)
-    if reply.status >= 300:
-        raise _error_for(reply, "GET", url)
-    answer = _decode(reply, "GET", url)
-    current = answer.get("publicKey") if isinstance(answer, dict) else None
-    if not isinstance(current, str) or not current:
-        raise ApiError("public-key answer lacks publicKey", status=reply.status, method="GET",
-                       url=public_url(url))
-    previous = answer.get("previousPublicKey")
-    return current, previous if isinstance(previous, str) and previous else None
