@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
-from worker.log_bridge import bridge_stdlib_logging
+from worker.log_bridge import LoggerLog, bridge_stdlib_logging
 from worker.logs import CapturingLog
 
 
@@ -44,3 +45,16 @@ def test_errors_keep_their_type_and_the_handler_is_removed() -> None:
     assert bridge not in logging.getLogger().handlers
     logging.getLogger("x").error("after the block")
     assert not log.find("after the block")
+
+
+def test_logger_log_writes_redacted_fields_to_a_stdlib_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = LoggerLog("worker.test").bind(component="auth")
+    with caplog.at_level(logging.INFO, logger="worker.test"):
+        log.info("key loaded", keys=2, accessToken="secret-value")
+        log.debug("not shown")
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert text.startswith("key loaded ") and "'keys': 2" in text and "'component': 'auth'" in text
+    assert "secret-value" not in text

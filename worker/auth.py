@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -46,8 +45,10 @@ from cryptography.hazmat.primitives.serialization import (
 from jwt.types import Options
 
 from worker.errors import AuthError, ScopeError
+from worker.log_bridge import LoggerLog
+from worker.logs import Log
 
-__all__ = ["JwtVerifier", "KeyFetcher", "PublicKeys", "SupportsLog", "load_public_key"]
+__all__ = ["JwtVerifier", "KeyFetcher", "PublicKeys", "load_public_key"]
 
 _ALGORITHMS: Final = ["RS512"]
 # exp is checked here against the injected wall clock (PyJWT would read the real clock).
@@ -58,27 +59,6 @@ _REASONS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
     (jwt.InvalidAudienceError, "unexpected aud claim"),
     (jwt.DecodeError, "malformed token"),
 )
-
-
-class SupportsLog(Protocol):
-    """The slice of ``worker.logs.Log`` this module needs."""
-
-    def info(self, message: str, /, **fields: Any) -> None: ...
-
-    def warning(self, message: str, /, **fields: Any) -> None: ...
-
-
-class _StdlibLog:
-    """Fallback when no ``Log`` is injected: the stdlib logger, fields passed as ``extra``."""
-
-    def __init__(self, name: str) -> None:
-        self._logger = logging.getLogger(name)
-
-    def info(self, message: str, /, **fields: Any) -> None:
-        self._logger.info(message, extra=fields)
-
-    def warning(self, message: str, /, **fields: Any) -> None:
-        self._logger.warning(message, extra=fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +193,7 @@ class JwtVerifier:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
-        log: SupportsLog | None = None,
+        log: Log | None = None,
     ) -> None:
         if (fetch_keys is None) == (static_key is None):
             raise ValueError("JwtVerifier needs exactly one of fetch_keys or static_key")
@@ -223,7 +203,7 @@ class JwtVerifier:
         self._cooldown = refetch_cooldown
         self._clock = clock
         self._wall = wall_clock
-        self._log: SupportsLog = log if log is not None else _StdlibLog(__name__)
+        self._log: Log = log if log is not None else LoggerLog(__name__)
         self._cache = _TokenCache(cache_size)
         self._lock = asyncio.Lock()  # serialises fetches: the single flight
         self._keys: tuple[_Key, ...] = (

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp.http_exceptions import HttpProcessingError
 
 from worker.logs import Log
+from worker.redaction import redact
 
 
 class LogBridge(logging.Handler):
@@ -67,3 +68,37 @@ def bridge_stdlib_logging(log: Log, level: int = logging.WARNING) -> Iterator[Lo
     finally:
         root.removeHandler(bridge)
         root.setLevel(previous)
+
+
+class LoggerLog:
+    """A :class:`~worker.logs.Log` over a stdlib logger: the default of components used without
+    the worker's log (a library user building a ``JwtVerifier`` alone, say). Fields go into the
+    message text, redacted, so they cannot collide with ``LogRecord`` attributes."""
+
+    def __init__(self, name: str, **bound: Any) -> None:
+        self._logger = logging.getLogger(name)
+        self._bound = bound
+
+    def _log(self, level: int, message: str, fields: dict[str, Any], exc: bool = False) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        merged = redact({**self._bound, **fields})
+        self._logger.log(level, "%s %s" if merged else "%s", message, merged, exc_info=exc)
+
+    def debug(self, message: str, /, **fields: Any) -> None:
+        self._log(logging.DEBUG, message, fields)
+
+    def info(self, message: str, /, **fields: Any) -> None:
+        self._log(logging.INFO, message, fields)
+
+    def warning(self, message: str, /, **fields: Any) -> None:
+        self._log(logging.WARNING, message, fields)
+
+    def error(self, message: str, /, **fields: Any) -> None:
+        self._log(logging.ERROR, message, fields)
+
+    def exception(self, message: str, /, **fields: Any) -> None:
+        self._log(logging.ERROR, message, fields, exc=True)
+
+    def bind(self, **fields: Any) -> Log:
+        return LoggerLog(self._logger.name, **self._bound, **fields)

@@ -24,18 +24,19 @@ without one, the stdlib logger ``worker.tokens`` is used.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from worker.errors import LoginError
+from worker.log_bridge import LoggerLog
+from worker.logs import Log
 
-__all__ = ["AccessToken", "LoginFn", "ServiceTokens", "SupportsLog", "parse_expiration"]
+__all__ = ["AccessToken", "LoginFn", "ServiceTokens", "parse_expiration"]
 
 _ISO_DATETIME: Final = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})"
@@ -43,27 +44,6 @@ _ISO_DATETIME: Final = re.compile(
 # A margin never larger than this share of the token's lifetime, so a short-lived token is
 # refreshed once per lifetime rather than continuously.
 _MAX_MARGIN_SHARE: Final = 0.2
-
-
-class SupportsLog(Protocol):
-    """The slice of ``worker.logs.Log`` this module needs."""
-
-    def info(self, message: str, /, **fields: Any) -> None: ...
-
-    def warning(self, message: str, /, **fields: Any) -> None: ...
-
-
-class _StdlibLog:
-    """Fallback when no ``Log`` is injected: the stdlib logger, fields passed as ``extra``."""
-
-    def __init__(self, name: str) -> None:
-        self._logger = logging.getLogger(name)
-
-    def info(self, message: str, /, **fields: Any) -> None:
-        self._logger.info(message, extra=fields)
-
-    def warning(self, message: str, /, **fields: Any) -> None:
-        self._logger.warning(message, extra=fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +114,7 @@ class ServiceTokens:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         retry_backoff: float = 1.0,
         max_backoff: float = 30.0,
-        log: SupportsLog | None = None,
+        log: Log | None = None,
     ) -> None:
         if retry_backoff <= 0 or max_backoff < retry_backoff:
             raise ValueError("need 0 < retry_backoff <= max_backoff")
@@ -144,7 +124,7 @@ class ServiceTokens:
         self._sleep = sleep
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
-        self._log: SupportsLog = log if log is not None else _StdlibLog(__name__)
+        self._log: Log = log if log is not None else LoggerLog(__name__)
         self._token: AccessToken | None = None
         self._refresh_at = 0.0
         self._inflight: asyncio.Task[AccessToken | LoginError] | None = None
