@@ -7,6 +7,7 @@ matters (token lifetimes, login back-off), so nothing here waits on real time.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -243,3 +244,39 @@ async def test_login_outage_is_a_clear_error_and_recovers(make_stack: StackFacto
     s.emulator.faults.update({"loginFails": False})
     s.clock.advance(60)  # past the login back-off
     assert await s.notify() == 200
+
+
+async def test_token_expiring_during_a_burst_causes_one_refresh_and_no_failure(
+    make_stack: StackFactory,
+) -> None:
+    events = 50
+    arrived = 0
+    expired = asyncio.Event()
+    holder: list[Stack] = []
+
+    async def twice(view: Notification, ctx: Context) -> None:
+        nonlocal arrived
+        await ctx.api.get(f"{PATIENTS}/{view.entity['_id']}")  # with the first token
+        arrived += 1
+        if arrived == events:  # every event is in flight: now the token expires
+            holder[0].clock.advance(3600)
+            expired.set()
+        await expired.wait()
+        await ctx.api.get(f"{PATIENTS}/{view.entity['_id']}")  # needs a fresh token
+
+    s = await make_stack(routes=Router().notification("patient", "_update", twice))
+    holder.append(s)
+    statuses = await asyncio.gather(*(s.notify() for _ in range(events)))
+    assert statuses == [200] * events
+    assert s.emulator.logins == 2  # the first token, and exactly one refresh
+    assert not [c for c in s.emulator.call_log if c.status == 401]
+
+
+async def test_validation_off_is_warned_at_start(make_stack: StackFactory) -> None:
+    s = await make_stack(BIOT_SHOULD_VALIDATE_JWT="false")
+    warning = s.log.find(
+        "BIOT_SHOULD_VALIDATE_JWT is false: events are NOT authenticated; "
+        "never run like this where BioT can reach the worker"
+    )
+    assert warning and warning[0]["level"] == "WARN"
+    assert s.app.verifier is None
