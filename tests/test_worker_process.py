@@ -267,3 +267,44 @@ async def test_main_command_runs_on_the_embedded_emulator() -> None:
     assert process.returncode == 0
     banner = stderr.decode()
     assert "To trigger hooks" in banner and "PATCH" in banner
+
+
+async def test_emulator_command_prints_how_to_use_it_and_serves() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    printed: dict[str, str] = {}
+    async with asyncio.timeout(START_TIMEOUT):
+        async for raw in process.stdout:
+            line = raw.decode().strip()
+            if "=" in line and line.startswith("BIOT_"):
+                key, _, value = line.partition("=")
+                printed[key] = value.split()[0]
+            if line.startswith("admin API"):
+                break
+    assert set(printed) == {
+        "BIOT_BASE_URL",
+        "BIOT_SERVICE_USER_ID",
+        "BIOT_SERVICE_USER_SECRET_KEY",
+    }
+    login = {
+        "id": printed["BIOT_SERVICE_USER_ID"],
+        "secretKey": printed["BIOT_SERVICE_USER_SECRET_KEY"],
+    }
+    async with aiohttp.ClientSession() as http:
+        url = printed["BIOT_BASE_URL"] + "/ums/v2/services/accessToken"
+        async with http.post(url, json=login) as response:
+            assert response.status == 200
+            assert "accessToken" in await response.json()
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(START_TIMEOUT):
+        await process.communicate()
+    assert process.returncode == 0
