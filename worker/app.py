@@ -19,9 +19,10 @@ import aiohttp
 from config.settings import Settings
 from worker import __version__
 from worker.auth import JwtVerifier, PublicKeys
-from worker.client import BiotClient, create_session, fetch_public_key_texts, service_login
+from worker.client import BiotClient, fetch_public_key_texts, service_login
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
+from worker.http_session import open_session
 from worker.log_bridge import bridge_stdlib_logging
 from worker.logs import Log, open_log
 from worker.routing import Router
@@ -95,7 +96,8 @@ class WorkerApp:
             )
             # aiohttp and asyncio log through stdlib logging: make those lines ours too.
             stack.enter_context(bridge_stdlib_logging(self.log))
-        self._session = create_session(
+        # The trust store (and a CA bundle) is read in a thread: the loop never blocks on it.
+        self._session = await open_session(
             max_connections=worker.api_max_connections,
             ca_bundle=worker.ca_bundle,
             user_agent=USER_AGENT,
