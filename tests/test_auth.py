@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from worker import logs
 from worker.auth import JwtVerifier, PublicKeys, load_public_key
 from worker.errors import AuthError, ScopeError
 
@@ -96,18 +97,9 @@ class FakeKeys:
         return self.keys
 
 
-class CapturingLog:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
-
-    def info(self, message: str, /, **fields: Any) -> None:
-        self.records.append(("info", message, fields))
-
-    def warning(self, message: str, /, **fields: Any) -> None:
-        self.records.append(("warning", message, fields))
-
+class CapturingLog(logs.CapturingLog):
     def warnings(self) -> list[str]:
-        return [message for level, message, _ in self.records if level == "warning"]
+        return [r["message"] for r in self.records if r["level"] == "WARN"]
 
 
 class Harness:

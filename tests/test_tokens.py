@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from worker import logs
 from worker.errors import LoginError
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
 
@@ -52,24 +53,25 @@ class FakeLogin:
         return self.gate
 
 
-class CapturingLog:
-    """Records lines; ``refreshed``/``failed`` let a test wait for a background login's outcome."""
+class CapturingLog(logs.CapturingLog):
+    """The project's capturing log, plus events that let a test wait for a background
+    login's outcome (``refreshed`` on an info line, ``failed`` on a warning)."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
+        super().__init__()
         self.refreshed = asyncio.Event()
         self.failed = asyncio.Event()
 
     def info(self, message: str, /, **fields: Any) -> None:
-        self.records.append(("info", message, fields))
+        super().info(message, **fields)
         self.refreshed.set()
 
     def warning(self, message: str, /, **fields: Any) -> None:
-        self.records.append(("warning", message, fields))
+        super().warning(message, **fields)
         self.failed.set()
 
     def warnings(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(m, f) for level, m, f in self.records if level == "warning"]
+        return [(r["message"], r) for r in self.records if r["level"] == "WARN"]
 
 
 class FakeSleep:

@@ -3,14 +3,18 @@
 ``GET info`` (URL, service user id and its dev secret, public key); ``GET|PUT|DELETE faults``
 (read, change the keys given, reset to the start configuration); ``POST rotate-keys``;
 ``GET calls`` (``?trace_id=&direction=in|out&hook=``) and ``DELETE calls``; ``POST user-token``
-(``{subjectId?, scopes?, lifetime?}`` -> an end user's token); ``POST notifications/drain``
+(``{subjectId?, scopes?, lifetime?}`` -> an end user's token); ``POST event-token``
+(``{scopes, lifetime?, count?}`` -> ``{token, tokens, accessTokenExpiration}``: the
+``SERVICE_INTERNAL`` token BioT signs for its calls to plugins, with the current key, so a load
+generator can send events signed exactly as BioT does); ``POST notifications/drain``
 (answers once every pending notification was delivered). The secret is served because this is
 a loopback-only development tool whose credentials are fakes printed at start anyway.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
     from worker.emulator.app import Emulator
 
 PREFIX = "/_emulator"
+MAX_EVENT_TOKENS: Final = 10_000
 
 
 class AdminApi:
@@ -36,6 +41,7 @@ class AdminApi:
             web.get(f"{PREFIX}/calls", self.get_calls),
             web.delete(f"{PREFIX}/calls", self.clear_calls),
             web.post(f"{PREFIX}/user-token", self.user_token),
+            web.post(f"{PREFIX}/event-token", self.event_token),
             web.post(f"{PREFIX}/notifications/drain", self.drain),
         ]
 
@@ -89,6 +95,26 @@ class AdminApi:
         expires = iso_ms(self._emulator.clock() + lifetime)
         return json_response({"accessToken": token, "accessTokenExpiration": expires})
 
+    async def event_token(self, request: web.Request) -> web.Response:
+        body = await read_json(request) or {}
+        if not isinstance(body, dict):
+            raise ApiFailure(400, "BAD_REQUEST", "expected {scopes, lifetime?, count?}")
+        scopes, lifetime, count = _event_token_args(body)
+        lifetime = lifetime or self._emulator.faults.token_lifetime
+
+        def sign() -> str:
+            return self._emulator.sign_token(scopes=scopes, lifetime=lifetime)
+
+        # One RS512 signature takes about a millisecond: sign batches off the loop.
+        if count == 1:
+            tokens = [sign()]
+        else:
+            tokens = await asyncio.to_thread(lambda: [sign() for _ in range(count)])
+        expires = iso_ms(self._emulator.clock() + lifetime)
+        return json_response(
+            {"token": tokens[0], "tokens": tokens, "accessTokenExpiration": expires}
+        )
+
     async def drain(self, request: web.Request) -> web.Response:
         await self._emulator.drain_notifications()
         return json_response(None, 204)
@@ -107,3 +133,19 @@ def _user_token_args(body: dict[str, Any]) -> tuple[str | None, list[str], float
     ):
         raise ApiFailure(400, "BAD_REQUEST", "lifetime must be a positive number")
     return subject, scopes, float(lifetime) if lifetime is not None else None
+
+
+def _event_token_args(body: dict[str, Any]) -> tuple[list[str], float | None, int]:
+    scopes = body.get("scopes")
+    lifetime = body.get("lifetime")
+    count = body.get("count", 1)
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
+        raise ApiFailure(400, "BAD_REQUEST", "scopes must be a non-empty list of strings")
+    if lifetime is not None and (
+        isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0
+    ):
+        raise ApiFailure(400, "BAD_REQUEST", "lifetime must be a positive number")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_EVENT_TOKENS:
+        message = f"count must be an integer from 1 to {MAX_EVENT_TOKENS}"
+        raise ApiFailure(400, "BAD_REQUEST", message)
+    return scopes, float(lifetime) if lifetime is not None else None, count

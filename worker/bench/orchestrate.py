@@ -1,0 +1,291 @@
+"""One benchmark run: start the emulators and targets, measure every point, run the extras.
+
+CPU placement (perf-limits.md §1): the processes under test run on CPU0; the emulators and this
+process (the load generator) on CPU1. Everything starts unpinned (faster) and is pinned once
+listening, every thread included. With fewer than two CPUs, or ``--no-pin``, nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker.bench import procs
+from worker.bench.extras import measure_memory, profile_scenario
+from worker.bench.httpload import RequestSource, request_template
+from worker.bench.load import LoadResult, LoadSpec, Pool, closed_loop
+from worker.bench.openloop import open_loop
+from worker.bench.payloads import (
+    BUILDERS,
+    INTERCEPTOR_SCOPE,
+    Event,
+    Fixtures,
+    checker,
+)
+from worker.bench.plan import FRESH_JWT_TOKENS, VARIANTS, Plan, Point
+from worker.bench.procstat import available_cpus, cpu_seconds, pin
+from worker.bench.report import point_record
+from worker.bench.upstream import Upstream
+
+Progress = Callable[[str], None]
+
+
+class Bench:
+    def __init__(self, plan: Plan, run_dir: Path, progress: Progress) -> None:
+        self.plan, self.run_dir, self.progress = plan, run_dir, progress
+        self.upstreams: dict[bool, Upstream] = {}
+        self.targets: dict[str, procs.Proc] = {}
+        self.pools: dict[str, Pool] = {}
+        self.spinners: list[procs.Proc] = []
+        self._sources: dict[tuple[str, str], RequestSource] = {}
+        cpus = available_cpus()
+        self._own_cpus = set(cpus)
+        self.pinning = plan.pin and len(cpus) >= 2
+        self.cpus = (cpus[0], cpus[1]) if self.pinning else None
+
+    async def __aenter__(self) -> Bench:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        needs_tls = any(tls for _, tls in self.plan.groups())
+        await asyncio.gather(*(self._start_upstream(tls) for tls in {False, needs_tls}))
+        names = self.plan.targets()
+        if self.plan.profile_seconds > 0:
+            names.append("worker-profile@http")
+        self.progress(f"starting {len(names)} targets: {', '.join(names)}")
+        await asyncio.gather(*(self._start_target(name) for name in names))
+        self._pin_all()
+        if self.cpus is not None and self.plan.busy_cpus:
+            for cpu in self.cpus:
+                args = ["worker.bench.spin", str(cpu)]
+                self.spinners.append(await procs.launch(f"spin{cpu}", args, {}, 0, self.run_dir))
+
+    async def _start_upstream(self, tls: bool) -> None:
+        port = procs.free_port()
+        tls_dir = self.run_dir / "tls" if tls else None
+        args = procs.emulator_args(port, self.plan.api_latency, tls_dir)
+        proc = await procs.spawn(
+            f"emulator@{'https' if tls else 'http'}", args, {}, port, self.run_dir
+        )
+        ca = str(tls_dir / "ca.pem") if tls_dir else None
+        upstream = Upstream(proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}", ca)
+        await upstream.load_fixtures()
+        self.upstreams[tls] = upstream
+
+    async def _start_target(self, name: str) -> None:
+        variant, scheme = name.split("@")
+        upstream = self.upstreams[scheme == "https"]
+        port = procs.free_port()
+        kind = "worker" if variant == "worker-profile" else VARIANTS[variant].kind
+        args = procs.target_args(kind, variant, port, upstream.url)
+        env = procs.target_env(
+            variant, port, upstream.url, upstream.identity, upstream.ca, self.plan.candidate
+        )
+        if variant == "worker-profile":
+            env["BENCH_PROFILE"] = str(self.run_dir / "profile.pstats")
+        if kind == "floor" and upstream.ca:
+            args += ["--ca-bundle", upstream.ca]
+        if kind == "lambda" and upstream.ca:
+            env["REQUESTS_CA_BUNDLE"] = await asyncio.to_thread(self._seed_bundle, upstream.ca)
+        self.targets[name] = await procs.spawn(name, args, env, port, self.run_dir)
+        self.pools[name] = Pool("127.0.0.1", port)
+
+    def _seed_bundle(self, ca: str) -> str:
+        """certifi's bundle plus the emulator's CA: what the seed's ``requests`` loads per
+        HTTPS connection against the real BioT, and a CA that lets it reach the emulator."""
+        import certifi  # comes with requests, which the baselines need anyway
+
+        path = self.run_dir / "seed-ca-bundle.pem"
+        path.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + Path(ca).read_bytes())
+        return str(path)
+
+    def _pin_all(self) -> None:
+        if self.cpus is None:
+            return
+        under_test, load_side = self.cpus
+        for proc in self.targets.values():
+            pin(proc.pid, {under_test})
+        for upstream in self.upstreams.values():
+            pin(upstream.proc.pid, {load_side})
+        pin(os.getpid(), {load_side})
+
+    async def aclose(self) -> None:
+        if self.cpus is not None:
+            pin(os.getpid(), self._own_cpus)  # as it was: the caller may go on running
+        for pool in self.pools.values():
+            pool.close()
+        procs_ = [
+            *self.spinners,
+            *self.targets.values(),
+            *(u.proc for u in self.upstreams.values()),
+        ]
+        await asyncio.gather(*(procs.stop(p) for p in procs_), return_exceptions=True)
+
+    # ------------------------------------------------------------ measuring
+
+    def source(
+        self, scenario: str, target: str, events: list[Event] | None = None
+    ) -> RequestSource:
+        key = (scenario, target)
+        if events is None and key in self._sources:
+            return self._sources[key]
+        if events is None:
+            fixtures = self.upstreams[target.endswith("https")].fixtures
+            assert fixtures is not None
+            events = BUILDERS[scenario](fixtures)
+        port = self.targets[target].port
+        templates = [
+            request_template("127.0.0.1", port, f"/{scenario}", e.headers, e.body) for e in events
+        ]
+        source = RequestSource(templates)
+        if len(events) < FRESH_JWT_TOKENS:
+            self._sources[key] = source
+        return source
+
+    def spec(self, point: Point, **changes: Any) -> LoadSpec:
+        plan = self.plan
+        values: dict[str, Any] = {
+            "concurrency": point.concurrency,
+            "rate": point.rate,
+            "warmup_requests": max(plan.warmup_requests, 2 * point.concurrency),
+            "warmup_seconds": plan.warmup_seconds,
+            "max_requests": plan.max_requests,
+            "max_seconds": plan.max_seconds,
+            "min_completions": plan.min_events,
+            "slow_seconds": max(plan.slow_seconds, plan.max_seconds),
+            "drain_seconds": plan.drain_seconds,
+            "seed": plan.seed + point.rep,
+        }
+        values.update(changes)
+        return LoadSpec(**values)
+
+    async def run_load(
+        self, point: Point, source: RequestSource, spec: LoadSpec, target: str | None = None
+    ) -> LoadResult:
+        """Drive ``point``'s load at its target (or ``target``), probing CPU of both ends."""
+        name = target or point.target
+        upstream = self.upstreams[point.tls].proc
+        probes = {"target": self.targets[name].pid, "emulator": upstream.pid}
+        driver = closed_loop if point.rate is None else open_loop
+        return await driver(self.pools[name], source, spec, probes, checker(point.scenario))
+
+    async def measure(self, point: Point) -> tuple[dict[str, Any], list[float]]:
+        spec = self.spec(point)
+        if point.variant == "worker-fresh-jwt":
+            source, spec = await self._fresh_tokens(point, spec)
+        else:
+            source = self.source(point.scenario, point.target)
+        result = await self.run_load(point, source, spec)
+        return point_record(point, result), result.latencies_us
+
+    async def _fresh_tokens(self, point: Point, spec: LoadSpec) -> tuple[RequestSource, LoadSpec]:
+        upstream = self.upstreams[point.tls]
+        assert upstream.fixtures is not None
+        tokens = await upstream.event_tokens(INTERCEPTOR_SCOPE, FRESH_JWT_TOKENS)
+        events = []
+        for token in tokens:
+            fixtures = Fixtures(token, *_rest(upstream.fixtures))
+            events.append(BUILDERS[point.scenario](fixtures)[0])
+        budget = FRESH_JWT_TOKENS - spec.warmup_requests - 2 * point.concurrency
+        spec = LoadSpec(**{**_fields(spec), "max_requests": min(spec.max_requests, budget)})
+        return self.source(point.scenario, point.target, events), spec
+
+    async def settle(self, limit: float = 30.0) -> float:
+        """Wait until no process under test or upstream uses CPU (a 100 ms window without a
+        clock tick), so a slow target's backlog does not spill into the next point."""
+        pids = [p.pid for p in self.targets.values()] + [
+            u.proc.pid for u in self.upstreams.values()
+        ]
+        start = time.monotonic()
+        before = [cpu_seconds(pid) for pid in pids]
+        while time.monotonic() - start < limit:
+            await asyncio.sleep(0.1)
+            now = [cpu_seconds(pid) for pid in pids]
+            if all(b - a < 0.005 for a, b in zip(before, now, strict=True)):
+                break
+            before = now
+        return time.monotonic() - start
+
+    async def run(self) -> dict[str, Any]:
+        points = list(self.plan.points())
+        records: list[dict[str, Any]] = []
+        samples: dict[str, list[float]] = {}
+        skipped: list[dict[str, Any]] = []
+        peaks: dict[tuple[int, str, bool, str], float] = {}
+        for index, point in enumerate(points, 1):
+            peak_key = (point.rep, point.scenario, point.tls, point.variant)
+            peak = peaks.get(peak_key)
+            if _unsustainable(point, peak, self.plan.open_headroom):
+                skipped.append(_skip(point, peak or 0.0))
+                self.progress(f"[{index}/{len(points)}] skipped: {skipped[-1]['why']}")
+                continue
+            await self.settle()
+            record, latencies = await self.measure(point)
+            records.append(record)
+            samples.setdefault(_key(point), []).extend(latencies)
+            if point.rate is None:
+                peaks[peak_key] = max(peak or 0.0, record["throughput"])
+            self.progress(f"[{index}/{len(points)}] {_describe(record)}")
+        extras: dict[str, Any] = {}
+        if self.plan.profile_seconds > 0:
+            scenarios = [s for s in ("a", "b") if s in self.plan.scenarios]
+            extras["profiles"] = {s: await profile_scenario(self, s) for s in scenarios}
+        if self.plan.memory_seconds > 0:
+            await self.settle()
+            extras["memory"] = await measure_memory(self)
+        return {"points": records, "samples": samples, "skipped": skipped, **extras}
+
+
+def _unsustainable(point: Point, peak: float | None, headroom: float) -> bool:
+    """An open-loop point a variant cannot carry: it would only pile up a backlog."""
+    return point.rate is not None and peak is not None and peak < point.rate * headroom
+
+
+def _skip(point: Point, peak: float) -> dict[str, Any]:
+    why = (
+        f"({point.scenario}{' https' if point.tls else ''}) {point.level} {point.variant}: "
+        f"its closed-loop peak, {peak:.0f} ev/s, cannot carry {point.rate:g} ev/s"
+    )
+    return {"scenario": point.scenario, "tls": point.tls, "variant": point.variant,
+            "level": point.level, "why": why}  # fmt: skip
+
+
+def _key(point: Point) -> str:
+    return f"{point.scenario}|{point.tls}|{point.variant}|{point.level}"
+
+
+def _fields(spec: LoadSpec) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in LoadSpec.__dataclass_fields__}
+
+
+def _rest(fixtures: Fixtures) -> tuple[Any, ...]:
+    return (
+        fixtures.notification_token,
+        fixtures.user_token,
+        fixtures.patients,
+        fixtures.organization_id,
+    )
+
+
+def _describe(record: dict[str, Any]) -> str:
+    lat = record["latency_ms"]
+    p50 = "-" if lat["p50"] is None else f"{lat['p50']:.2f}"
+    p99 = "-" if lat["p99"] is None else f"{lat['p99']:.2f}"
+    cpu = record["cpu_us_per_event"]
+    return (
+        f"({record['scenario']}{' https' if record['tls'] else ''}) {record['level']:<10} "
+        f"{record['variant']:<16} {record['throughput']:8.0f} ev/s  p50 {p50} ms  p99 {p99} ms  "
+        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} µs/ev  errors {record['errors_total']}"
+    )

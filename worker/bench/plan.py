@@ -1,0 +1,161 @@
+"""What a benchmark run measures: scenarios, variants, load levels, bounds, in which order.
+
+Points are interleaved (perf-limits.md §1): within each repetition, every variant of a scenario
+is measured at one load level before the next level, and the variants' order rotates from one
+repetition to the next, so the ratios compare runs taken seconds apart, not minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Final
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    uses_api: bool
+
+
+SCENARIOS: Final = {
+    "a": Scenario("a", "PRE rewrite, no API call", False),
+    "b": Scenario("b", "PRE + 1 API GET", True),
+    "c": Scenario("c", "NOTIFICATION fanning out 3 API GETs", True),
+    "d": Scenario("d", "ADAPT_ENTITY over 50 entities", False),
+}
+# (e) the same event through Redis Streams with a reply: see worker.bench.queue_hook.
+PENDING_SCENARIOS: Final = {"e": "queue adapters (worker/adapters/) are not merged yet"}
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    key: str
+    title: str
+    kind: str  # worker | floor | lambda: which process serves it
+    scenarios: tuple[str, ...] | None = None  # None: every scenario
+
+
+VARIANTS: Final = {
+    "floor": Variant("floor", "(i) floor, bare aiohttp", "floor"),
+    "worker": Variant("worker", "biot-worker", "worker"),
+    "docs": Variant("docs", "(ii) docs: login/event", "lambda"),
+    "sample": Variant("sample", "(iii) sample plugin", "lambda"),
+    "worker-aiolog": Variant("worker-aiolog", "biot-worker, aiologger", "worker", ("a",)),
+    "worker-quiet": Variant("worker-quiet", "biot-worker, no event log", "worker", ("a", "b")),
+    "worker-uvloop": Variant("worker-uvloop", "biot-worker on uvloop", "worker", ("a", "b")),
+    "worker-fresh-jwt": Variant("worker-fresh-jwt", "biot-worker, new JWT/event", "worker", ("a",)),
+    # --candidate MODULE: the worker with MODULE imported first (A/B of a hot-path change)
+    "worker-candidate": Variant("worker-candidate", "biot-worker + candidate", "worker"),
+}
+BASE_VARIANTS: Final = ("floor", "worker", "docs", "sample")
+FRESH_JWT_TOKENS: Final = 2500  # distinct tokens signed for one fresh-JWT point
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    rep: int
+    scenario: str
+    tls: bool
+    variant: str
+    concurrency: int
+    rate: float | None = None  # open loop when set
+
+    @property
+    def group(self) -> tuple[str, bool]:
+        return self.scenario, self.tls
+
+    @property
+    def level(self) -> str:
+        return f"c={self.concurrency}" if self.rate is None else f"open {self.rate:g}/s"
+
+    @property
+    def target(self) -> str:
+        """The process serving this point (the fresh-JWT variant reuses the worker)."""
+        name = "worker" if self.variant == "worker-fresh-jwt" else self.variant
+        return f"{name}@{'https' if self.tls else 'http'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    mode: str = "quick"
+    scenarios: tuple[str, ...] = ("a", "b", "c", "d")
+    tls_scenarios: tuple[str, ...] = ("b", "c")
+    variants: tuple[str, ...] = (*BASE_VARIANTS, "worker-aiolog", "worker-quiet")
+    concurrency: tuple[int, ...] = (1, 32)
+    rates: tuple[float, ...] = (200.0,)
+    open_scenarios: tuple[str, ...] = ("b",)
+    open_max_connections: int = 64
+    open_headroom: float = 1.25  # open loop only for variants whose closed-loop peak is this x rate
+    reps: int = 1
+    warmup_requests: int = 30
+    warmup_seconds: float = 0.5
+    max_requests: int = 3000
+    max_seconds: float = 1.0
+    min_events: int = 20  # slow points measure past max_seconds until this many answers...
+    slow_seconds: float = 4.0  # ...or this long
+    drain_seconds: float = 3.0
+    api_latency: float = 0.002
+    profile_seconds: float = 1.0  # 0: no profile
+    memory_seconds: float = 0.0  # 0: no memory check
+    pin: bool = True
+    busy_cpus: bool = False  # SCHED_IDLE spinners keep the vCPUs out of idle (perf-limits §1.1)
+    seed: int = 1
+    candidate: str | None = None  # module the worker-candidate variant preloads
+
+    def with_(self, **changes: object) -> Plan:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def groups(self) -> list[tuple[str, bool]]:
+        plain = [(s, False) for s in self.scenarios]
+        return plain + [(s, True) for s in self.scenarios if s in self.tls_scenarios]
+
+    def variants_for(self, scenario: str) -> list[str]:
+        return [
+            v
+            for v in self.variants
+            if VARIANTS[v].scenarios is None or scenario in (VARIANTS[v].scenarios or ())
+        ]
+
+    def levels_for(self, scenario: str) -> list[tuple[int, float | None]]:
+        closed: list[tuple[int, float | None]] = [(c, None) for c in self.concurrency]
+        if scenario not in self.open_scenarios:
+            return closed
+        return closed + [(self.open_max_connections, rate) for rate in self.rates]
+
+    def points(self) -> Iterator[Point]:
+        for rep in range(self.reps):
+            for scenario, tls in self.groups():
+                variants = self.variants_for(scenario)
+                if tls:
+                    variants = [v for v in variants if v in BASE_VARIANTS]
+                shift = rep % len(variants) if variants else 0
+                order = variants[shift:] + variants[:shift]
+                for concurrency, rate in self.levels_for(scenario):
+                    for variant in order:
+                        yield Point(rep, scenario, tls, variant, concurrency, rate)
+
+    def targets(self) -> list[str]:
+        """Every process the points need, e.g. ``worker@http``."""
+        return sorted({point.target for point in self.points()})
+
+
+QUICK: Final = Plan()
+FULL: Final = Plan(
+    mode="full",
+    variants=(*BASE_VARIANTS, "worker-aiolog", "worker-quiet", "worker-fresh-jwt"),
+    concurrency=(1, 8, 32, 128),
+    rates=(200.0, 1000.0),
+    open_scenarios=("a", "b", "c", "d"),
+    reps=3,
+    warmup_requests=200,
+    warmup_seconds=2.0,
+    max_requests=20_000,
+    max_seconds=5.0,
+    min_events=50,
+    slow_seconds=15.0,
+    drain_seconds=10.0,
+    profile_seconds=3.0,
+    memory_seconds=60.0,
+)

@@ -1,0 +1,209 @@
+"""From load results to figures: one record per point, rows over repetitions, ratios, targets.
+
+A row pools the latency samples of every repetition of a point (percentiles from all samples)
+and takes the median of the repetitions' throughput and CPU per event. Ratios compare rows of
+the same scenario, transport and load level, so they are same-run ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from worker.bench.load import LoadResult
+from worker.bench.plan import Point
+from worker.bench.stats import median, per_event, ratio, summarize
+
+REFERENCES: Final = ("floor", "docs", "sample")
+Spec = tuple[str, bool, str, str, str, str]
+# (name, (scenario, tls, level, numerator, denominator, figure), limit): limit > 0 means the
+# ratio must be <= limit, limit < 0 that it must be >= -limit.
+TARGETS: Final[tuple[tuple[str, Spec, float], ...]] = (
+    ("(a) c=1 p50 vs floor", ("a", False, "c=1", "worker", "floor", "p50"), 1.5),
+    ("(a) c=1 CPU/event vs floor", ("a", False, "c=1", "worker", "floor", "cpu"), 1.6),
+    ("(b) c=32 throughput vs floor", ("b", False, "c=32", "worker", "floor", "throughput"), -0.7),
+    ("(b) c=32 p99 vs floor", ("b", False, "c=32", "worker", "floor", "p99"), 3.0),
+    ("(b) c=1 p50: (ii) / worker", ("b", False, "c=1", "docs", "worker", "p50"), -2.0),
+    ("(b) c=1 CPU: (ii) / worker", ("b", False, "c=1", "docs", "worker", "cpu"), -3.0),
+    ("(b) c=1 CPU: (iii) / worker", ("b", False, "c=1", "sample", "worker", "cpu"), -2.0),
+    ("(b) HTTPS c=1 p50: (ii) / worker", ("b", True, "c=1", "docs", "worker", "p50"), -10.0),
+)
+COMPARED: Final = ("p50", "p99", "cpu", "throughput")
+SATURATED: Final = 0.9
+
+
+def _ms(summary: Mapping[str, float | int | None]) -> dict[str, float | None]:
+    return {k: (None if v is None else float(v) / 1000.0) for k, v in summary.items() if k != "n"}
+
+
+def point_record(point: Point, result: LoadResult) -> dict[str, Any]:
+    """The figures of one measured point (latencies in ms, CPU in µs per event)."""
+    window = result.window_s
+    cpu = result.cpu_s
+    target_cpu = per_event(cpu.get("target", 0.0), result.completed)
+    lag = summarize(result.lag_us) if result.lag_us else None
+    return {
+        "rep": point.rep,
+        "scenario": point.scenario,
+        "tls": point.tls,
+        "variant": point.variant,
+        "level": point.level,
+        "concurrency": point.concurrency,
+        "rate": point.rate,
+        "n": len(result.latencies_us),
+        "completed": result.completed,
+        "window_s": window,
+        "throughput": result.completed / window if window > 0 else 0.0,
+        "latency_ms": _ms(summarize(result.latencies_us)),
+        "errors": dict(result.errors),
+        "errors_total": sum(result.errors.values()),
+        "incomplete": result.incomplete,
+        "cpu_us_per_event": None if target_cpu is None else target_cpu * 1e6,
+        "cpu_util": {name: (s / window if window > 0 else None) for name, s in cpu.items()},
+        "lag_ms": None if lag is None else _ms(lag),
+    }
+
+
+def row_key(record: Mapping[str, Any]) -> tuple[str, bool, str, str]:
+    return record["scenario"], record["tls"], record["level"], record["variant"]
+
+
+def aggregate(
+    records: Iterable[Mapping[str, Any]], samples: Mapping[str, list[float]]
+) -> list[dict[str, Any]]:
+    """One row per (scenario, transport, level, variant), in first-measured order."""
+    grouped: dict[tuple[str, bool, str, str], list[Mapping[str, Any]]] = {}
+    for record in records:
+        grouped.setdefault(row_key(record), []).append(record)
+    rows = [_row(key, reps, samples) for key, reps in grouped.items()]
+    _add_ratios(rows)
+    return rows
+
+
+def _row(
+    key: tuple[str, bool, str, str],
+    reps: list[Mapping[str, Any]],
+    samples: Mapping[str, list[float]],
+) -> dict[str, Any]:
+    scenario, tls, level, variant = key
+    pooled = samples.get(f"{scenario}|{tls}|{variant}|{level}", [])
+    first = reps[0]
+    util = {
+        name: median(r["cpu_util"].get(name) for r in reps)
+        for name in ("target", "emulator", "loadgen")
+    }
+    return {
+        "scenario": scenario,
+        "tls": tls,
+        "level": level,
+        "concurrency": first["concurrency"],
+        "rate": first["rate"],
+        "variant": variant,
+        "reps": len(reps),
+        "n": sum(r["n"] for r in reps),
+        "errors": sum(r["errors_total"] for r in reps),
+        "incomplete": sum(r["incomplete"] for r in reps),
+        "throughput": median(r["throughput"] for r in reps),
+        "throughput_range": [
+            min(r["throughput"] for r in reps),
+            max(r["throughput"] for r in reps),
+        ],
+        "cpu_us_per_event": median(r["cpu_us_per_event"] for r in reps),
+        "cpu_util": util,
+        "bound": bound(util),
+        "few_events": any(r["completed"] < max(10, 2 * r["concurrency"]) for r in reps),
+        "latency_ms": _ms(summarize(pooled)),
+    }
+
+
+def bound(util: Mapping[str, float | None]) -> str | None:
+    """Which side ran out of CPU: ``target`` (CPU0) or ``load side`` (emulator + load
+    generator on CPU1), when either used 90 % of a core; ``None`` when neither did."""
+    if (util.get("target") or 0.0) >= SATURATED:
+        return "target"
+    if (util.get("emulator") or 0.0) + (util.get("loadgen") or 0.0) >= SATURATED:
+        return "load side"
+    return None
+
+
+def figure(row: Mapping[str, Any], name: str) -> float | None:
+    """``p50``/``p99``/... (ms), ``cpu`` (µs per event) or ``throughput`` (events/s) of a row."""
+    if name == "cpu":
+        return row["cpu_us_per_event"]  # type: ignore[no-any-return]
+    if name == "throughput":
+        return row["throughput"]  # type: ignore[no-any-return]
+    return row["latency_ms"].get(name)  # type: ignore[no-any-return]
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each non-reference row gets ``ratios[ref][figure]`` = its figure / the reference's."""
+    index = {row_key(row): row for row in rows}
+    for row in rows:
+        if row["variant"] in REFERENCES:
+            continue
+        ratios: dict[str, dict[str, float | None]] = {}
+        for ref in REFERENCES:
+            other = index.get((row["scenario"], row["tls"], row["level"], ref))
+            if other is not None:
+                ratios[ref] = {f: ratio(figure(row, f), figure(other, f)) for f in COMPARED}
+        row["ratios"] = ratios
+
+
+def find(
+    rows: Iterable[Mapping[str, Any]], scenario: str, tls: bool, level: str, variant: str
+) -> Mapping[str, Any] | None:
+    for row in rows:
+        if row_key(row) == (scenario, tls, level, variant):
+            return row
+    return None
+
+
+def _target(name: str, wanted: str, value: float | None, ok: bool | None) -> dict[str, Any]:
+    return {"target": name, "wanted": wanted, "measured": value, "met": ok}
+
+
+def _check(rows: list[dict[str, Any]], name: str, spec: Spec, limit: float) -> dict[str, Any]:
+    scenario, tls, level, top, bottom, fig = spec
+    a, b = find(rows, scenario, tls, level, top), find(rows, scenario, tls, level, bottom)
+    value = ratio(figure(a, fig), figure(b, fig)) if a and b else None
+    wanted = f"{top}/{bottom} {fig} {'<=' if limit > 0 else '>='} {abs(limit):g}"
+    ok = None if value is None else (value <= limit if limit > 0 else value >= -limit)
+    return _target(name, wanted, value, ok)
+
+
+def targets(rows: list[dict[str, Any]], memory: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The issue's targets, each measured, with ``met`` True/False (``None``: not measured)."""
+    checks = [_check(rows, name, spec, limit) for name, spec, limit in TARGETS]
+    worker_rows = [r for r in rows if r["variant"].startswith("worker")]
+    failures = sum(r["errors"] + r["incomplete"] for r in worker_rows)
+    checks.append(
+        _target("no errors (worker rows)", "errors + incomplete == 0", failures, failures == 0)
+    )
+    flat = None if memory is None else memory.get("flat")
+    growth = None if memory is None else memory.get("growth_mb_per_min")
+    checks.append(_target("worker RSS flat over 60 s at c=128", "growth < 1 MB/min", growth, flat))
+    return checks
+
+
+def log_backends(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Scenario (a), stdlib vs aiologger, per level, and which the figures favour."""
+    levels = {}
+    for row in rows:
+        if row["scenario"] == "a" and not row["tls"] and row["variant"] == "worker-aiolog":
+            stdlib = find(rows, "a", False, row["level"], "worker")
+            if stdlib is not None:
+                levels[row["level"]] = {
+                    f"aiologger/stdlib {f}": ratio(figure(row, f), figure(stdlib, f))
+                    for f in COMPARED
+                }
+    if not levels:
+        return None
+    cpu = median(level["aiologger/stdlib cpu"] for level in levels.values())
+    verdict = None
+    if cpu is not None:
+        faster = "stdlib" if cpu >= 1 else "aiologger"
+        gap = abs(cpu - 1)
+        verdict = f"{faster} uses less CPU per event by {gap:.0%}" + (
+            " (under 10 %: either may be the default)" if gap < 0.10 else ""
+        )
+    return {"levels": levels, "verdict": verdict}

@@ -1,0 +1,141 @@
+"""The terminal report: one block per scenario and transport, ratio lines, targets, extras."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from worker.bench.plan import PENDING_SCENARIOS, SCENARIOS, VARIANTS
+from worker.bench.report import REFERENCES
+
+_REF_NAMES = {"floor": "floor", "docs": "(ii)", "sample": "(iii)"}
+_HEAD = (
+    f"{'level':<11}{'variant':<28}{'n':>7}{'err':>5}{'ev/s':>8}"
+    f"{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'cpu µs/ev':>10}  cpu T/E/L"
+)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _util(row: Mapping[str, Any]) -> str:
+    u = row["cpu_util"]
+    mark = {"target": " T", "load side": " L"}.get(row.get("bound") or "", "")
+    return "/".join(_num(u.get(k), 2) for k in ("target", "emulator", "loadgen")) + mark
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    lat = row["latency_ms"]
+    title = VARIANTS[row["variant"]].title
+    errors = row["errors"] + row["incomplete"]
+    few = "~" if row.get("few_events") else ""
+    return (
+        f"{row['level']:<11}{title:<28}{row['n']:>7}{errors:>5}"
+        f"{few + _num(row['throughput']):>8}"
+        + "".join(f"{_ms(lat.get(p)):>8}" for p in ("p50", "p90", "p99", "p99.9", "max"))
+        + f"{few + _num(row['cpu_us_per_event']):>10}  {_util(row)}"
+    )
+
+
+def format_ratios(row: Mapping[str, Any]) -> str:
+    parts = []
+    for ref in REFERENCES:
+        values = row.get("ratios", {}).get(ref)
+        if values is None:
+            continue
+        shown = " ".join(
+            f"{label} {_num(values[key], 2)}"
+            for key, label in (
+                ("p50", "p50"),
+                ("p99", "p99"),
+                ("cpu", "cpu"),
+                ("throughput", "ev/s"),
+            )
+        )
+        parts.append(f"÷{_REF_NAMES[ref]}: {shown}")
+    return f"{'':<11}  {row['variant']} " + " | ".join(parts)
+
+
+def render(result: Mapping[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        f"biot-worker bench ({meta['mode']}): API latency {meta['api_latency_ms']:g} ms, "
+        f"pinning {meta['pinning']}.",
+        "Latencies in ms. err = errors + events cut off. cpu T/E/L = CPU per wall second of "
+        "target / emulator / load generator (1.00 = one core); T or L: that side was saturated "
+        "(L: the figure is bounded by the emulator, not the target). ~: under 2c events "
+        "answered in the window, throughput and CPU are rough.",
+    ]
+    rows = result["rows"]
+    groups = list(dict.fromkeys((r["scenario"], r["tls"]) for r in rows))
+    for scenario, tls in groups:
+        transport = "HTTPS" if tls else "HTTP"
+        lines += ["", f"({scenario}) {SCENARIOS[scenario].title}, API over {transport}", _HEAD]
+        for row in (r for r in rows if (r["scenario"], r["tls"]) == (scenario, tls)):
+            lines.append(format_row(row))
+            if "ratios" in row:
+                lines.append(format_ratios(row))
+    lines += _targets(result.get("targets") or [])
+    lines += _log_backends(result.get("log_backends"))
+    lines += _memory(result.get("memory"))
+    lines += _profiles(result.get("profiles") or {})
+    lines += ["", f"uvloop: {meta.get('uvloop', '-')}"]
+    lines += [f"skipped {s['why']}" for s in result.get("skipped") or []]
+    lines += [f"({k}) skipped: {why}" for k, why in PENDING_SCENARIOS.items()]
+    return "\n".join(lines)
+
+
+def _targets(targets: list[Mapping[str, Any]]) -> list[str]:
+    lines = ["", "targets (issue 5):"]
+    for t in targets:
+        state = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t["met"]]
+        lines.append(f"  [{state}] {t['target']}: {t['wanted']}; measured {_num(t['measured'], 2)}")
+    return lines
+
+
+def _log_backends(section: Mapping[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    lines = ["", "log backends, scenario (a): aiologger / stdlib"]
+    for level, values in section["levels"].items():
+        shown = "  ".join(f"{k.split()[-1]} {_num(v, 2)}" for k, v in values.items())
+        lines.append(f"  {level:<10} {shown}")
+    lines.append(f"  verdict: {section['verdict']}")
+    return lines
+
+
+def _memory(section: Mapping[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    rss = section.get("rss_mb") or {}
+    return [
+        "",
+        f"memory, scenario (b) c=128 for {section['seconds']:g} s: RSS {_num(rss.get('first'), 1)}"
+        f" -> {_num(rss.get('last'), 1)} MB (max {_num(rss.get('max'), 1)}), slope "
+        f"{_num(section['growth_mb_per_min'], 2)} MB/min: {'flat' if section['flat'] else 'GROWS'}",
+    ]
+
+
+def _profiles(profiles: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for scenario, p in profiles.items():
+        lines += [
+            "",
+            f"profile ({scenario}): {_num(p['profiled_us_per_event'])} µs of main-thread CPU per "
+            f"event under cProfile ({p['events']} events, c=8)",
+        ]
+        lines += [
+            f"  {c['share']:>5.0%} {_num(c['us_per_event']):>6} µs  {c['component']}"
+            for c in p["components"][:8]
+        ]
+        lines += [
+            f"    {_num(f['own_us_per_event'], 1):>6} µs  {f['function']}" for f in p["top"][:6]
+        ]
+    return lines
