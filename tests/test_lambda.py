@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,3 +155,22 @@ def test_lambda_remaining_time_bounds_the_handler(
         lambda_.shutdown()
     assert answer["statusCode"] == 504
     assert orjson.loads(answer["body"])["code"] == "DEADLINE_EXCEEDED"
+
+
+def test_log_lines_are_written_before_the_invocation_returns(biot: BackgroundEmulator) -> None:
+    # A frozen container runs no timer: the event's line must be out when handler() returns.
+    settings = settings_for(
+        BIOT_BASE_URL=biot.url,
+        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
+        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
+    )
+    stream = io.BytesIO()
+    lambda_.configure(settings, stream=stream)
+    try:
+        answer = lambda_.handler(envelope("NONSPECIFIC", {}), FakeContext())
+        written = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        lambda_.shutdown()
+    assert answer["statusCode"] == 200
+    handled = [r for r in written if r["message"] == "event handled"]
+    assert handled and handled[0]["traceId"] == TRACE_ID

@@ -576,3 +576,55 @@ async def test_a_stuck_stream_does_not_block_the_event_loop(backend: str) -> Non
     assert stream.writes_on_loop_thread == 0
     assert [r["message"] for r in records] == ["first"] + ["while stuck"] * 500
     assert [r["i"] for r in records[1:]] == list(range(500))
+
+
+class _CountingStream(io.BytesIO):
+    """A binary stream that counts write calls (each is one hand-over to the OS)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_stdlib_lines_on_the_loop_are_handed_over_in_one_batch() -> None:
+    stream = _CountingStream()
+    async with StdlibLog(app_name="app", stream=stream) as log:
+        for i in range(100):
+            log.info("line", i=i)
+        # No await since: the hand-over timer cannot have run, nothing reached the thread.
+        assert stream.getvalue() == b""
+        await log.flush()
+        lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+        assert [record["i"] for record in lines] == list(range(100))
+        assert stream.writes == 1
+
+
+async def test_stdlib_lines_from_another_thread_take_the_direct_path() -> None:
+    stream = _CountingStream()
+    async with StdlibLog(app_name="app", stream=stream) as log:
+        await asyncio.to_thread(log.info, "from a thread")
+        log.info("from the loop")
+        await log.flush()
+        messages = [orjson.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    assert sorted(messages) == ["from a thread", "from the loop"]
+
+
+async def test_stdlib_aclose_writes_held_lines() -> None:
+    stream = _CountingStream()
+    log = StdlibLog(app_name="app", stream=stream)
+    async with log:
+        log.info("held until close")
+    assert orjson.loads(stream.getvalue())["message"] == "held until close"
+
+
+async def test_aio_flush_writes_everything_logged_so_far() -> None:
+    stream = _CountingStream()
+    async with AioLog(app_name="app", stream=stream) as log:
+        for i in range(20):
+            log.info("line", i=i)
+        await log.flush()
+        assert len(stream.getvalue().splitlines()) == 20

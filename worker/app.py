@@ -23,6 +23,7 @@ from worker.client import BiotClient, fetch_public_key_texts, service_login
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
 from worker.http_session import open_session
+from worker.log_backend import Backend
 from worker.log_bridge import bridge_stdlib_logging
 from worker.logs import Log, open_log
 from worker.routing import Router
@@ -51,6 +52,7 @@ class WorkerApp:
         self._stream = stream
         self._clock = clock
         self._stack: AsyncExitStack | None = None
+        self._backend: Backend | None = None
         self._session: aiohttp.ClientSession | None = None
         self.log: Log
         self.tokens: ServiceTokens
@@ -86,14 +88,15 @@ class WorkerApp:
         if self._given_log is not None:
             self.log = self._given_log
         else:
-            self.log = await stack.enter_async_context(
-                open_log(
-                    worker.log_backend,
-                    app_name=biot.app_name,
-                    level=worker.log_level,
-                    stream=self._stream,
-                )
+            backend = open_log(
+                worker.log_backend,
+                app_name=biot.app_name,
+                level=worker.log_level,
+                stream=self._stream,
             )
+            opened = await stack.enter_async_context(backend)
+            self._backend = opened
+            self.log = opened
             # aiohttp and asyncio log through stdlib logging: make those lines ours too.
             stack.enter_context(bridge_stdlib_logging(self.log))
         # The trust store (and a CA bundle) is read in a thread: the loop never blocks on it.
@@ -180,6 +183,11 @@ class WorkerApp:
             self._session, self._base_url, timeout=self.settings.worker.api_timeout
         )
         return PublicKeys(current, previous)
+
+    async def flush_log(self) -> None:
+        """Return once every log line so far is written (the Lambda adapter, before answering)."""
+        if self._backend is not None:
+            await self._backend.flush()
 
     async def ready(self) -> None:
         """Raise a :class:`WorkerError` unless the public key and a service token are obtainable."""

@@ -118,6 +118,11 @@ class AioLog(Backend):
             if not self._pending:
                 return
 
+    async def flush(self) -> None:
+        """Return once every line logged so far is written to the stream."""
+        if self._handler is not None and not self._closed:
+            await self._drain(self._handler)
+
     def _in_loop(self) -> bool:
         try:
             return asyncio.get_running_loop() is self._loop

@@ -85,6 +85,10 @@ class Backend(BoundLog):
             self._closer = asyncio.ensure_future(self._stop())
         await asyncio.shield(self._closer)
 
+    async def flush(self) -> None:
+        """Return once every line logged so far is written to the stream."""
+        raise NotImplementedError
+
     def _write_record(self, level: Level, record: dict[str, Any]) -> None:
         raise NotImplementedError
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol, TextIO
 
 from config.settings import Settings, load_settings
 from worker.app import WorkerApp
@@ -37,18 +37,27 @@ class LambdaContext(Protocol):
 class LambdaRuntime:
     """One event loop and one opened :class:`WorkerApp`, kept across warm invocations."""
 
-    def __init__(self, settings: Settings, routes: Router) -> None:
+    def __init__(
+        self, settings: Settings, routes: Router, stream: TextIO | BinaryIO | None = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
-        self.app = WorkerApp(settings, routes)
+        self.app = WorkerApp(settings, routes, stream=stream)
         self.loop.run_until_complete(self.app.__aenter__())
 
     def invoke(self, event: Any, context: LambdaContext | None) -> dict[str, Any]:
-        response = self.loop.run_until_complete(self._handle(event, context))
+        response = self.loop.run_until_complete(self._handle_and_flush(event, context))
         return {
             "statusCode": response.status,
             "headers": dict(response.headers),
             "body": response.body.decode(),
         }
+
+    async def _handle_and_flush(self, raw: Any, context: LambdaContext | None) -> Response:
+        try:
+            return await self._handle(raw, context)
+        finally:
+            # Lambda freezes the container once we answer: no log line may wait for later.
+            await self.app.flush_log()
 
     async def _handle(self, raw: Any, context: LambdaContext | None) -> Response:
         received_at = self.loop.time()
@@ -92,9 +101,14 @@ def _default_routes() -> Router:
 
 
 def configure(
-    settings: Settings | None = None, routes: Callable[[], Router] | Router | None = None
+    settings: Settings | None = None,
+    routes: Callable[[], Router] | Router | None = None,
+    stream: TextIO | BinaryIO | None = None,
 ) -> LambdaRuntime:
-    """Build the container's runtime (first invocation does this with the environment)."""
+    """Build the container's runtime (first invocation does this with the environment).
+
+    ``stream`` is where log lines go (default stdout, which Lambda sends to CloudWatch).
+    """
     global _runtime
     shutdown()
     if settings is None:
@@ -102,7 +116,7 @@ def configure(
     if routes is None:
         routes = _default_routes
     router = routes() if callable(routes) else routes
-    _runtime = LambdaRuntime(settings, router)
+    _runtime = LambdaRuntime(settings, router, stream)
     return _runtime
 
 
