@@ -19,6 +19,7 @@ DEFAULT_NOTIFICATION_SCOPE: Final = "ACTION_NOTIFICATION"
 DEFAULT_INTERCEPTION_SCOPE: Final = "PLUGIN_INTERCEPTOR"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_BACKENDS: Final = ("stdlib", "aiologger")
+EVENT_LOOPS: Final = ("asyncio", "uvloop")
 
 
 class SettingsError(ValueError):
@@ -72,6 +73,7 @@ class WorkerSettings:
     api_max_connections: int = 100
     ca_bundle: str | None = None
     routes: str = "handlers:build_routes"
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +247,7 @@ def _read_worker(r: _Reader) -> WorkerSettings:
         api_max_connections=r.positive("WORKER_API_MAX_CONNECTIONS", _int, d.api_max_connections),
         ca_bundle=r.get("WORKER_CA_BUNDLE", _opt_str, d.ca_bundle),
         routes=r.get("WORKER_ROUTES", _routes_ref, d.routes),
+        event_loop=r.choice("WORKER_EVENT_LOOP", EVENT_LOOPS, d.event_loop),
     )
 
 
@@ -312,6 +315,7 @@ VARIABLES: Final[dict[str, str]] = {
     "WORKER_API_MAX_CONNECTIONS": "size of the keep-alive connection pool to BioT",
     "WORKER_CA_BUNDLE": "CA bundle file to trust for BioT's HTTPS (e.g. the emulator's CA)",
     "WORKER_ROUTES": "module:function returning the plugin's Router",
+    "WORKER_EVENT_LOOP": "asyncio, or uvloop (the uvloop extra)",
 }
 
 

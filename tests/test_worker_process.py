@@ -308,3 +308,27 @@ async def test_emulator_command_prints_how_to_use_it_and_serves() -> None:
     async with asyncio.timeout(START_TIMEOUT):
         await process.communicate()
     assert process.returncode == 0
+
+
+async def test_worker_runs_on_uvloop_when_asked(emulator: tuple[Emulator, str]) -> None:
+    emu, url = emulator
+    worker = await start_worker(emu, url, WORKER_EVENT_LOOP="uvloop")
+    listening = [r for r in worker.records() if r["message"] == "worker listening"]
+    assert listening[0]["event_loop"] == "uvloop"
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = "INTERCEPTOR_PRE"
+            status, _ = await post(http, worker.url, *signed(emu, hook, interceptor_body(hook)))
+            assert status == 200
+    finally:
+        assert await stop_worker(worker) == 0
+
+
+def test_uvloop_missing_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.settings import SettingsError
+    from worker.__main__ import loop_factory
+
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    with pytest.raises(SettingsError, match="uvloop is not installed"):
+        loop_factory("uvloop")

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from config.settings import VARIABLES, Settings, SettingsError, defaults, load_settings
 from worker import __version__
@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on: asyncio's own (``None``), or uvloop's when asked for."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise SettingsError(
+            ["WORKER_EVENT_LOOP: uvloop is not installed (pip install 'biot-worker[uvloop]')"]
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -108,9 +122,10 @@ def _dispatch_command(args: argparse.Namespace) -> int:
 
     if args.command == "run":
         settings = settings_from(args)
-        return asyncio.run(
-            commands.run(settings, emulator_tls=args.emulator_tls, source=args.source)
-        )
+        with asyncio.Runner(loop_factory=loop_factory(settings.worker.event_loop)) as runner:
+            return runner.run(
+                commands.run(settings, emulator_tls=args.emulator_tls, source=args.source)
+            )
     if args.command == "publish":
         from worker.adapters.publish import publish_main
 

@@ -58,7 +58,10 @@ async def run_worker(
 
         def on_listening(port: int) -> None:
             url = f"http://{_url_host(worker.host)}:{port}"
-            app.log.info("worker listening", url=url, base_url=settings.biot.base_url)
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            app.log.info(
+                "worker listening", url=url, base_url=settings.biot.base_url, event_loop=loop
+            )
             if started is not None:
                 started(app, url)
 
