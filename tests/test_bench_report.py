@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from worker.bench.load import LoadResult
-from worker.bench.plan import QUICK, Plan, Point
+from worker.bench.plan import FULL, QUICK, Plan, Point
 from worker.bench.profiles import IDLE, component, summarize_profile
 from worker.bench.report import aggregate, bound, log_backends, point_record, targets
 from worker.bench.table import render
@@ -95,13 +95,36 @@ def test_render_prints_every_row_ratio_and_target() -> None:
     rows = aggregate(records_for("floor", [1.0], 0.2) + records_for("worker", [2.0], 0.4), {})
     text = render({
         "meta": {"mode": "quick", "api_latency_ms": 2.0, "pinning": "off"},
-        "rows": rows, "targets": targets(rows, None), "skipped": [],
+        "rows": rows, "targets": targets(rows, None),
+        "skipped": [{"scenario": "e", "why": "(e) Redis Streams: Redis is not reachable"}],
     })  # fmt: skip
     assert "(a) PRE rewrite, no API call, API over HTTP" in text
     assert "(i) floor, bare aiohttp" in text and "biot-worker" in text
     assert "worker ÷floor: p50" in text
     assert "[NOT MET] (a) c=1 CPU/event vs floor" in text
-    assert "(e) skipped" in text
+    assert "skipped (e) Redis Streams: Redis is not reachable" in text
+
+
+def test_scenario_e_divides_the_queue_row_by_the_worker_over_http_and_shows_redis_cpu() -> None:
+    http = point_record(Point(0, "e", False, "worker", 1), result([1.0], 1000, 0.2))
+    queue_result = result([2.0], 1000, 0.5)
+    queue_result.cpu_s["redis"] = 0.1
+    queue = point_record(Point(0, "e", False, "worker-queue", 1), queue_result)
+    assert queue["redis_cpu_us_per_event"] == pytest.approx(100.0)
+    rows = aggregate([http, queue], {"e|False|worker|c=1": [1000.0],
+                                     "e|False|worker-queue|c=1": [2000.0]})  # fmt: skip
+    http_row, queue_row = rows
+    assert not http_row.get("ratios")  # the reference of (e)
+    assert set(queue_row["ratios"]) == {"worker"}
+    assert queue_row["ratios"]["worker"]["p50"] == pytest.approx(2.0)
+    assert queue_row["ratios"]["worker"]["cpu"] == pytest.approx(2.5)
+    assert queue_row["cpu_util"]["redis"] == pytest.approx(0.05)
+    assert "redis" not in http_row["cpu_util"] and "redis_cpu_us_per_event" not in http_row
+    text = render({"meta": {"mode": "quick", "api_latency_ms": 2.0, "pinning": "off"},
+                   "rows": rows, "targets": [], "skipped": []})  # fmt: skip
+    assert "(e) the (a) event via Redis Streams + reply, vs HTTP\n" in text
+    assert "worker-queue ÷HTTP: p50 2.00 p99 2.00 cpu 2.50 ev/s 1.00" in text
+    assert "R 0.05 (100 µs/ev)" in text
 
 
 def test_plan_interleaves_variants_and_rotates_them_per_repetition() -> None:
@@ -118,10 +141,21 @@ def test_plan_interleaves_variants_and_rotates_them_per_repetition() -> None:
 
 def test_quick_plan_covers_every_scenario_and_both_transports() -> None:
     groups = {(p.scenario, p.tls) for p in QUICK.points()}
-    assert groups == {("a", False), ("b", False), ("c", False), ("d", False),
+    assert groups == {("a", False), ("b", False), ("c", False), ("d", False), ("e", False),
                       ("b", True), ("c", True)}  # fmt: skip
     https_variants = {p.variant for p in QUICK.points() if p.tls}
     assert https_variants == {"floor", "worker", "docs", "sample"}
+    e_points = {(p.variant, p.level) for p in QUICK.points() if p.scenario == "e"}
+    assert e_points == {(v, lv) for v in ("worker", "worker-queue") for lv in ("c=1", "c=32")}
+    assert {p.target for p in QUICK.points() if p.scenario == "e"} == {
+        "worker@http", "worker-queue@http",
+    }  # fmt: skip
+    assert QUICK.without("e").scenarios == ("a", "b", "c", "d")
+
+
+def test_full_plan_runs_e_at_every_concurrency_level() -> None:
+    levels = {p.level for p in FULL.points() if p.scenario == "e" and p.variant == "worker-queue"}
+    assert levels >= {"c=1", "c=8", "c=32", "c=128"}
 
 
 @pytest.mark.parametrize(

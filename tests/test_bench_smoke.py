@@ -1,6 +1,8 @@
 """The whole orchestrator end to end in a tiny mode: real emulator, worker and floor processes,
 the load generator, the table and the JSON. Only the output's shape is checked: performance is
-reported by ``biot-worker bench``, never asserted in tests."""
+reported by ``biot-worker bench``, never asserted in tests. Scenario (e) also needs the real
+Redis (skipped when it is down, failed under ``CI=true``), except to check that an unreachable
+Redis makes (e) a skip with its reason."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
+from tests.queue_helpers import REDIS, require_broker
 from worker.__main__ import build_parser
 from worker.bench.cli import bench_main
 
@@ -46,3 +50,54 @@ def test_tiny_bench_run_writes_the_table_and_the_json(
         assert set(row["cpu_util"]) == {"target", "emulator", "loadgen"}
     assert set(rows["worker"]["ratios"]["floor"]) == {"p50", "p99", "cpu", "throughput"}
     assert {t["target"] for t in result["targets"]} >= {"(a) c=1 p50 vs floor"}
+
+
+def tiny_e(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "bench", "--quick", "--scenarios", "e", "--variants", "worker,worker-queue",
+        "--concurrency", "1,4", "--requests", "40", "--warmup", "10", "--rates", "none",
+        "--no-tls", "--no-profile", "--no-pin", "--no-chart", "--output", str(tmp_path), *extra,
+    ]  # fmt: skip
+
+
+def test_tiny_scenario_e_runs_through_redis_beside_http_and_cleans_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_broker("Redis", REDIS)
+    assert bench_main(build_parser().parse_args(tiny_e(tmp_path))) == 0
+
+    table = capsys.readouterr().out
+    assert "(e) the (a) event via Redis Streams + reply, vs HTTP" in table
+    assert "worker-queue ÷HTTP: p50" in table
+
+    result = orjson.loads((tmp_path / "bench-quick.json").read_bytes())
+    rows = {(row["variant"], row["level"]): row for row in result["rows"]}
+    assert set(rows) == {(v, lv) for v in ("worker", "worker-queue") for lv in ("c=1", "c=4")}
+    for row in rows.values():
+        assert (row["scenario"], row["n"], row["errors"], row["incomplete"]) == ("e", 40, 0, 0)
+    queue_row = rows[("worker-queue", "c=4")]
+    assert set(queue_row["ratios"]) == {"worker"}  # ÷ the same worker over HTTP
+    assert set(queue_row["ratios"]["worker"]) == {"p50", "p99", "cpu", "throughput"}
+    assert "ratios" not in rows[("worker", "c=1")] or not rows[("worker", "c=1")]["ratios"]
+    stream = result["queue"]["stream"]
+    if result["queue"]["redis_server_pid"] is not None:
+        assert "redis" in queue_row["cpu_util"] and "redis_cpu_us_per_event" in queue_row
+    leftovers = redis.Redis(host=REDIS[0], port=REDIS[1])
+    try:
+        assert list(leftovers.scan_iter(match=f"{stream}*")) == []
+    finally:
+        leftovers.close()
+
+
+def test_scenario_e_is_skipped_with_the_reason_when_redis_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(tiny_e(tmp_path, "--redis", "redis://127.0.0.1:1/0"))
+    assert bench_main(args) == 0
+
+    table = capsys.readouterr().out
+    assert "skipped (e) Redis Streams: Redis is not reachable at redis://127.0.0.1:1/0" in table
+    result = orjson.loads((tmp_path / "bench-quick.json").read_bytes())
+    assert result["rows"] == []
+    [skipped] = result["skipped"]
+    assert skipped["scenario"] == "e" and "not reachable" in skipped["why"]

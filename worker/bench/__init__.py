@@ -12,5 +12,6 @@ every variant shares), :mod:`.httpload` / :mod:`.load` (raw keep-alive client, c
 loops), :mod:`.procstat` (CPU and RSS from ``/proc``), :mod:`.stats` / :mod:`.report` /
 :mod:`.table` / :mod:`.chart` (figures, ratios, targets, output), :mod:`.extras` /
 :mod:`.profiles` / :mod:`.worker_proc` (memory trend, cProfile summary), :mod:`.spin` (keeps
-vCPUs out of idle), :mod:`.queue_hook` (where scenario (e) plugs in).
+vCPUs out of idle), :mod:`.queue_hook` / :mod:`.redisload` (scenario (e): the worker consuming a
+Redis stream, lean channels publishing to it and reading the replies, the run's stream cleanup).
 """

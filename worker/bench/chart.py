@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from worker.bench.plan import SCENARIOS, VARIANTS
+from worker.bench.plan import VARIANTS, heading
 
 PERCENTILES = ("p50", "p90", "p99", "p99.9")
 
@@ -33,8 +33,7 @@ def draw(rows: Sequence[Mapping[str, Any]], path: str) -> None:
     fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.6 * len(groups)), squeeze=False)
     for ax, (scenario, tls) in zip(axes[:, 0], groups, strict=True):
         _panel(ax, [r for r in rows if (r["scenario"], r["tls"]) == (scenario, tls)])
-        transport = "HTTPS" if tls else "HTTP"
-        ax.set_title(f"({scenario}) {SCENARIOS[scenario].title}, API over {transport}")
+        ax.set_title(heading(scenario, tls))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -58,7 +57,8 @@ def _panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
                 value = row["latency_ms"][name]
                 if value is not None:
                     ax.plot([x], [value], marker=marker, color="black", markersize=5)
-        ax.bar(xs, p50s, width=width * 0.95, label=VARIANTS[variant].title)
+        color = f"C{list(VARIANTS).index(variant) % 10}"  # one colour per variant in every panel
+        ax.bar(xs, p50s, width=width * 0.95, label=VARIANTS[variant].title, color=color)
     ax.set_xticks(range(len(levels)), levels)
     ax.set_yscale("log")
     ax.set_ylabel("latency, ms (bar p50; - p90, x p99, ^ p99.9)")

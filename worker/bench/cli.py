@@ -1,5 +1,6 @@
 """``biot-worker bench``: interceptor latency of the worker, side by side with the floor and
-BioT's two Lambda styles, measured over loopback HTTP against the emulator.
+BioT's two Lambda styles, measured over loopback HTTP against the emulator; scenario (e) puts
+the (a) event through Redis Streams with a reply (``--redis``), beside the worker over HTTP.
 
 ``biot-worker bench --quick`` (under 3 minutes on 2 cores: every scenario at c=1 and c=32,
 one open-loop rate) or ``biot-worker bench`` (the full run: c=1/8/32/128, two open-loop rates,
@@ -47,12 +48,18 @@ def _csv(kind: type, choices: Any = None) -> Any:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--quick", action="store_true", help="a short run (under 3 minutes on 2 cores)")
-    add("--scenarios", type=_csv(str, SCENARIOS), help="subset of a,b,c,d")
+    add("--scenarios", type=_csv(str, SCENARIOS), help="subset of a,b,c,d,e")
     add("--variants", type=_csv(str, VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     add("--concurrency", type=_csv(int), help="closed-loop levels, e.g. 1,8,32,128")
     add("--rates", type=_csv(float), help="open-loop events/s, e.g. 200,1000 (none: no open loop)")
     add("--open-scenarios", type=_csv(str, SCENARIOS), help="scenarios also run open-loop")
     add("--no-tls", action="store_true", help="skip (b) and (c) with the API over HTTPS")
+    add(
+        "--redis",
+        metavar="URL",
+        help="the Redis of scenario (e), redis://HOST:PORT/DB [redis://127.0.0.1:6379/0]; "
+        "(e) is reported as skipped when it cannot be reached",
+    )
     add("--reps", type=int, help="interleaved repetitions")
     add("--requests", type=int, help="most events measured per point")
     add("--seconds", type=float, help="most seconds measured per point")
@@ -89,6 +96,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         ("open_scenarios", "open_scenarios"), ("reps", "reps"), ("requests", "max_requests"),
         ("seconds", "max_seconds"), ("warmup", "warmup_requests"),
         ("api_latency", "api_latency"), ("memory_seconds", "memory_seconds"),
+        ("redis", "redis_url"),
     ):  # fmt: skip
         if getattr(args, name, None) is not None:
             changes[field] = getattr(args, name)
@@ -171,6 +179,7 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
         "log_backends": log_backends(rows),
         "memory": memory,
         "profiles": raw.get("profiles"),
+        "queue": raw.get("queue"),
         "skipped": raw.get("skipped", []),
         "points": raw["points"],
     }

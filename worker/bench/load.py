@@ -1,7 +1,8 @@
 """Closed-loop and open-loop load over keep-alive connections, with a measured window.
 
-Both drivers run a warm-up (excluded), then a window bounded by a request count and a time,
-then a bounded drain:
+Both drivers send through a :class:`~worker.bench.queue_hook.ChannelPool`: keep-alive HTTP
+connections (:class:`Pool`) or Redis Streams channels (scenario (e)). Both run a warm-up
+(excluded), then a window bounded by a request count and a time, then a bounded drain:
 
 - **closed loop**: ``concurrency`` connections, each sending its next event as soon as the last
   one was answered (as wrk does). Latency is answer time minus send time.
@@ -25,8 +26,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from worker.bench.httpload import Connection, Reply, RequestSource, ResponseError, connect
+from worker.bench.httpload import Reply, RequestSource, ResponseError, connect
 from worker.bench.procstat import cpu_seconds
+from worker.bench.queue_hook import Channel, ChannelPool
 
 Check = Callable[[Reply, bool], str | None]  # (reply, inspect body?) -> error kind or None
 BODY_CHECK_EVERY = 100
@@ -62,18 +64,18 @@ class Pool:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._idle: list[Connection] = []
+        self._idle: list[Channel] = []
 
-    async def take(self, n: int) -> list[Connection]:
+    async def take(self, n: int) -> list[Channel]:
         self._idle = [c for c in self._idle if not c.closed]
         taken, self._idle = self._idle[:n], self._idle[n:]
         fresh = await asyncio.gather(*(self.open() for _ in range(n - len(taken))))
         return taken + list(fresh)
 
-    async def open(self) -> Connection:
+    async def open(self) -> Channel:
         return await connect(self.host, self.port)
 
-    def give(self, connections: list[Connection]) -> None:
+    def give(self, connections: list[Channel]) -> None:
         self._idle.extend(c for c in connections if not c.closed)
 
     def close(self) -> None:
@@ -142,9 +144,7 @@ class Window:
             result.lag_us.append(lag * 1e6)
 
 
-async def exchange(
-    connection: Connection, source: RequestSource, check: Check, n: int
-) -> str | None:
+async def exchange(connection: Channel, source: RequestSource, check: Check, n: int) -> str | None:
     try:
         reply = await connection.send(source.next())
     except ResponseError:
@@ -172,7 +172,11 @@ async def _control(window: Window) -> None:
 
 
 async def closed_loop(
-    pool: Pool, source: RequestSource, spec: LoadSpec, probes: Mapping[str, int], check: Check
+    pool: ChannelPool,
+    source: RequestSource,
+    spec: LoadSpec,
+    probes: Mapping[str, int],
+    check: Check,
 ) -> LoadResult:
     connections = await pool.take(spec.concurrency)
     window = Window(spec, probes)
@@ -199,7 +203,7 @@ async def closed_loop(
     return window.result
 
 
-async def reopen(pool: Pool) -> Connection:
+async def reopen(pool: ChannelPool) -> Channel:
     while True:
         try:
             return await pool.open()

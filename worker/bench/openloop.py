@@ -14,14 +14,19 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
-from worker.bench.httpload import Connection, RequestSource
-from worker.bench.load import Check, LoadResult, LoadSpec, Pool, Window, drain, exchange, reopen
+from worker.bench.httpload import RequestSource
+from worker.bench.load import Check, LoadResult, LoadSpec, Window, drain, exchange, reopen
+from worker.bench.queue_hook import Channel, ChannelPool
 
 EARLY = 0.001  # an arrival due within this many seconds is sent now (epoll sleeps whole ms)
 
 
 async def open_loop(
-    pool: Pool, source: RequestSource, spec: LoadSpec, probes: Mapping[str, int], check: Check
+    pool: ChannelPool,
+    source: RequestSource,
+    spec: LoadSpec,
+    probes: Mapping[str, int],
+    check: Check,
 ) -> LoadResult:
     assert spec.rate is not None and spec.rate > 0
     run = _OpenLoop(pool, source, spec, Window(spec, probes), check)
@@ -33,7 +38,7 @@ class _OpenLoop:
     """Arrivals on a schedule; each is sent on a free connection, or queued until one frees."""
 
     def __init__(
-        self, pool: Pool, source: RequestSource, spec: LoadSpec, window: Window, check: Check
+        self, pool: ChannelPool, source: RequestSource, spec: LoadSpec, window: Window, check: Check
     ) -> None:
         self.pool, self.source, self.spec, self.window, self.check = (
             pool,
@@ -42,8 +47,8 @@ class _OpenLoop:
             window,
             check,
         )
-        self.idle: deque[Connection] = deque()
-        self.live: list[Connection] = []
+        self.idle: deque[Channel] = deque()
+        self.live: list[Channel] = []
         self.waiting: deque[tuple[float, int]] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = 0
@@ -94,12 +99,12 @@ class _OpenLoop:
         else:
             self.waiting.append((intended, n))
 
-    def launch(self, connection: Connection | None, intended: float, n: int) -> None:
+    def launch(self, connection: Channel | None, intended: float, n: int) -> None:
         task = asyncio.create_task(self.serve(connection, intended, n))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def serve(self, connection: Connection | None, intended: float, n: int) -> None:
+    async def serve(self, connection: Channel | None, intended: float, n: int) -> None:
         """Send this arrival, then queued ones, while the connection stays usable."""
         while True:
             if connection is None:

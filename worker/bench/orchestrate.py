@@ -3,6 +3,8 @@
 CPU placement (perf-limits.md §1): the processes under test run on CPU0; the emulators and this
 process (the load generator) on CPU1. Everything starts unpinned (faster) and is pinned once
 listening, every thread included. With fewer than two CPUs, or ``--no-pin``, nothing is pinned.
+Scenario (e) also uses a Redis the bench did not start (:mod:`.queue_hook`): it is not pinned,
+its CPU is read from ``/proc`` when it runs here, and (e) is skipped when it cannot be reached.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from worker.bench.payloads import (
 )
 from worker.bench.plan import FRESH_JWT_TOKENS, VARIANTS, Plan, Point
 from worker.bench.procstat import available_cpus, cpu_seconds, pin
-from worker.bench.report import point_record
+from worker.bench.queue_hook import ChannelPool, QueueRun, QueueUnavailable, reach
+from worker.bench.redisload import envelope_template
+from worker.bench.report import describe, point_record
 from worker.bench.upstream import Upstream
 
 Progress = Callable[[str], None]
@@ -39,8 +43,10 @@ class Bench:
         self.plan, self.run_dir, self.progress = plan, run_dir, progress
         self.upstreams: dict[bool, Upstream] = {}
         self.targets: dict[str, procs.Proc] = {}
-        self.pools: dict[str, Pool] = {}
+        self.pools: dict[str, ChannelPool] = {}
         self.spinners: list[procs.Proc] = []
+        self.queue: QueueRun | None = None
+        self.left_out: list[dict[str, Any]] = []  # scenarios that could not run, and why
         self._sources: dict[tuple[str, str], RequestSource] = {}
         cpus = available_cpus()
         self._own_cpus = set(cpus)
@@ -59,6 +65,8 @@ class Bench:
         await self.aclose()
 
     async def _start(self) -> None:
+        if "e" in self.plan.scenarios:
+            await self._open_queue()
         needs_tls = any(tls for _, tls in self.plan.groups())
         await asyncio.gather(*(self._start_upstream(tls) for tls in {False, needs_tls}))
         names = self.plan.targets()
@@ -71,6 +79,16 @@ class Bench:
             for cpu in self.cpus:
                 args = ["worker.bench.spin", str(cpu)]
                 self.spinners.append(await procs.launch(f"spin{cpu}", args, {}, 0, self.run_dir))
+
+    async def _open_queue(self) -> None:
+        """Reach the Redis of scenario (e), or leave (e) out of the plan with the reason."""
+        try:
+            self.queue = await reach(self.plan)
+        except QueueUnavailable as exc:
+            self.plan = self.plan.without("e")
+            self.left_out.append({"scenario": "e", "tls": False, "variant": "worker-queue",
+                                  "level": "all", "why": f"(e) Redis Streams: {exc}"})  # fmt: skip
+            self.progress(f"skipped {self.left_out[-1]['why']}")
 
     async def _start_upstream(self, tls: bool) -> None:
         port = procs.free_port()
@@ -88,8 +106,9 @@ class Bench:
         variant, scheme = name.split("@")
         upstream = self.upstreams[scheme == "https"]
         port = procs.free_port()
-        kind = "worker" if variant == "worker-profile" else VARIANTS[variant].kind
-        args = procs.target_args(kind, variant, port, upstream.url)
+        kind = _kind(name)
+        source = self.queue.worker_url() if kind == "queue" and self.queue else None
+        args = procs.target_args(kind, variant, port, upstream.url, source)
         env = procs.target_env(
             variant, port, upstream.url, upstream.identity, upstream.ca, self.plan.candidate
         )
@@ -99,6 +118,10 @@ class Bench:
             args += ["--ca-bundle", upstream.ca]
         if kind == "lambda" and upstream.ca:
             env["REQUESTS_CA_BUNDLE"] = await asyncio.to_thread(self._seed_bundle, upstream.ca)
+        if kind == "queue" and self.queue is not None:
+            self.targets[name] = await self.queue.start_worker(name, args, env, self.run_dir)
+            self.pools[name] = self.queue.pool()
+            return
         self.targets[name] = await procs.spawn(name, args, env, port, self.run_dir)
         self.pools[name] = Pool("127.0.0.1", port)
 
@@ -132,6 +155,9 @@ class Bench:
             *(u.proc for u in self.upstreams.values()),
         ]
         await asyncio.gather(*(procs.stop(p) for p in procs_), return_exceptions=True)
+        queue, self.queue = self.queue, None
+        if queue is not None:  # after the worker stopped: it would recreate a deleted stream
+            await queue.close(self.progress)
 
     # ------------------------------------------------------------ measuring
 
@@ -146,9 +172,13 @@ class Bench:
             assert fixtures is not None
             events = BUILDERS[scenario](fixtures)
         port = self.targets[target].port
-        templates = [
-            request_template("127.0.0.1", port, f"/{scenario}", e.headers, e.body) for e in events
-        ]
+        if _kind(target) == "queue":
+            templates = [envelope_template(e.headers, e.body) for e in events]
+        else:
+            templates = [
+                request_template("127.0.0.1", port, f"/{scenario}", e.headers, e.body)
+                for e in events
+            ]
         source = RequestSource(templates)
         if len(events) < FRESH_JWT_TOKENS:
             self._sources[key] = source
@@ -178,6 +208,8 @@ class Bench:
         name = target or point.target
         upstream = self.upstreams[point.tls].proc
         probes = {"target": self.targets[name].pid, "emulator": upstream.pid}
+        if _kind(name) == "queue" and self.queue is not None and self.queue.redis_pid:
+            probes["redis"] = self.queue.redis_pid
         driver = closed_loop if point.rate is None else open_loop
         return await driver(self.pools[name], source, spec, probes, checker(point.scenario))
 
@@ -222,7 +254,7 @@ class Bench:
         points = list(self.plan.points())
         records: list[dict[str, Any]] = []
         samples: dict[str, list[float]] = {}
-        skipped: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = list(self.left_out)
         peaks: dict[tuple[int, str, bool, str], float] = {}
         for index, point in enumerate(points, 1):
             peak_key = (point.rep, point.scenario, point.tls, point.variant)
@@ -237,8 +269,10 @@ class Bench:
             samples.setdefault(_key(point), []).extend(latencies)
             if point.rate is None:
                 peaks[peak_key] = max(peak or 0.0, record["throughput"])
-            self.progress(f"[{index}/{len(points)}] {_describe(record)}")
+            self.progress(f"[{index}/{len(points)}] {describe(record)}")
         extras: dict[str, Any] = {}
+        if self.queue is not None:
+            extras["queue"] = self.queue.describe()
         if self.plan.profile_seconds > 0:
             scenarios = [s for s in ("a", "b") if s in self.plan.scenarios]
             extras["profiles"] = {s: await profile_scenario(self, s) for s in scenarios}
@@ -246,6 +280,12 @@ class Bench:
             await self.settle()
             extras["memory"] = await measure_memory(self)
         return {"points": records, "samples": samples, "skipped": skipped, **extras}
+
+
+def _kind(target: str) -> str:
+    """Which kind of process serves ``target`` (``worker@http`` -> ``worker``)."""
+    variant = target.split("@")[0]
+    return "worker" if variant == "worker-profile" else VARIANTS[variant].kind
 
 
 def _unsustainable(point: Point, peak: float | None, headroom: float) -> bool:
@@ -276,16 +316,4 @@ def _rest(fixtures: Fixtures) -> tuple[Any, ...]:
         fixtures.user_token,
         fixtures.patients,
         fixtures.organization_id,
-    )
-
-
-def _describe(record: dict[str, Any]) -> str:
-    lat = record["latency_ms"]
-    p50 = "-" if lat["p50"] is None else f"{lat['p50']:.2f}"
-    p99 = "-" if lat["p99"] is None else f"{lat['p99']:.2f}"
-    cpu = record["cpu_us_per_event"]
-    return (
-        f"({record['scenario']}{' https' if record['tls'] else ''}) {record['level']:<10} "
-        f"{record['variant']:<16} {record['throughput']:8.0f} ev/s  p50 {p50} ms  p99 {p99} ms  "
-        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} µs/ev  errors {record['errors_total']}"
     )

@@ -140,6 +140,7 @@ BUILDERS: Final[dict[str, Callable[[Fixtures], list[Event]]]] = {
     "b": events_b,
     "c": events_c,
     "d": events_d,
+    "e": events_a,  # (e) is the (a) event, published to Redis Streams
 }
 
 
@@ -176,6 +177,7 @@ _ANSWERS: Final[dict[str, Callable[[bytes], bool]]] = {
     "b": _ok_b,
     "c": _ok_c,
     "d": _ok_d,
+    "e": _ok_a,
 }
 
 

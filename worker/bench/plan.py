@@ -17,6 +17,8 @@ class Scenario:
     key: str
     title: str
     uses_api: bool
+    only: tuple[str, ...] | None = None  # the variants measured (None: every variant)
+    baseline: str | None = None  # a variant every other row is also divided by
 
 
 SCENARIOS: Final = {
@@ -24,16 +26,23 @@ SCENARIOS: Final = {
     "b": Scenario("b", "PRE + 1 API GET", True),
     "c": Scenario("c", "NOTIFICATION fanning out 3 API GETs", True),
     "d": Scenario("d", "ADAPT_ENTITY over 50 entities", False),
+    # (e): the (a) event published to Redis Streams, answered on a reply stream
+    # (worker.bench.queue_hook), beside the same worker answering (a) over HTTP.
+    "e": Scenario(
+        "e",
+        "the (a) event via Redis Streams + reply, vs HTTP",
+        False,
+        only=("worker", "worker-queue"),
+        baseline="worker",
+    ),
 }
-# (e) the same event through Redis Streams with a reply: see worker.bench.queue_hook.
-PENDING_SCENARIOS: Final = {"e": "queue adapters (worker/adapters/) are not merged yet"}
 
 
 @dataclass(frozen=True, slots=True)
 class Variant:
     key: str
     title: str
-    kind: str  # worker | floor | lambda: which process serves it
+    kind: str  # worker | floor | lambda | queue: which process serves it (queue: over Redis)
     scenarios: tuple[str, ...] | None = None  # None: every scenario
 
 
@@ -46,6 +55,7 @@ VARIANTS: Final = {
     "worker-quiet": Variant("worker-quiet", "biot-worker, no event log", "worker", ("a", "b")),
     "worker-uvloop": Variant("worker-uvloop", "biot-worker on uvloop", "worker", ("a", "b")),
     "worker-fresh-jwt": Variant("worker-fresh-jwt", "biot-worker, new JWT/event", "worker", ("a",)),
+    "worker-queue": Variant("worker-queue", "biot-worker via Redis Streams", "queue", ("e",)),
     # --candidate MODULE: the worker with MODULE imported first (A/B of a hot-path change)
     "worker-candidate": Variant("worker-candidate", "biot-worker + candidate", "worker"),
 }
@@ -80,9 +90,9 @@ class Point:
 @dataclass(frozen=True, slots=True)
 class Plan:
     mode: str = "quick"
-    scenarios: tuple[str, ...] = ("a", "b", "c", "d")
+    scenarios: tuple[str, ...] = ("a", "b", "c", "d", "e")
     tls_scenarios: tuple[str, ...] = ("b", "c")
-    variants: tuple[str, ...] = (*BASE_VARIANTS, "worker-aiolog", "worker-quiet")
+    variants: tuple[str, ...] = (*BASE_VARIANTS, "worker-aiolog", "worker-quiet", "worker-queue")
     concurrency: tuple[int, ...] = (1, 32)
     rates: tuple[float, ...] = (200.0,)
     open_scenarios: tuple[str, ...] = ("b",)
@@ -103,6 +113,7 @@ class Plan:
     busy_cpus: bool = False  # SCHED_IDLE spinners keep the vCPUs out of idle (perf-limits §1.1)
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
+    redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)
 
     def with_(self, **changes: object) -> Plan:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -112,10 +123,12 @@ class Plan:
         return plain + [(s, True) for s in self.scenarios if s in self.tls_scenarios]
 
     def variants_for(self, scenario: str) -> list[str]:
+        only = SCENARIOS[scenario].only
         return [
             v
             for v in self.variants
-            if VARIANTS[v].scenarios is None or scenario in (VARIANTS[v].scenarios or ())
+            if (VARIANTS[v].scenarios is None or scenario in (VARIANTS[v].scenarios or ()))
+            and (only is None or v in only)
         ]
 
     def levels_for(self, scenario: str) -> list[tuple[int, float | None]]:
@@ -123,6 +136,10 @@ class Plan:
         if scenario not in self.open_scenarios:
             return closed
         return closed + [(self.open_max_connections, rate) for rate in self.rates]
+
+    def without(self, scenario: str) -> Plan:
+        """This plan with ``scenario`` left out (e.g. (e) when Redis is not reachable)."""
+        return self.with_(scenarios=tuple(s for s in self.scenarios if s != scenario))
 
     def points(self) -> Iterator[Point]:
         for rep in range(self.reps):
@@ -141,13 +158,27 @@ class Plan:
         return sorted({point.target for point in self.points()})
 
 
+def heading(scenario: str, tls: bool) -> str:
+    """The title of a scenario's block in the table and its panel in the chart."""
+    title = f"({scenario}) {SCENARIOS[scenario].title}"
+    if scenario == "e":
+        return title  # the worker's API is not called: no API transport to name
+    return f"{title}, API over {'HTTPS' if tls else 'HTTP'}"
+
+
 QUICK: Final = Plan()
 FULL: Final = Plan(
     mode="full",
-    variants=(*BASE_VARIANTS, "worker-aiolog", "worker-quiet", "worker-fresh-jwt"),
+    variants=(
+        *BASE_VARIANTS,
+        "worker-aiolog",
+        "worker-quiet",
+        "worker-fresh-jwt",
+        "worker-queue",
+    ),
     concurrency=(1, 8, 32, 128),
     rates=(200.0, 1000.0),
-    open_scenarios=("a", "b", "c", "d"),
+    open_scenarios=("a", "b", "c", "d", "e"),
     reps=3,
     warmup_requests=200,
     warmup_seconds=2.0,

@@ -120,13 +120,19 @@ def emulator_args(port: int, latency: float, tls_dir: Path | None) -> list[str]:
     return args
 
 
-def target_args(variant_kind: str, variant: str, port: int, base_url: str) -> list[str]:
-    """The command line of a target (the ``-m`` module and its flags)."""
+def target_args(
+    variant_kind: str, variant: str, port: int, base_url: str, source: str | None = None
+) -> list[str]:
+    """The command line of a target (the ``-m`` module and its flags); ``source`` is the queue
+    URL a ``queue`` target consumes instead of listening on ``port``."""
     if variant_kind == "floor":
         return ["worker.bench.floor", "--port", str(port), "--base-url", base_url]
     if variant_kind == "lambda":
         return ["worker.bench.lambda_style", "--style", variant, "--port", str(port),
                 "--base-url", base_url]  # fmt: skip
+    if variant_kind == "queue":
+        assert source is not None, "a queue target needs its source URL"
+        return ["worker", "run", "--source", source]
     module = "worker.bench.worker_proc" if variant != "worker" else "worker"
     return [module, "run"]
 

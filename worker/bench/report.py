@@ -2,7 +2,10 @@
 
 A row pools the latency samples of every repetition of a point (percentiles from all samples)
 and takes the median of the repetitions' throughput and CPU per event. Ratios compare rows of
-the same scenario, transport and load level, so they are same-run ratios.
+the same scenario, transport and load level, so they are same-run ratios: each row to the floor
+and the two baselines, and in a scenario with a ``baseline`` variant ((e): the worker over HTTP)
+to that variant too. Scenario (e) rows also carry redis-server's CPU (``cpu_util["redis"]`` and
+``redis_cpu_us_per_event``), which is not part of the worker's CPU per event.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from worker.bench.load import LoadResult
-from worker.bench.plan import Point
+from worker.bench.plan import SCENARIOS, Point
 from worker.bench.stats import median, per_event, ratio, summarize
 
 REFERENCES: Final = ("floor", "docs", "sample")
@@ -59,9 +62,18 @@ def point_record(point: Point, result: LoadResult) -> dict[str, Any]:
         "errors_total": sum(result.errors.values()),
         "incomplete": result.incomplete,
         "cpu_us_per_event": None if target_cpu is None else target_cpu * 1e6,
+        **_side_cpu(cpu, result.completed),
         "cpu_util": {name: (s / window if window > 0 else None) for name, s in cpu.items()},
         "lag_ms": None if lag is None else _ms(lag),
     }
+
+
+def _side_cpu(cpu: Mapping[str, float], completed: int) -> dict[str, float | None]:
+    """redis-server's CPU per event, when it was probed (scenario (e))."""
+    if "redis" not in cpu:
+        return {}
+    redis = per_event(cpu["redis"], completed)
+    return {"redis_cpu_us_per_event": None if redis is None else redis * 1e6}
 
 
 def row_key(record: Mapping[str, Any]) -> tuple[str, bool, str, str]:
@@ -88,10 +100,9 @@ def _row(
     scenario, tls, level, variant = key
     pooled = samples.get(f"{scenario}|{tls}|{variant}|{level}", [])
     first = reps[0]
-    util = {
-        name: median(r["cpu_util"].get(name) for r in reps)
-        for name in ("target", "emulator", "loadgen")
-    }
+    names = ("target", "emulator", "loadgen") + (("redis",) if "redis" in first["cpu_util"] else ())
+    util = {name: median(r["cpu_util"].get(name) for r in reps) for name in names}
+    side = {"redis_cpu_us_per_event": median(r.get("redis_cpu_us_per_event") for r in reps)}
     return {
         "scenario": scenario,
         "tls": tls,
@@ -109,6 +120,7 @@ def _row(
             max(r["throughput"] for r in reps),
         ],
         "cpu_us_per_event": median(r["cpu_us_per_event"] for r in reps),
+        **(side if "redis" in util else {}),
         "cpu_util": util,
         "bound": bound(util),
         "few_events": any(r["completed"] < max(10, 2 * r["concurrency"]) for r in reps),
@@ -135,14 +147,21 @@ def figure(row: Mapping[str, Any], name: str) -> float | None:
     return row["latency_ms"].get(name)  # type: ignore[no-any-return]
 
 
+def references(scenario: str) -> tuple[str, ...]:
+    """The variants a scenario's other rows are divided by."""
+    baseline = SCENARIOS[scenario].baseline
+    return REFERENCES if baseline is None else (*REFERENCES, baseline)
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each non-reference row gets ``ratios[ref][figure]`` = its figure / the reference's."""
     index = {row_key(row): row for row in rows}
     for row in rows:
-        if row["variant"] in REFERENCES:
+        refs = references(row["scenario"])
+        if row["variant"] in refs:
             continue
         ratios: dict[str, dict[str, float | None]] = {}
-        for ref in REFERENCES:
+        for ref in refs:
             other = index.get((row["scenario"], row["tls"], row["level"], ref))
             if other is not None:
                 ratios[ref] = {f: ratio(figure(row, f), figure(other, f)) for f in COMPARED}
@@ -207,3 +226,16 @@ def log_backends(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             " (under 10 %: either may be the default)" if gap < 0.10 else ""
         )
     return {"levels": levels, "verdict": verdict}
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """One measured point as a progress line."""
+    lat = record["latency_ms"]
+    p50 = "-" if lat["p50"] is None else f"{lat['p50']:.2f}"
+    p99 = "-" if lat["p99"] is None else f"{lat['p99']:.2f}"
+    cpu = record["cpu_us_per_event"]
+    return (
+        f"({record['scenario']}{' https' if record['tls'] else ''}) {record['level']:<10} "
+        f"{record['variant']:<16} {record['throughput']:8.0f} ev/s  p50 {p50} ms  p99 {p99} ms  "
+        f"cpu {'-' if cpu is None else f'{cpu:.0f}'} µs/ev  errors {record['errors_total']}"
+    )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from worker.bench.plan import PENDING_SCENARIOS, SCENARIOS, VARIANTS
-from worker.bench.report import REFERENCES
+from worker.bench.plan import VARIANTS, heading
+from worker.bench.report import references
 
-_REF_NAMES = {"floor": "floor", "docs": "(ii)", "sample": "(iii)"}
+_REF_NAMES = {"floor": "floor", "docs": "(ii)", "sample": "(iii)", "worker": "HTTP"}
 _HEAD = (
     f"{'level':<11}{'variant':<28}{'n':>7}{'err':>5}{'ev/s':>8}"
     f"{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'cpu µs/ev':>10}  cpu T/E/L"
@@ -28,7 +28,10 @@ def _num(value: float | None, digits: int = 0) -> str:
 def _util(row: Mapping[str, Any]) -> str:
     u = row["cpu_util"]
     mark = {"target": " T", "load side": " L"}.get(row.get("bound") or "", "")
-    return "/".join(_num(u.get(k), 2) for k in ("target", "emulator", "loadgen")) + mark
+    text = "/".join(_num(u.get(k), 2) for k in ("target", "emulator", "loadgen")) + mark
+    if "redis" in u:
+        text += f" R {_num(u['redis'], 2)} ({_num(row.get('redis_cpu_us_per_event'))} µs/ev)"
+    return text
 
 
 def format_row(row: Mapping[str, Any]) -> str:
@@ -46,7 +49,7 @@ def format_row(row: Mapping[str, Any]) -> str:
 
 def format_ratios(row: Mapping[str, Any]) -> str:
     parts = []
-    for ref in REFERENCES:
+    for ref in references(row["scenario"]):
         values = row.get("ratios", {}).get(ref)
         if values is None:
             continue
@@ -71,25 +74,35 @@ def render(result: Mapping[str, Any]) -> str:
         "Latencies in ms. err = errors + events cut off. cpu T/E/L = CPU per wall second of "
         "target / emulator / load generator (1.00 = one core); T or L: that side was saturated "
         "(L: the figure is bounded by the emulator, not the target). ~: under 2c events "
-        "answered in the window, throughput and CPU are rough.",
+        "answered in the window, throughput and CPU are rough. R (scenario (e)): redis-server's "
+        "CPU per wall second and per event, not pinned and not in the worker's cpu µs/ev; "
+        "÷HTTP: the worker over Redis divided by the same worker answering over HTTP.",
     ]
     rows = result["rows"]
     groups = list(dict.fromkeys((r["scenario"], r["tls"]) for r in rows))
     for scenario, tls in groups:
-        transport = "HTTPS" if tls else "HTTP"
-        lines += ["", f"({scenario}) {SCENARIOS[scenario].title}, API over {transport}", _HEAD]
+        lines += ["", heading(scenario, tls), _HEAD]
         for row in (r for r in rows if (r["scenario"], r["tls"]) == (scenario, tls)):
             lines.append(format_row(row))
-            if "ratios" in row:
+            if row.get("ratios"):
                 lines.append(format_ratios(row))
     lines += _targets(result.get("targets") or [])
     lines += _log_backends(result.get("log_backends"))
     lines += _memory(result.get("memory"))
     lines += _profiles(result.get("profiles") or {})
     lines += ["", f"uvloop: {meta.get('uvloop', '-')}"]
+    lines += _queue(result.get("queue"))
     lines += [f"skipped {s['why']}" for s in result.get("skipped") or []]
-    lines += [f"({k}) skipped: {why}" for k, why in PENDING_SCENARIOS.items()]
     return "\n".join(lines)
+
+
+def _queue(section: Mapping[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    return [
+        f"(e) Redis {section['redis']}, stream {section['stream']} (deleted after the run); "
+        f"redis-server CPU: {section['redis_cpu']}; load client: {section['load_client']}"
+    ]
 
 
 def _targets(targets: list[Mapping[str, Any]]) -> list[str]:
