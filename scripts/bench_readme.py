@@ -9,9 +9,15 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 VARIANTS = ("floor", "worker", "docs", "sample")
-NAMES = {"floor": "(i) floor", "worker": "biot-worker", "docs": "(ii) docs", "sample": "(iii) sample"}
+NAMES = {
+    "floor": "(i) floor",
+    "worker": "biot-worker",
+    "docs": "(ii) docs",
+    "sample": "(iii) sample",
+}
 TITLES = {
     "a": "(a) PRE rewrite, no API call",
     "b": "(b) PRE + 1 API GET",
@@ -24,12 +30,18 @@ def _num(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def compact(rows: list[dict], scenario: str, tls: bool, level: str) -> str:
+def compact(rows: list[dict[str, Any]], scenario: str, tls: bool, level: str) -> str:
     cells = []
     for variant in VARIANTS:
         row = next(
-            (r for r in rows if r["scenario"] == scenario and r["tls"] == tls
-             and r["level"] == level and r["variant"] == variant),
+            (
+                r
+                for r in rows
+                if r["scenario"] == scenario
+                and r["tls"] == tls
+                and r["level"] == level
+                and r["variant"] == variant
+            ),
             None,
         )
         if row is None:
@@ -51,26 +63,39 @@ def main() -> None:
     memory = re.search(r"^memory, .*$", text, flags=re.M)
     meta = data["meta"]
     out = []
-    out.append(f"Command: `{command}` ({meta['mode']} run, finished {meta['finished']}, "
-               f"{meta['elapsed_s'] / 60:.0f} min; API latency {meta['api_latency_ms']} ms; "
-               f"{meta['pinning']}).")
+    out.append(
+        f"Command: `{command}` ({meta['mode']} run, finished {meta['finished']}, "
+        f"{meta['elapsed_s'] / 60:.0f} min; API latency {meta['api_latency_ms']} ms; "
+        f"{meta['pinning']})."
+    )
     out.append("")
-    out.append("Targets of the benchmark issue, measured in that run (medians over its repetitions):")
+    out.append(
+        "Targets of the benchmark issue, measured in that run (medians over its repetitions):"
+    )
     out.append("")
     out.append("| target | wanted | measured | met |")
     out.append("|---|---|---|---|")
     for t in data["targets"]:
         measured = t["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)
-        out.append(f"| {t['target']} | {t['wanted']} | {shown} | "
-                   f"{'yes' if t['met'] else ('n/a' if t['met'] is None else '**no**')} |")
+        out.append(
+            f"| {t['target']} | {t['wanted']} | {shown} | "
+            f"{'yes' if t['met'] else ('n/a' if t['met'] is None else '**no**')} |"
+        )
     out.append("")
     out.append("Per scenario: p50 / p99 latency, worker CPU per event (from /proc), events/s.")
     out.append("")
     out.append("| scenario | load | " + " | ".join(NAMES[v] for v in VARIANTS) + " |")
     out.append("|---|---|" + "---|" * len(VARIANTS))
     rows = data["rows"]
-    for scenario, tls in (("a", False), ("b", False), ("b", True), ("c", False), ("c", True), ("d", False)):
+    for scenario, tls in (
+        ("a", False),
+        ("b", False),
+        ("b", True),
+        ("c", False),
+        ("c", True),
+        ("d", False),
+    ):
         for level in ("c=1", "c=32"):
             out.append(compact(rows, scenario, tls, level))
     out.append("")
@@ -87,7 +112,8 @@ def main() -> None:
     for scenario in ("a", "b"):
         for level in ("c=1", "c=32"):
             pick = {
-                r["variant"]: r for r in rows
+                r["variant"]: r
+                for r in rows
                 if r["scenario"] == scenario and not r["tls"] and r["level"] == level
             }
             if "worker" in pick and "worker-uvloop" in pick:
@@ -111,7 +137,7 @@ def main() -> None:
             out.append("```")
             out.append(match.group(0))
             out.append("```")
-    print("\n".join(out))
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
