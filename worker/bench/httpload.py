@@ -15,9 +15,10 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 _HEAD_END: Final = b"\r\n\r\n"
+T = TypeVar("T")
 
 
 class ResponseError(Exception):
@@ -75,13 +76,17 @@ def _header_int(head: bytes, name: bytes) -> int | None:
         raise ResponseError(f"bad {name.decode()}: {value!r}") from None
 
 
-class Connection(asyncio.Protocol):
-    """One keep-alive connection; :meth:`send` one request and await its :class:`Reply`."""
+class ReplyProtocol(asyncio.Protocol, Generic[T]):
+    """A keep-alive connection with one exchange in flight: :meth:`_exchange` writes, then waits
+    until the bytes received so far complete a reply (:meth:`_complete`, per protocol). A parse
+    error or a lost connection fails the exchange with :class:`ResponseError`."""
+
+    _lost_by = "closed by server"
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[Reply] | None = None
+        self._waiter: asyncio.Future[T] | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,36 +99,53 @@ class Connection(asyncio.Protocol):
         if waiter is None or waiter.done():
             return
         try:
-            parsed = parse_response(self._buffer)
+            result = self._complete()
         except ResponseError as exc:
             waiter.set_exception(exc)
             self.close()
             return
-        if parsed is not None:
-            reply, used = parsed
-            del self._buffer[:used]
-            if reply.close:
-                self.close()
-            waiter.set_result(reply)
+        if result is not None:
+            waiter.set_result(result)
+
+    def _complete(self) -> T | None:
+        """The reply, consumed from ``self._buffer``, once it is all there; else ``None``."""
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ResponseError(f"connection lost ({exc or 'closed by server'})"))
+            waiter.set_exception(ResponseError(f"connection lost ({exc or self._lost_by})"))
 
-    async def send(self, request: bytes) -> Reply:
-        """Write ``request`` and wait for the whole response; :class:`ResponseError` on failure."""
+    async def _exchange(self, payload: bytes) -> T:
         if self.closed or self._transport is None:
             raise ResponseError("connection is closed")
         self._waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(request)
+        self._transport.write(payload)
         return await self._waiter
 
     def close(self) -> None:
         self.closed = True
         if self._transport is not None:
             self._transport.close()
+
+
+class Connection(ReplyProtocol[Reply]):
+    """One keep-alive HTTP connection; :meth:`send` one request and await its :class:`Reply`."""
+
+    def _complete(self) -> Reply | None:
+        parsed = parse_response(self._buffer)
+        if parsed is None:
+            return None
+        reply, used = parsed
+        del self._buffer[:used]
+        if reply.close:
+            self.close()
+        return reply
+
+    async def send(self, request: bytes) -> Reply:
+        """Write ``request`` and wait for the whole response; :class:`ResponseError` on failure."""
+        return await self._exchange(request)
 
 
 async def connect(host: str, port: int) -> Connection:

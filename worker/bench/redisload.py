@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from worker.adapters.envelope import decode_reply
-from worker.bench.httpload import Reply, RequestTemplate, ResponseError
+from worker.bench.httpload import Reply, ReplyProtocol, RequestTemplate, ResponseError
 
 _CRLF: Final = b"\r\n"
 _TRACE_SLOT: Final = "TRACE-IDS-GO-HERE"  # no JSON escaping, not in any event
@@ -114,41 +114,21 @@ class RedisAddress:
         return commands + ([command(b"SELECT", b"%d" % self.db)] if self.db else [])
 
 
-class RedisChannel(asyncio.Protocol):
+class RedisChannel(ReplyProtocol[list[Any]]):
     """One connection publishing to ``stream`` and reading its replies from ``reply_to``."""
 
+    _lost_by = "closed by Redis"
+
     def __init__(self, stream: str, reply_to: str) -> None:
+        super().__init__()
         self._xadd = (b"XADD", stream.encode(), b"*", b"envelope")
         self._reply_to = reply_to.encode()
         self._last = b"0-0"
         self._ids = count(1)
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
         self._values: list[Any] = []
         self._expected = 0
-        self._waiter: asyncio.Future[list[Any]] | None = None
-        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        try:
-            self._parse()
-        except ResponseError as exc:
-            waiter.set_exception(exc)
-            self.close()
-            return
-        if len(self._values) >= self._expected:
-            values, self._values = self._values, []
-            waiter.set_result(values)
-
-    def _parse(self) -> None:
+    def _complete(self) -> list[Any] | None:
         pos = 0
         while len(self._values) < self._expected:
             parsed = parse_value(self._buffer, pos)
@@ -157,21 +137,15 @@ class RedisChannel(asyncio.Protocol):
             value, pos = parsed
             self._values.append(value)
         del self._buffer[:pos]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ResponseError(f"connection lost ({exc or 'closed by Redis'})"))
+        if len(self._values) < self._expected:
+            return None
+        values, self._values = self._values, []
+        return values
 
     async def call(self, payload: bytes, replies: int) -> list[Any]:
         """Write ``payload`` (``replies`` commands) and wait for all their replies."""
-        if self.closed or self._transport is None:
-            raise ResponseError("connection is closed")
         self._expected, self._values = replies, []
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(payload)
-        return await self._waiter
+        return await self._exchange(payload)
 
     async def send(self, envelope: bytes) -> Reply:
         """Publish one envelope and wait for its reply; :class:`ResponseError` on failure."""
@@ -191,12 +165,6 @@ class RedisChannel(asyncio.Protocol):
             self.close()  # a stale reply: this channel's stream is out of step
             raise ResponseError("reply with another correlation id")
         return reply_of(fields.get(b"response", b""))
-
-    def close(self) -> None:
-        self.closed = True
-        if self._transport is not None:
-            self._transport.close()
-
 
 def _single_entry(read: Any) -> tuple[bytes, dict[bytes, bytes]]:
     try:
