@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from config.settings import Settings
 from tests.queue_helpers import RABBIT, RABBIT_URL, REDIS, FakeLog, require_broker
 from worker.adapters.memory import DeadLetter, MemorySource
-from worker.adapters.publish import RabbitPublisher, RedisPublisher
 from worker.adapters.rabbitmq import RabbitSource, retry_delays_ms
 from worker.adapters.source import Source, open_source, retry_policy
+from worker.testing.publish import RabbitPublisher, RedisPublisher
 
 
 class Harness(Protocol):

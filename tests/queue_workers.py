@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from tests.conftest import notification_body
-from worker.emulator import Emulator
+from worker.testing.emulator import Emulator
 from worker.tracing import new_trace
 
 START_TIMEOUT = 30.0

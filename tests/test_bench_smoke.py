@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from tests.queue_helpers import REDIS, require_broker
-from worker.__main__ import build_parser
 from worker.bench.cli import bench_main
+from worker.cli import build_parser
 
 
 def test_tiny_bench_run_writes_the_table_and_the_json(

@@ -19,11 +19,11 @@ from worker.bench.floor import Floor
 from worker.bench.httpload import Reply
 from worker.bench.lambda_style import make_server
 from worker.bench.scenarios import build_routes
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.entities import PATIENT
-from worker.emulator.keys import cycling_factory, generate_key
 from worker.events import event_from_http
 from worker.logs import CapturingLog
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.entities import PATIENT
+from worker.testing.emulator.keys import cycling_factory, generate_key
 
 SCENARIOS = ("a", "b", "c", "d")
 

@@ -29,9 +29,8 @@ from worker.client import (
     parse_retry_after,
     service_login,
 )
-from worker.deadlines import current_deadline
 from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
-from worker.tracing import TraceContext, current_trace, parse_traceparent
+from worker.tracing import TraceContext, current_deadline, current_trace, parse_traceparent
 
 TRACE = TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01")
 SECRET = "s3cr3t-service-key"

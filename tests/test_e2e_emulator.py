@@ -25,13 +25,13 @@ from handlers import build_routes
 from tests.conftest import TRACE_ID, TRACEPARENT, settings_for
 from worker.adapters.http import HttpAdapter
 from worker.app import WorkerApp
-from worker.commands import subscribe_routes
 from worker.dispatch import Context
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.testing import ManualClock
 from worker.events import Notification
 from worker.logs import CapturingLog
 from worker.routing import Router
+from worker.testing.dev import subscribe_routes
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.testing import ManualClock
 
 PATIENTS = "/organization/v1/users/patients"
 

@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import ManualClock
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import ManualClock
 
 URL = "/_emulator/event-token"
 

@@ -10,10 +10,10 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.entities import PATIENT, template_for
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import ManualClock
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.entities import PATIENT, template_for
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import ManualClock
 
 PATIENTS = "/organization/v1/users/patients"
 CAREGIVERS = "/organization/v1/users/caregivers"

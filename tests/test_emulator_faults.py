@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.emulator import (
+from worker.testing.emulator import (
     Emulator,
     EmulatorConfig,
     EmulatorServer,
@@ -20,10 +20,10 @@ from worker.emulator import (
     config_from_args,
     serve_forever,
 )
-from worker.emulator.entities import PATIENT
-from worker.emulator.faults import Faults, route_matches
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import ManualClock, RecordingSleep
+from worker.testing.emulator.entities import PATIENT
+from worker.testing.emulator.faults import Faults, route_matches
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import ManualClock, RecordingSleep
 
 PATIENTS = "/organization/v1/users/patients"
 LOGIN = "/ums/v2/services/accessToken"

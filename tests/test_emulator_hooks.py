@@ -17,9 +17,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from worker.emulator import ApiFailure, Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import HookCall, ManualClock, PluginStub, json_answer
+from worker.testing.emulator import ApiFailure, Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import HookCall, ManualClock, PluginStub, json_answer
 
 PATIENTS = "/organization/v1/users/patients"
 PATCH_API = "PATCH/organization/v1/users/patients/{id}"

@@ -13,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import ManualClock, RecordingSleep
-from worker.emulator.wire import iso_ms
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import ManualClock, RecordingSleep
+from worker.testing.emulator.wire import iso_ms
 
 PATIENTS = "/organization/v1/users/patients"
 LOGIN = "/ums/v2/services/accessToken"

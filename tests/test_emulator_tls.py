@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
-from worker.emulator.keys import cycling_factory, generate_key
-from worker.emulator.testing import PluginStub
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator.keys import cycling_factory, generate_key
+from worker.testing.emulator.testing import PluginStub
 
 HEALTH = "/ums/system/healthCheck"
 

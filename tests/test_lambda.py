@@ -20,9 +20,9 @@ import pytest
 from tests.conftest import TRACE_ID, TRACEPARENT, interceptor_body, settings_for
 from worker.adapters import lambda_
 from worker.dispatch import Context
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.events import PreInterception
 from worker.routing import Router
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 
 
 @dataclass

@@ -19,7 +19,7 @@ from tests.conftest import interceptor_body, notification_body
 from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import FakeLog, eventually, queue_settings, serving
 from worker.app import WorkerApp
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.tracing import new_trace
 
 pytestmark = pytest.mark.broker

@@ -25,8 +25,8 @@ from tests.queue_workers import (
     start_queue_worker,
     stop_queue_worker,
 )
-from worker.adapters.publish import publish_all
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.publish import publish_all
 
 pytestmark = pytest.mark.broker
 BATCH = 1000

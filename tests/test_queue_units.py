@@ -28,7 +28,6 @@ from worker.adapters.envelope import (
     sample_envelope,
 )
 from worker.adapters.memory import MemorySource
-from worker.adapters.publish import add_publish_arguments, publish_main, read_envelopes
 from worker.adapters.rabbitmq import RabbitOptions, RabbitSource
 from worker.adapters.redis_streams import Entry, RedisOptions, delivery_of, netstrings
 from worker.adapters.source import (
@@ -36,13 +35,14 @@ from worker.adapters.source import (
     pump,
     redact_url,
     retry_policy,
-    run_source,
     split_url,
 )
 from worker.errors import EventError, PayloadTooLarge
 from worker.events import HookType
 from worker.responses import Response
 from worker.routing import Router
+from worker.runner import run_queue
+from worker.testing.publish import add_publish_arguments, publish_main, read_envelopes
 
 
 def test_retry_delays_double_up_to_the_cap() -> None:
@@ -135,32 +135,32 @@ def test_sample_envelopes_are_valid_events_of_their_hook(hook: str) -> None:
     assert "authorization" not in unsigned["headers"] and "jwt" not in unsigned["body"]
 
 
-async def test_run_source_refuses_memory_and_unknown_schemes() -> None:
+async def test_run_queue_refuses_memory_and_unknown_schemes() -> None:
     for url, problem in (("memory://", "in-process only"), ("kafka://h", "unknown queue URL")):
         with pytest.raises(SettingsError, match=problem):
-            await run_source(queue_settings(), Router(), url, stop=asyncio.Event())
+            await run_queue(queue_settings(), Router(), url, stop=asyncio.Event())
 
 
-async def test_run_source_exits_when_the_broker_is_unreachable(
+async def test_run_queue_exits_when_the_broker_is_unreachable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     for url in ("redis://:pw-not-logged@127.0.0.1:1/0", "amqp://guest:pw-not-logged@127.0.0.1:1/"):
         with pytest.raises(SystemExit) as exited:
-            await run_source(queue_settings(), Router(), url, stop=asyncio.Event())
+            await run_queue(queue_settings(), Router(), url, stop=asyncio.Event())
         assert exited.value.code == 1
     out = capsys.readouterr().out
     assert out.count('"message":"cannot open the queue"') == 2
     assert "pw-not-logged" not in out
 
 
-async def test_run_source_without_base_url_uses_the_embedded_emulator(
+async def test_run_queue_without_base_url_uses_the_embedded_emulator(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     require_broker("Redis", REDIS)
     stop = asyncio.Event()
     stop.set()  # open everything, then stop at once
     url = f"redis://{REDIS[0]}:{REDIS[1]}/0?stream=test-embedded-{id(stop)}&claim_idle=60"
-    await run_source(load_settings({}), Router(), url, stop=stop)
+    await run_queue(load_settings({}), Router(), url, stop=stop)
     records = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     [consuming] = [r for r in records if r["message"] == "worker consuming"]
     assert str(consuming["emulator_url"]).startswith("http://127.0.0.1:")

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import TRACEPARENT, interceptor_body, notification_body
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 
 START_TIMEOUT = 30.0
 
@@ -326,7 +326,7 @@ async def test_worker_runs_on_uvloop_when_asked(emulator: tuple[Emulator, str]) 
 
 def test_uvloop_missing_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from config.settings import SettingsError
-    from worker.__main__ import loop_factory
+    from worker.cli import loop_factory
 
     assert loop_factory("asyncio") is None
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed

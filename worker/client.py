@@ -31,7 +31,6 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from worker.deadlines import remaining
 from worker.errors import ApiAuthError, ApiError, TransientApiError
 from worker.fan_out import fan_out
 from worker.http_session import (
@@ -42,7 +41,7 @@ from worker.http_session import (
     open_session,
 )
 from worker.platform_api import LOGIN_PATH, PUBLIC_KEY_PATH, fetch_public_key_texts, service_login
-from worker.tracing import TraceContext, current_trace, new_trace
+from worker.tracing import TraceContext, current_trace, new_trace, remaining
 from worker.transport import (
     JSON_CONTENT_TYPE,
     RETRYABLE_STATUSES,

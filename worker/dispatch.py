@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from config.settings import Settings
-from worker.deadlines import current_deadline
 from worker.errors import AuthError, DeadlineExceeded, WorkerError
 from worker.events import (
     AdaptEntityInterception,
@@ -43,7 +42,7 @@ from worker.responses import (
     pre_response,
 )
 from worker.routing import AnyHandler, Router
-from worker.tracing import TraceContext, current_trace, trace_from_headers
+from worker.tracing import TraceContext, current_deadline, current_trace, trace_from_headers
 
 if TYPE_CHECKING:
     from worker.client import BiotClient

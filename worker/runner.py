@@ -11,9 +11,11 @@ import asyncio
 import signal
 from collections.abc import Callable
 from typing import BinaryIO, TextIO
+from urllib.parse import urlsplit
 
-from config.settings import Settings
+from config.settings import Settings, SettingsError
 from worker.adapters.http import HttpAdapter, serve
+from worker.adapters.source import SourceUnavailable, open_source, redact_url
 from worker.app import WorkerApp
 from worker.routing import Router
 
@@ -80,3 +82,41 @@ def _url_host(host: str) -> str:
     if host in ("0.0.0.0", ""):  # noqa: S104 - only formats a URL
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+async def run_queue(settings: Settings, routes: Router, url: str, *, stop: asyncio.Event) -> None:
+    """``biot-worker run --source URL``: serve the queue until ``stop`` (SIGTERM/SIGINT).
+
+    Without ``BIOT_BASE_URL`` the worker talks to an embedded emulator, as ``run`` does.
+    """
+    if urlsplit(url).scheme.lower() == "memory":
+        raise SettingsError(["--source: memory:// is in-process only (see MemorySource)"])
+    if settings.biot.base_url is None:
+        from worker.testing.dev import embedded_emulator
+
+        async with embedded_emulator(settings) as (_, server, pointed):
+            await _serve_queue(pointed, routes, url, stop, emulator_url=server.url)
+        return
+    await _serve_queue(settings, routes, url, stop)
+
+
+async def _serve_queue(
+    settings: Settings, routes: Router, url: str, stop: asyncio.Event, emulator_url: str = ""
+) -> None:
+    async with WorkerApp(settings, routes) as app:
+        try:
+            source = open_source(url, settings, app.log)
+        except ValueError as exc:
+            raise SettingsError([f"--source: {exc}"]) from None
+        try:
+            await source.__aenter__()
+        except SourceUnavailable as exc:
+            app.log.error("cannot open the queue", source=redact_url(url), error=str(exc))
+            raise SystemExit(1) from None
+        try:
+            fields = {"emulator_url": emulator_url} if emulator_url else {}
+            app.log.info("worker consuming", source=redact_url(url), **fields)
+            await source.serve(app.dispatcher.handle, stop=stop)
+        finally:
+            await source.__aexit__(None, None, None)
+        app.log.info("worker stopped; closing resources")

@@ -1,4 +1,5 @@
-"""W3C trace context: parse, format, child spans, and the per-event ``ContextVar``.
+"""The event's trace and deadline: W3C trace context (parse, format, child spans) and the
+per-event context variables holding each.
 
 The trace is bound once at the edge (the dispatcher) and read from :data:`current_trace` by the
 logger and the BioT client, so every log line and every outgoing call of an event carries the
@@ -7,6 +8,7 @@ same trace id without being passed around by hand.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Mapping
@@ -87,3 +89,19 @@ current_trace: ContextVar[TraceContext | None] = ContextVar("biot_trace", defaul
 def current_trace_id() -> str | None:
     trace = current_trace.get()
     return trace.trace_id if trace is not None else None
+
+
+# ---------------------------------------------------------------- deadline
+# The dispatcher binds the event's deadline (an absolute ``loop.time()``) when it starts a
+# handler; the BioT client reads it to bound each call, and its retries, by what is left.
+
+current_deadline: ContextVar[float | None] = ContextVar("biot_deadline", default=None)
+
+
+def remaining(deadline: float | None = None) -> float | None:
+    """Seconds left before ``deadline`` (default: the current event's), or ``None`` if unbounded."""
+    if deadline is None:
+        deadline = current_deadline.get()
+    if deadline is None:
+        return None
+    return deadline - asyncio.get_running_loop().time()

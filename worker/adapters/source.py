@@ -22,12 +22,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from config.settings import Settings, SettingsError
+from config.settings import Settings
 from worker.adapters.envelope import Decision, Delivery, Handle, Processor, RetryPolicy, Verdict
-from worker.app import WorkerApp
 from worker.logs import Log
 from worker.responses import ErrorContext
-from worker.routing import Router
 
 M = TypeVar("M")
 _RECEIVE_BACKOFF = (0.1, 5.0)  # first and largest pause after the broker failed a receive
@@ -278,44 +276,3 @@ def open_source(url: str, settings: Settings, log: Log) -> Source:
 
         return MemorySource.from_url(url, settings=settings, log=log)
     raise ValueError(f"unknown queue URL scheme {scheme!r} (redis://, amqp:// or memory://)")
-
-
-# ---------------------------------------------------------------- biot-worker run --source
-
-
-async def run_source(settings: Settings, routes: Router, url: str, *, stop: asyncio.Event) -> None:
-    """``biot-worker run --source URL``: serve the queue until ``stop`` (SIGTERM/SIGINT).
-
-    Without ``BIOT_BASE_URL`` the worker talks to an embedded emulator, as ``run`` does.
-    """
-    if urlsplit(url).scheme.lower() == "memory":
-        raise SettingsError(["--source: memory:// is in-process only (see MemorySource)"])
-    if settings.biot.base_url is None:
-        from worker.commands import embedded_emulator
-
-        async with embedded_emulator(settings) as (_, server, pointed):
-            await _serve(pointed, routes, url, stop, emulator_url=server.url)
-        return
-    await _serve(settings, routes, url, stop)
-
-
-async def _serve(
-    settings: Settings, routes: Router, url: str, stop: asyncio.Event, emulator_url: str = ""
-) -> None:
-    async with WorkerApp(settings, routes) as app:
-        try:
-            source = open_source(url, settings, app.log)
-        except ValueError as exc:
-            raise SettingsError([f"--source: {exc}"]) from None
-        try:
-            await source.__aenter__()
-        except SourceUnavailable as exc:
-            app.log.error("cannot open the queue", source=redact_url(url), error=str(exc))
-            raise SystemExit(1) from None
-        try:
-            fields = {"emulator_url": emulator_url} if emulator_url else {}
-            app.log.info("worker consuming", source=redact_url(url), **fields)
-            await source.serve(app.dispatcher.handle, stop=stop)
-        finally:
-            await source.__aexit__(None, None, None)
-        app.log.info("worker stopped; closing resources")

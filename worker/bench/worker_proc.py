@@ -1,6 +1,6 @@
 """The worker as the benchmark runs it when it must look inside.
 
-``python -m worker.bench.worker_proc run`` is ``biot-worker run`` (:func:`worker.__main__.main`)
+``python -m worker.bench.worker_proc run`` is ``biot-worker run`` (:func:`worker.cli.main`)
 plus two bench-only switches:
 
 - ``BENCH_PROFILE=PATH``: ``SIGUSR1`` starts cProfile on the main thread (the event loop),
@@ -49,7 +49,7 @@ class SignalProfiler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from worker.__main__ import main as worker_main
+    from worker.cli import main as worker_main
 
     for module in filter(None, os.environ.get("BENCH_PRELOAD", "").split(",")):
         importlib.import_module(module.strip())

@@ -23,9 +23,9 @@ import orjson
 from config.settings import load_settings
 from handlers import PATCH_PATIENT, build_routes
 from worker.app import WorkerApp
-from worker.commands import embedded_emulator, subscribe_routes
-from worker.emulator import Emulator
 from worker.runner import run_worker
+from worker.testing.dev import embedded_emulator, subscribe_routes
+from worker.testing.emulator import Emulator
 from worker.tracing import new_trace
 
 PATIENTS = "/organization/v1/users/patients"

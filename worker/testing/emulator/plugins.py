@@ -13,9 +13,9 @@ from typing import Any, Final
 
 import aiohttp
 
-from worker.emulator.calllog import CallLog
-from worker.emulator.identity import TokenService
-from worker.emulator.wire import ApiFailure, dumps
+from worker.testing.emulator.calllog import CallLog
+from worker.testing.emulator.identity import TokenService
+from worker.testing.emulator.wire import ApiFailure, dumps
 from worker.tracing import TraceContext
 
 _ACCEPT: Final = "application/json, application/octet-stream, application/cbor, application/*+json"

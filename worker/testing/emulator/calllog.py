@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from worker.emulator.wire import Clock, iso_ms
+from worker.testing.emulator.wire import Clock, iso_ms
 
 Direction = Literal["in", "out"]
 

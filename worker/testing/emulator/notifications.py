@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from worker.emulator.identity import Caller, TokenService
-from worker.emulator.plugins import HookClient
-from worker.emulator.subscriptions import NotificationSubscription, Subscriptions
-from worker.emulator.wire import Clock, iso_ms
+from worker.testing.emulator.identity import Caller, TokenService
+from worker.testing.emulator.plugins import HookClient
+from worker.testing.emulator.subscriptions import NotificationSubscription, Subscriptions
+from worker.testing.emulator.wire import Clock, iso_ms
 from worker.tracing import TraceContext
 
 _log = logging.getLogger(__name__)

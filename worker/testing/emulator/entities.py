@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from worker.emulator.wire import ApiFailure, Clock, iso_ms
+from worker.testing.emulator.wire import ApiFailure, Clock, iso_ms
 
 Entity = dict[str, Any]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from worker.emulator.entities import EntityStore
-from worker.emulator.identity import Caller
-from worker.emulator.interception import ApiRequest, CallSite, InterceptionChain
-from worker.emulator.middleware import request_trace, require_caller
-from worker.emulator.notifications import Action, Notifier
-from worker.emulator.operations import Outcome, action_name, execute
-from worker.emulator.routes import API_ROUTES, ApiRoute, resolve
-from worker.emulator.wire import ApiFailure, Clock, json_response, read_json
+from worker.testing.emulator.entities import EntityStore
+from worker.testing.emulator.identity import Caller
+from worker.testing.emulator.interception import ApiRequest, CallSite, InterceptionChain
+from worker.testing.emulator.middleware import request_trace, require_caller
+from worker.testing.emulator.notifications import Action, Notifier
+from worker.testing.emulator.operations import Outcome, action_name, execute
+from worker.testing.emulator.routes import API_ROUTES, ApiRoute, resolve
+from worker.testing.emulator.wire import ApiFailure, Clock, json_response, read_json
 from worker.tracing import TraceContext
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from worker.emulator.config import EmulatorConfig, ErrorRule
+from worker.testing.emulator.config import EmulatorConfig, ErrorRule
 
 
 def route_matches(pattern: str, method: str, path: str) -> bool:

@@ -10,12 +10,12 @@ and faults on request. It talks to plugins over HTTP only, exactly as BioT does.
 ...     print(server.url, emulator.service_user_id)
 """
 
-from worker.emulator.app import Emulator
-from worker.emulator.calllog import CallRecord
-from worker.emulator.cli import add_cli_arguments, config_from_args
-from worker.emulator.config import EmulatorConfig, ErrorRule
-from worker.emulator.server import EmulatorServer, serve_forever
-from worker.emulator.wire import ApiFailure
+from worker.testing.emulator.app import Emulator
+from worker.testing.emulator.calllog import CallRecord
+from worker.testing.emulator.cli import add_cli_arguments, config_from_args
+from worker.testing.emulator.config import EmulatorConfig, ErrorRule
+from worker.testing.emulator.server import EmulatorServer, serve_forever
+from worker.testing.emulator.wire import ApiFailure
 
 __all__ = [
     "ApiFailure",

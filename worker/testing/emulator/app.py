@@ -14,26 +14,26 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.emulator.admin import AdminApi
-from worker.emulator.calllog import CallLog, CallRecord
-from worker.emulator.config import EmulatorConfig
-from worker.emulator.dispatcher_api import DispatcherApi
-from worker.emulator.entities import EntityStore
-from worker.emulator.faults import Faults
-from worker.emulator.gateway import EntityGateway
-from worker.emulator.identity import TokenService
-from worker.emulator.interception import InterceptionChain
-from worker.emulator.keys import KeyFactory, KeyRing, generate_key
-from worker.emulator.middleware import Sleep, errors, faults, observe
-from worker.emulator.notifications import Notifier
-from worker.emulator.plugins import HookClient
-from worker.emulator.subscriptions import (
+from worker.testing.emulator.admin import AdminApi
+from worker.testing.emulator.calllog import CallLog, CallRecord
+from worker.testing.emulator.config import EmulatorConfig
+from worker.testing.emulator.dispatcher_api import DispatcherApi
+from worker.testing.emulator.entities import EntityStore
+from worker.testing.emulator.faults import Faults
+from worker.testing.emulator.gateway import EntityGateway
+from worker.testing.emulator.identity import TokenService
+from worker.testing.emulator.interception import InterceptionChain
+from worker.testing.emulator.keys import KeyFactory, KeyRing, generate_key
+from worker.testing.emulator.middleware import Sleep, errors, faults, observe
+from worker.testing.emulator.notifications import Notifier
+from worker.testing.emulator.plugins import HookClient
+from worker.testing.emulator.subscriptions import (
     InterceptionSubscription,
     NotificationSubscription,
     Subscriptions,
 )
-from worker.emulator.ums import UmsApi
-from worker.emulator.wire import Clock
+from worker.testing.emulator.ums import UmsApi
+from worker.testing.emulator.wire import Clock
 
 
 class Emulator:

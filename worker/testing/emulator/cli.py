@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from worker.emulator.config import (
+from worker.testing.emulator.config import (
     DEFAULT_SERVICE_USER_ID,
     DEFAULT_SERVICE_USER_SECRET,
     EmulatorConfig,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from worker.emulator.wire import ApiFailure, dumps, loads
+from worker.testing.emulator.wire import ApiFailure, dumps, loads
 
 Item = dict[str, Any]
 _ALIASES: Final = {"_templateId": "_template.id", "_templateName": "_template.name"}

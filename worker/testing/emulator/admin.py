@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from worker.emulator.wire import ApiFailure, iso_ms, json_response, read_json
+from worker.testing.emulator.wire import ApiFailure, iso_ms, json_response, read_json
 
 if TYPE_CHECKING:
-    from worker.emulator.app import Emulator
+    from worker.testing.emulator.app import Emulator
 
 PREFIX = "/_emulator"
 MAX_EVENT_TOKENS: Final = 10_000

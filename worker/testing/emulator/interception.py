@@ -13,11 +13,11 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from worker.emulator.identity import Caller
-from worker.emulator.plugins import HookClient, PluginReply
-from worker.emulator.routes import ApiRoute
-from worker.emulator.subscriptions import HOOKTYPES, InterceptionSubscription, Subscriptions
-from worker.emulator.wire import ApiFailure, PassThrough, loads, parse_status, status_text
+from worker.testing.emulator.identity import Caller
+from worker.testing.emulator.plugins import HookClient, PluginReply
+from worker.testing.emulator.routes import ApiRoute
+from worker.testing.emulator.subscriptions import HOOKTYPES, InterceptionSubscription, Subscriptions
+from worker.testing.emulator.wire import ApiFailure, PassThrough, loads, parse_status, status_text
 from worker.tracing import TraceContext
 
 

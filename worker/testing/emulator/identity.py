@@ -15,8 +15,8 @@ from typing import Any, Final, Literal
 
 import jwt
 
-from worker.emulator.keys import KeyRing
-from worker.emulator.wire import ApiFailure, Clock
+from worker.testing.emulator.keys import KeyRing
+from worker.testing.emulator.wire import ApiFailure, Clock
 
 TokenKind = Literal["service", "user", "plugin-internal", "none", "invalid"]
 

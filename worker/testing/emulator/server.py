@@ -11,9 +11,9 @@ from types import TracebackType
 
 from aiohttp import web
 
-from worker.emulator.app import Emulator
-from worker.emulator.config import EmulatorConfig
-from worker.emulator.tls import ensure_tls_files, server_ssl_context
+from worker.testing.emulator.app import Emulator
+from worker.testing.emulator.config import EmulatorConfig
+from worker.testing.emulator.tls import ensure_tls_files, server_ssl_context
 
 
 def check_loopback(host: str) -> None:

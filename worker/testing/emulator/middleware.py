@@ -14,10 +14,10 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from worker.emulator.calllog import CallLog
-from worker.emulator.faults import Faults
-from worker.emulator.identity import Caller, Rejected, TokenService
-from worker.emulator.wire import ApiFailure, PassThrough, error_body, json_response
+from worker.testing.emulator.calllog import CallLog
+from worker.testing.emulator.faults import Faults
+from worker.testing.emulator.identity import Caller, Rejected, TokenService
+from worker.testing.emulator.wire import ApiFailure, PassThrough, error_body, json_response
 from worker.tracing import TraceContext, trace_from_headers
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -1,6 +1,6 @@
 """What the CLI's commands do: ``run`` (with the embedded emulator by default), ``emulator``.
 
-``demo`` lives in :mod:`worker.demo`. The CLI module only parses flags and calls these.
+``demo`` lives in :mod:`worker.testing.demo`. The CLI module only parses flags and calls these.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import IO, BinaryIO, TextIO
 
 from config.settings import Settings, replace_settings
 from worker.app import WorkerApp
-from worker.emulator import Emulator, EmulatorConfig, EmulatorServer, config_from_args
-from worker.emulator import serve_forever as serve_emulator
 from worker.events import HookType
 from worker.loading import load_routes
 from worker.logs import Log
 from worker.routing import WILDCARD, Router
 from worker.runner import install_signal_handlers, run_worker
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer, config_from_args
+from worker.testing.emulator import serve_forever as serve_emulator
 
 Started = Callable[[WorkerApp, str], None]
 
@@ -49,9 +49,9 @@ async def run(
     remove = install_signal_handlers(stop)
     try:
         if source is not None:
-            from worker.adapters.source import run_source
+            from worker.runner import run_queue
 
-            await run_source(settings, routes, source, stop=stop)
+            await run_queue(settings, routes, source, stop=stop)
         elif settings.biot.base_url is not None:
             await run_worker(settings, routes, stop=stop, started=started)
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.emulator.wire import dumps, loads
+from worker.testing.emulator.wire import dumps, loads
 
 
 class ManualClock:

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from worker.emulator.routes import ApiRoute, api_id_matches
-from worker.emulator.wire import ApiFailure, Clock, iso_ms
+from worker.testing.emulator.routes import ApiRoute, api_id_matches
+from worker.testing.emulator.wire import ApiFailure, Clock, iso_ms
 
 ENTITY_TYPES: Final = (
     "device", "organization", "organization-user", "caregiver", "patient", "usage-session",

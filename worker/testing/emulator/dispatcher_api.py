@@ -11,10 +11,10 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.emulator.middleware import require_caller
-from worker.emulator.search import parse_search_request, search, search_response
-from worker.emulator.subscriptions import Subscriptions
-from worker.emulator.wire import ApiFailure, json_response, read_json
+from worker.testing.emulator.middleware import require_caller
+from worker.testing.emulator.search import parse_search_request, search, search_response
+from worker.testing.emulator.subscriptions import Subscriptions
+from worker.testing.emulator.wire import ApiFailure, json_response, read_json
 
 _BASE = "/dispatcher/v1/hooks"
 

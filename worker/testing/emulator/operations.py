@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker.emulator.entities import Entity, EntityStore
-from worker.emulator.interception import ApiRequest
-from worker.emulator.routes import ACTIONS, ApiRoute
-from worker.emulator.search import parse_search_request, search, search_response
-from worker.emulator.wire import ApiFailure
+from worker.testing.emulator.entities import Entity, EntityStore
+from worker.testing.emulator.interception import ApiRequest
+from worker.testing.emulator.routes import ACTIONS, ApiRoute
+from worker.testing.emulator.search import parse_search_request, search, search_response
+from worker.testing.emulator.wire import ApiFailure
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from worker.emulator.entities import KINDS, EntityKind
+from worker.testing.emulator.entities import KINDS, EntityKind
 
 Operation = Literal["search", "create", "get", "update", "delete"]
 

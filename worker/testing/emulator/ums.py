@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from worker import __version__
-from worker.emulator.faults import Faults
-from worker.emulator.identity import TokenService
-from worker.emulator.keys import KeyRing
-from worker.emulator.middleware import request_trace
-from worker.emulator.wire import ApiFailure, iso_ms, json_response, loads
+from worker.testing.emulator.faults import Faults
+from worker.testing.emulator.identity import TokenService
+from worker.testing.emulator.keys import KeyRing
+from worker.testing.emulator.middleware import request_trace
+from worker.testing.emulator.wire import ApiFailure, iso_ms, json_response, loads
 
 Sleep = Callable[[float], Awaitable[None]]
 

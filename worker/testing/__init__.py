@@ -1,0 +1,1 @@
+"""The plugin author's test kit: signed events, a handler's context, the emulator."""
