@@ -20,6 +20,7 @@ from multidict import CIMultiDictProxy, MultiMapping
 
 from worker.client import (
     DEFAULT_USER_AGENT,
+    BiotApi,
     BiotClient,
     create_session,
     fan_out,
@@ -164,6 +165,16 @@ def closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+# ---------------------------------------------------------------- the handler's view
+
+
+def test_biot_client_is_the_biot_api_handlers_see(client: BiotClient) -> None:
+    api: BiotApi = client  # structural: mypy checks every method's signature here
+    public = {name for name in vars(BiotClient) if not name.startswith("_")}
+    assert public == {name for name in vars(BiotApi) if not name.startswith("_")}
+    assert api is client
 
 
 # ---------------------------------------------------------------- headers and bodies
@@ -515,6 +526,16 @@ async def test_iter_search_stops_at_an_empty_page(client: BiotClient, upstream: 
     upstream.replies += [paged(3, claimed_total=100)] * 5
     assert await collect(client, limit=3) == ["0", "1", "2"]
     assert len(upstream.seen) == 2
+
+
+async def test_iter_search_sends_free_text_and_caller_params_on_every_page(
+    client: BiotClient, upstream: Upstream
+) -> None:
+    upstream.replies += [paged(4)] * 3
+    assert await collect(client, limit=2, free_text="ann", params={"x": "1"}) == list("0123")
+    requests = [orjson.loads(s.query["searchRequest"]) for s in upstream.seen]
+    assert [r["freeTextSearch"] for r in requests] == ["ann", "ann"]
+    assert [s.query["x"] for s in upstream.seen] == ["1", "1"]
 
 
 # ---------------------------------------------------------------- fan-out

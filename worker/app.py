@@ -19,10 +19,9 @@ import aiohttp
 from config.settings import Settings
 from worker import __version__
 from worker.auth import JwtVerifier, PublicKeys
-from worker.client import BiotClient, fetch_public_key_texts, service_login
+from worker.client import BiotClient, fetch_public_key_texts, open_session, service_login
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
-from worker.http_session import open_session
 from worker.log_backend import Backend
 from worker.log_bridge import bridge_stdlib_logging
 from worker.logs import Log, open_log

@@ -1,85 +1,169 @@
-"""The BioT API client: authenticated, traced, retried calls on the one pooled session
-(platform §4, §5, §8).
+"""The BioT client: the pooled session, authenticated and traced API calls, the two calls made
+without a service token (service-user login, public key), and bounded fan-out.
 
 Contract of every outgoing call made here:
 
 - headers are set explicitly per request (never through session defaults, middlewares or trace
-  configs, which ``aioresponses`` bypasses): ``Authorization`` with the service token,
-  ``traceparent`` as a child span of the current trace, ``User-Agent``, ``Accept``, and
-  ``Content-Type`` only when there is a body;
-- each attempt is bounded by its timeout and by what is left of the event's deadline;
-- transient failures of idempotent calls are retried with jittered backoff; a 401 refreshes the
-  token once; everything else raises an error from :mod:`worker.errors`, never an aiohttp one.
+  configs, which ``aioresponses`` bypasses): ``User-Agent``, ``Accept``, ``traceparent`` as a
+  new child span of the current trace (a fresh trace when none is bound), ``Content-Type`` only
+  when there is a body, and for API calls ``Authorization`` with the service token, which never
+  follows a redirect and never leaves for another origin than the base URL's;
+- an API call attempt is bounded by its timeout and by what is left of the event's deadline; the
+  login and the public-key fetch by their own timeout only, since one answer serves every event
+  waiting on the cache, and they are never retried here (the cache decides);
+- failures raise the :mod:`worker.errors` tree, never an aiohttp error:
+  :class:`TransientApiError` for timeouts, connection failures and 429/502/503/504 (with
+  ``details["retryAfter"]`` when BioT sent ``Retry-After``), :class:`ApiAuthError` for 401/403,
+  :class:`ApiError` otherwise, :class:`LoginError` for the login; no error carries a query
+  string, a token or the secret.
 
-Seams for the composition root: ``worker.tokens.ServiceTokens`` satisfies :class:`TokenSource`.
+Retry policy of :class:`BiotClient`, for idempotent methods only (``GET HEAD OPTIONS PUT
+DELETE``): transient failures are retried up to ``retries`` extra times after
+``min(backoff_max, backoff_base * 2**attempt) * (0.5 + random() / 2)`` seconds ("equal jitter"),
+or after ``Retry-After`` when BioT asks for longer. A wait that would not end before the event's
+deadline (or, with no deadline, one longer than the per-attempt timeout) is not started: the
+last error is raised at once. POST and PATCH are never retried on those, since BioT may have
+acted on them. A 401, for any method, drops the token and retries once with a fresh one; a
+second 401 raises :class:`ApiAuthError`.
 
-The rest of the client's public API lives in one module per concept and is re-exported here:
-:mod:`worker.http_session` (the session and its TLS context), :mod:`worker.transport` (one
-exchange, error translation, URL and query encoding), :mod:`worker.fan_out` (:func:`fan_out`)
-and :mod:`worker.platform_api` (:func:`service_login`, :func:`fetch_public_key_texts`).
+Seams for the composition root: ``worker.tokens.ServiceTokens`` satisfies :class:`TokenSource`;
+:func:`service_login` returns ``(accessToken, accessTokenExpiration)`` as text, to be wrapped as
+``AccessToken(token, parse_expiration(text))``; :func:`fetch_public_key_texts` returns
+``(publicKey, previousPublicKey)``, to be wrapped as ``PublicKeys(*texts)``. Handlers see the
+client as :class:`BiotApi`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random as _random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Protocol, TypedDict, TypeVar, Unpack
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
+from yarl import URL
 
-from worker.errors import ApiAuthError, ApiError, TransientApiError
-from worker.fan_out import fan_out
-from worker.http_session import (
-    DEFAULT_USER_AGENT,
-    SESSION_TIMEOUT,
-    create_session,
-    make_ssl_context,
-    open_session,
-)
-from worker.platform_api import LOGIN_PATH, PUBLIC_KEY_PATH, fetch_public_key_texts, service_login
+from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
 from worker.tracing import TraceContext, current_trace, new_trace, remaining
-from worker.transport import (
-    JSON_CONTENT_TYPE,
-    RETRYABLE_STATUSES,
-    Reply,
-    decode,
-    encode_params,
-    error_for,
-    exchange,
-    join_url,
-    parse_retry_after,
-    public_url,
-)
 
-__all__ = [  # what moved out is re-exported: importers of worker.client keep working
-    "DEFAULT_USER_AGENT", "IDEMPOTENT_METHODS", "JSON_CONTENT_TYPE", "LOGIN_PATH",
-    "PUBLIC_KEY_PATH", "RETRYABLE_STATUSES", "SESSION_TIMEOUT", "BiotClient", "ClientLog",
-    "TokenSource", "create_session", "encode_params", "fan_out", "fetch_public_key_texts",
-    "join_url", "make_ssl_context", "open_session", "parse_retry_after", "public_url",
-    "service_login",
+__all__ = [
+    "DEFAULT_USER_AGENT", "LOGIN_PATH", "PUBLIC_KEY_PATH", "BiotApi", "BiotClient", "ClientLog",
+    "RequestOptions", "TokenSource", "create_session", "fan_out", "fetch_public_key_texts",
+    "make_ssl_context", "open_session", "parse_retry_after", "service_login",
 ]  # fmt: skip
 
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+DEFAULT_USER_AGENT: Final = "biot-worker/0.1.0"
+LOGIN_PATH: Final = "/ums/v2/services/accessToken"
+PUBLIC_KEY_PATH: Final = "/ums/v1/security/public-key"
+
+_TIMEOUT: Final = 10.0  # seconds per attempt, login and public-key fetch unless told otherwise
+# Backstop for code that uses the session directly; the calls here bound each attempt themselves.
+_SESSION_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=10.0)
+_UNBOUNDED: Final = aiohttp.ClientTimeout()  # per request: our asyncio.timeout is the bound
+_RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+_IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_ACCEPT: Final = "application/json"
+_JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
+_TEXT_LIMIT: Final = 500  # characters of a non-JSON body kept in an error
+
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------- seams
+
+
+class RequestOptions(TypedDict, total=False):
+    """The keyword options of every request method, as :meth:`BiotApi.request` defines them."""
+
+    params: Mapping[str, Any] | None
+    json: Any
+    headers: Mapping[str, str] | None
+    allow_interception: bool
+    timeout: float | None
+
+
+class BiotApi(Protocol):
+    """What a handler calls on ``ctx.api``: BioT's API as the service user, in the event's trace."""
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        allow_interception: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call bound, merged with the deadline
+    ) -> Any:
+        """Send one call (``json=None``: no body); its JSON, ``None`` for 204, or an ApiError."""
+
+    async def get(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """``request("GET", path)``: transient failures are retried."""
+
+    async def post(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """``request("POST", path)``: transient failures are raised, never retried."""
+
+    async def put(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """``request("PUT", path)``: transient failures are retried."""
+
+    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """``request("PATCH", path)``: transient failures are raised, never retried."""
+
+    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """``request("DELETE", path)``: transient failures are retried."""
+
+    async def search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        page: int = 0,
+        limit: int = 30,
+        free_text: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> dict[str, Any]:
+        """One page of ``GET path?searchRequest=<JSON>``: ``{data, metadata}``, else ApiError."""
+
+    def iter_search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        limit: int = 30,
+        free_text: str | None = None,
+        max_pages: int | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every entity of a search in order, one page fetched at a time, ``max_pages`` at most."""
 
 
 class TokenSource(Protocol):
     """Where the service token comes from (``worker.tokens.ServiceTokens``)."""
 
-    async def get(self) -> str: ...
+    async def get(self) -> str:
+        """A token valid now; may wait on the one login in flight."""
 
-    def invalidate(self, token: str) -> None: ...
+    def invalidate(self, token: str) -> None:
+        """Forget ``token``, which BioT refused, so that the next ``get`` brings another."""
 
 
 class ClientLog(Protocol):
     """The part of ``worker.logs.Log`` the client uses."""
 
-    def debug(self, message: str, /, **fields: Any) -> None: ...
+    def debug(self, message: str, /, **fields: Any) -> None:
+        """Log a routine event (a refused token being replaced)."""
 
-    def warning(self, message: str, /, **fields: Any) -> None: ...
+    def warning(self, message: str, /, **fields: Any) -> None:
+        """Log an event worth attention (a retried call)."""
 
 
 class _SilentLog:
@@ -88,6 +172,9 @@ class _SilentLog:
 
     def warning(self, message: str, /, **fields: Any) -> None:
         pass
+
+
+# ---------------------------------------------------------------- API calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +190,7 @@ class _Call:
 
 
 class BiotClient:
-    """Calls BioT's API with the service token and the current trace; see the module contract.
-
-    Retry policy, for idempotent methods only (``GET HEAD OPTIONS PUT DELETE``): connection
-    errors, timeouts and 429/502/503/504 are retried up to ``retries`` extra times after
-    ``min(backoff_max, backoff_base * 2**attempt) * (0.5 + random() / 2)`` seconds ("equal
-    jitter"), or after ``Retry-After`` when BioT asks for longer. A wait that would not end
-    before the event's deadline (or, with no deadline, a ``Retry-After`` longer than the
-    per-attempt timeout) is not started: the last error is raised at once. POST and PATCH are
-    never retried on those, since BioT may have acted on them. A 401, for any method, drops
-    the token and retries once with a fresh one; a second 401 raises :class:`ApiAuthError`.
-    """
+    """Calls BioT's API with the service token, the current trace and the retry policy above."""
 
     def __init__(
         self,
@@ -121,7 +198,7 @@ class BiotClient:
         base_url: str,
         tokens: TokenSource,
         *,
-        timeout: float = 10.0,
+        timeout: float = _TIMEOUT,
         retries: int = 3,
         backoff_base: float = 0.05,
         backoff_max: float = 1.0,
@@ -153,16 +230,11 @@ class BiotClient:
         allow_interception: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a per-call bound, merged with the deadline
     ) -> Any:
-        """Send one call and return its decoded JSON (``None`` for 204 or an empty body).
-
-        ``json=None`` sends no body. ``path`` is joined to the base URL (a full URL must be on
-        the same origin). Caller ``headers`` go on top of ours, except ``Authorization``.
-        Raises :class:`TransientApiError`, :class:`ApiAuthError` or :class:`ApiError`.
-        """
+        """See :meth:`BiotApi.request`; ``path`` may be a full URL on the base URL's origin only."""
         call = _Call(
             method=method.upper(),
-            url=join_url(self._base_url, path),
-            params=encode_params(params),
+            url=_join_url(self._base_url, path),
+            params=_encode_params(params),
             body=None if json is None else orjson.dumps(json),
             headers=headers or {},
             allow_interception=allow_interception,
@@ -170,22 +242,27 @@ class BiotClient:
             trace=current_trace.get() or new_trace(),
         )
         reply = await self._send(call)
-        return decode(reply, call.method, call.url)
+        return _decode(reply, call.method, call.url)
 
-    async def get(self, path: str, **kw: Any) -> Any:
-        return await self.request("GET", path, **kw)
+    async def get(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.get`."""
+        return await self.request("GET", path, **options)
 
-    async def post(self, path: str, **kw: Any) -> Any:
-        return await self.request("POST", path, **kw)
+    async def post(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.post`."""
+        return await self.request("POST", path, **options)
 
-    async def put(self, path: str, **kw: Any) -> Any:
-        return await self.request("PUT", path, **kw)
+    async def put(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.put`."""
+        return await self.request("PUT", path, **options)
 
-    async def patch(self, path: str, **kw: Any) -> Any:
-        return await self.request("PATCH", path, **kw)
+    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.patch`."""
+        return await self.request("PATCH", path, **options)
 
-    async def delete(self, path: str, **kw: Any) -> Any:
-        return await self.request("DELETE", path, **kw)
+    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.delete`."""
+        return await self.request("DELETE", path, **options)
 
     async def search(
         self,
@@ -196,23 +273,20 @@ class BiotClient:
         page: int = 0,
         limit: int = 30,
         free_text: str | None = None,
-        **kw: Any,
+        **options: Unpack[RequestOptions],
     ) -> dict[str, Any]:
-        """``GET path?searchRequest=<JSON>``; returns ``{data, metadata: {page: {...}}}``.
-
-        Raises :class:`ApiError` when the answer is not a JSON object.
-        """
+        """See :meth:`BiotApi.search`; caller ``params`` are sent beside ``searchRequest``."""
         search_request: dict[str, Any] = {"filter": dict(filter or {}), "page": page,
                                           "limit": limit}
         if sort:
             search_request["sort"] = [dict(item) for item in sort]
         if free_text:
             search_request["freeTextSearch"] = free_text
-        params = {**(kw.pop("params", None) or {}), "searchRequest": search_request}
-        answer = await self.request("GET", path, params=params, **kw)
+        options["params"] = {**(options.get("params") or {}), "searchRequest": search_request}
+        answer = await self.request("GET", path, **options)
         if not isinstance(answer, dict):
             raise ApiError("search answer is not a JSON object", method="GET",
-                           url=public_url(join_url(self._base_url, path)))
+                           url=_public_url(_join_url(self._base_url, path)))
         return answer
 
     async def iter_search(
@@ -222,15 +296,15 @@ class BiotClient:
         filter: Mapping[str, Any] | None = None,
         sort: list[Mapping[str, Any]] | None = None,
         limit: int = 30,
+        free_text: str | None = None,
         max_pages: int | None = None,
-        **kw: Any,
+        **options: Unpack[RequestOptions],
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every entity across pages, in order; stops at an empty page, when ``totalResults``
-        is covered, or after ``max_pages`` pages."""
+        """See :meth:`BiotApi.iter_search`; stops at an empty page or once ``totalResults`` met."""
         page = 0
         while max_pages is None or page < max_pages:
             answer = await self.search(path, filter=filter, sort=sort, page=page, limit=limit,
-                                       **kw)
+                                       free_text=free_text, **options)
             data = answer.get("data") or []
             for entity in data:
                 yield entity
@@ -238,7 +312,7 @@ class BiotClient:
                 return
             page += 1
 
-    async def _send(self, call: _Call) -> Reply:
+    async def _send(self, call: _Call) -> _Reply:
         """Attempts until a 2xx, applying the 401 refresh and the retry policy."""
         attempt = 0
         refreshed = False
@@ -250,52 +324,39 @@ class BiotClient:
                 if refreshed or error.upstream_status != 401:
                     raise
                 self._log.debug("service token refused; retrying with a fresh one",
-                                method=call.method, url=public_url(call.url))
+                                method=call.method, url=_public_url(call.url))
                 self._tokens.invalidate(token)
                 refreshed = True
             except TransientApiError as error:
                 await self._backoff(call, attempt, error)
                 attempt += 1
 
-    async def _attempt(self, call: _Call, token: str) -> Reply:
+    async def _attempt(self, call: _Call, token: str) -> _Reply:
         left = remaining()
         if left is not None and left <= 0:
             raise TransientApiError("deadline exceeded before call", method=call.method,
-                                    url=public_url(call.url))
-        limit = call.timeout if left is None else min(call.timeout, left)
-        reply = await exchange(
-            self._session, call.method, call.url, headers=self._headers(call, token),
-            limit=limit, params=call.params, body=call.body,
-        )
-        if reply.status >= 300:
-            raise error_for(reply, call.method, call.url)
-        return reply
-
-    def _headers(self, call: _Call, token: str) -> CIMultiDict[str]:
-        headers = CIMultiDict(
-            {
-                "User-Agent": self._user_agent,
-                "Accept": "application/json",
-                "traceparent": call.trace.child().traceparent,  # a new span per attempt
-            }
-        )
-        if call.body is not None:
-            headers["Content-Type"] = JSON_CONTENT_TYPE
+                                    url=_public_url(call.url))
+        headers = _headers(self._user_agent, call.trace, call.body is not None)
         if call.allow_interception:
             headers["allow-interception"] = "1"
         headers.update(call.headers)
-        headers["Authorization"] = f"Bearer {token}"
-        return headers
+        headers["Authorization"] = f"Bearer {token}"  # last: a caller's header never replaces it
+        limit = call.timeout if left is None else min(call.timeout, left)
+        reply = await _exchange(self._session, call.method, call.url, headers, limit,
+                                params=call.params, body=call.body)
+        if reply.status >= 300:
+            raise _error_for(reply, call.method, call.url)
+        return reply
 
     async def _backoff(self, call: _Call, attempt: int, error: TransientApiError) -> None:
         """Sleep before the next attempt, or re-raise ``error`` when none may be made."""
-        if call.method not in IDEMPOTENT_METHODS or attempt >= self._retries:
+        if call.method not in _IDEMPOTENT_METHODS or attempt >= self._retries:
             raise error
         delay = self._delay(attempt, error.details.get("retryAfter"))
         left = remaining()
         if delay >= (call.timeout if left is None else left):
             raise error
-        self._log.warning("retrying BioT call", method=call.method, url=public_url(call.url),
+        self._log.warning("retrying BioT call", method=call.method, url=_public_url(call.url),
                           status=error.upstream_status, attempt=attempt + 1, delay=delay)
         await self._sleep(delay)
 
@@ -313,3 +374,311 @@ def _is_last_page(answer: Mapping[str, Any], page: int, limit: int, count: int) 
         return total <= (page + 1) * limit
     return count < limit  # no total given: a short page is the last one
 
+
+# ---------------------------------------------------------------- calls without a service token
+
+
+async def service_login(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    user_id: str,
+    secret: str,
+    *,
+    timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own: one login serves every event
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> tuple[str, str]:
+    """``POST`` :data:`LOGIN_PATH` once: ``(accessToken, accessTokenExpiration)``, or LoginError."""
+    url = _join_url(base_url, LOGIN_PATH)
+    trace = current_trace.get() or new_trace()
+    body = orjson.dumps({"id": user_id, "secretKey": secret})
+    try:
+        reply = await _exchange(session, "POST", url, _headers(user_agent, trace, True), timeout,
+                                body=body)
+    except ApiError as error:
+        raise _login_error(error.message, url) from error
+    if reply.status >= 300:
+        raise _login_refused(reply, url, secret)
+    return _login_answer(reply, url)
+
+
+def _login_error(
+    message: str, url: str, status: int | None = None, body: Any = None
+) -> LoginError:
+    error = LoginError(f"service-user login failed: {message}", status=status, method="POST",
+                       url=_public_url(url), body=body)
+    # A refusal (4xx other than 429) will not change by asking again.
+    error.transient = status is None or status >= 500 or status == 429
+    return error
+
+
+def _login_refused(reply: _Reply, url: str, secret: str) -> LoginError:
+    body, code = _error_body(reply.raw)
+    if secret and secret in orjson.dumps(body).decode():
+        body = {"code": code}  # BioT echoed the secret back: keep only the code
+    return _login_error(_answered(reply.status, code), url, reply.status, body)
+
+
+def _login_answer(reply: _Reply, url: str) -> tuple[str, str]:
+    # The answer holds a token: never attach it to an error.
+    try:
+        answer = orjson.loads(reply.raw)
+    except orjson.JSONDecodeError:
+        raise _login_error("the answer is not JSON", url, reply.status) from None
+    token = answer.get("accessToken") if isinstance(answer, dict) else None
+    expiration = answer.get("accessTokenExpiration") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token or not isinstance(expiration, str):
+        raise _login_error("the answer lacks accessToken or accessTokenExpiration", url,
+                           reply.status)
+    return token, expiration
+
+
+async def fetch_public_key_texts(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    *,
+    timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own, like the login
+) -> tuple[str, str | None]:
+    """``GET`` :data:`PUBLIC_KEY_PATH`, no token nor trace: ``(publicKey, previous or None)``."""
+    url = _join_url(base_url, PUBLIC_KEY_PATH)
+    reply = await _exchange(session, "GET", url, {"Accept": _ACCEPT}, timeout)
+    if reply.status >= 300:
+        raise _error_for(reply, "GET", url)
+    answer = _decode(reply, "GET", url)
+    current = answer.get("publicKey") if isinstance(answer, dict) else None
+    if not isinstance(current, str) or not current:
+        raise ApiError("public-key answer lacks publicKey", status=reply.status, method="GET",
+                       url=_public_url(url))
+    previous = answer.get("previousPublicKey")
+    return current, previous if isinstance(previous, str) and previous else None
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+async def fan_out(calls: Iterable[Callable[[], Awaitable[_T]]], *, limit: int = 8) -> list[_T]:
+    """Run the calls, ``limit`` at a time, results in input order; a failure cancels the rest."""
+    if limit < 1:
+        raise ValueError(f"limit must be 1 or more, got {limit}")
+    factories = list(calls)
+    gate = asyncio.Semaphore(limit)
+
+    async def gated(call: Callable[[], Awaitable[_T]]) -> _T:
+        async with gate:
+            return await call()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(gated(call)) for call in factories]
+    except ExceptionGroup as failures:
+        # Raised as itself, not as an ExceptionGroup, so that handlers can `except ApiError`.
+        raise _first_failure(tasks, failures) from None
+    return [task.result() for task in tasks]
+
+
+def _first_failure(tasks: list[asyncio.Task[Any]], failures: ExceptionGroup[Any]) -> Exception:
+    # The group lists failures in the order they happened; callers expect input order.
+    failed = [task.exception() for task in tasks if task.done() and not task.cancelled()]
+    first = next((exc for exc in failed if isinstance(exc, Exception)), failures.exceptions[0])
+    if len(failures.exceptions) > 1:
+        first.add_note(f"{len(failures.exceptions) - 1} other call(s) of the fan-out also failed")
+    return first
+
+
+# ---------------------------------------------------------------- the session
+
+
+def make_ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """A verifying TLS context: system store or only ``ca_bundle``; blocking; ValueError if bad."""
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except OSError as exc:  # FileNotFoundError, PermissionError, ssl.SSLError (not PEM)
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"cannot load CA bundle {ca_bundle!r}: {reason}") from exc
+
+
+def create_session(
+    *,
+    max_connections: int = 100,
+    ca_bundle: str | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> aiohttp.ClientSession:
+    """The process's one keep-alive session, trust store loaded blocking; needs a running loop."""
+    asyncio.get_running_loop()
+    return _build_session(make_ssl_context(ca_bundle), max_connections, user_agent)
+
+
+async def open_session(
+    *,
+    max_connections: int = 100,
+    ca_bundle: str | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> aiohttp.ClientSession:
+    """:func:`create_session`, loading the trust store in a thread so the loop never blocks."""
+    context = await asyncio.to_thread(make_ssl_context, ca_bundle)
+    return _build_session(context, max_connections, user_agent)
+
+
+def _build_session(
+    context: ssl.SSLContext, max_connections: int, user_agent: str
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_connections, ssl=context, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": user_agent},
+        json_serialize=_dumps_text,
+        json_serialize_bytes=orjson.dumps,
+        timeout=_SESSION_TIMEOUT,
+        trust_env=False,  # no proxy or netrc picked up from the environment behind our back
+    )
+
+
+def _dumps_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------- one exchange, and its outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: Mapping[str, str]
+    raw: bytes
+
+
+def _headers(user_agent: str, trace: TraceContext, has_body: bool) -> CIMultiDict[str]:
+    """The headers every traced call carries; each call gets a new span of ``trace``."""
+    headers = CIMultiDict(
+        {"User-Agent": user_agent, "Accept": _ACCEPT, "traceparent": trace.child().traceparent}
+    )
+    if has_body:
+        headers["Content-Type"] = _JSON_CONTENT_TYPE
+    return headers
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    limit: float,
+    *,
+    params: list[tuple[str, str]] | None = None,
+    body: bytes | None = None,
+) -> _Reply:
+    """One request with exactly ``headers``, its body read within ``limit`` seconds, any status.
+
+    Timeouts and connection failures raise :class:`TransientApiError`, a malformed URL
+    :class:`ApiError`; nothing here retries.
+    """
+    try:
+        async with asyncio.timeout(limit):
+            async with session.request(
+                method, url, params=params, data=body, headers=headers,
+                timeout=_UNBOUNDED, allow_redirects=False,  # the token never follows a redirect
+            ) as response:
+                return _Reply(response.status, response.headers, await response.read())
+    except TimeoutError:
+        message = f"no answer within {limit:.3g}s"
+        raise TransientApiError(message, method=method, url=_public_url(url)) from None
+    except aiohttp.InvalidURL as exc:
+        raise ApiError("invalid URL", method=method, url=_public_url(url)) from exc
+    except aiohttp.ClientError as exc:
+        message = f"connection failed ({type(exc).__name__})"
+        raise TransientApiError(message, method=method, url=_public_url(url)) from exc
+
+
+def _error_for(reply: _Reply, method: str, url: str) -> ApiError:
+    """The typed error for a non-2xx reply; transient ones carry ``details["retryAfter"]``."""
+    body, code = _error_body(reply.raw)
+    url = _public_url(url)
+    kind = _error_kind(reply.status)
+    error = kind(f"{_answered(reply.status, code)} to {method} {url}", status=reply.status,
+                 method=method, url=url, body=body)
+    wait = parse_retry_after(reply.headers.get("Retry-After"))
+    if kind is TransientApiError and wait is not None:
+        error.details["retryAfter"] = wait
+    return error
+
+
+def _error_kind(status: int) -> type[ApiError]:
+    if status in _RETRYABLE_STATUSES:
+        return TransientApiError
+    if status in (401, 403):
+        return ApiAuthError
+    return ApiError
+
+
+def _error_body(raw: bytes) -> tuple[Any, str | None]:
+    """BioT's ``ErrorResponse`` (or the body's text, cut short) and its ``code`` when it has one."""
+    try:
+        body = orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        body = raw[:_TEXT_LIMIT].decode("utf-8", "replace")
+    return body, body.get("code") if isinstance(body, dict) else None
+
+
+def _answered(status: int, code: str | None) -> str:
+    return f"BioT answered {status}{f' {code}' if code else ''}"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or ``None``."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _decode(reply: _Reply, method: str, url: str) -> Any:
+    """The decoded JSON of a 2xx reply; ``None`` for 204 or an empty body; ApiError if not JSON."""
+    if reply.status == 204 or not reply.raw.strip():
+        return None
+    try:
+        return orjson.loads(reply.raw)
+    except orjson.JSONDecodeError:
+        message = f"BioT answered {reply.status} to {method} with a body that is not JSON"
+        body = reply.raw[:_TEXT_LIMIT].decode("utf-8", "replace")
+        raise ApiError(message, status=reply.status, method=method, url=_public_url(url),
+                       body=body) from None
+
+
+def _public_url(url: str) -> str:
+    """``url`` without its query string, which may carry search terms or secrets."""
+    return url.split("?", 1)[0]
+
+
+def _join_url(base_url: str, path: str) -> str:
+    """``path`` under ``base_url``; a full URL on another origin raises ``ValueError``."""
+    if not path.startswith(("http://", "https://")):
+        return base_url.rstrip("/") + "/" + path.lstrip("/")
+    if URL(path).origin() != URL(base_url).origin():
+        raise ValueError(f"refusing to call {_public_url(path)}: not under {base_url}")
+    return path
+
+
+def _encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """Query pairs: a list or tuple repeats the key, ``None`` is left out, ``True`` is ``true``,
+    and a dict (BioT's ``searchRequest``) is JSON."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        values = value if isinstance(value, list | tuple) else (value,)
+        pairs.extend((key, _param_text(item)) for item in values if item is not None)
+    return pairs
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return orjson.dumps(value).decode()

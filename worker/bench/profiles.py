@@ -16,9 +16,7 @@ IDLE: Final = "idle (epoll wait)"
 _BY_PATH: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("worker: JWT check (auth)", ("/worker/auth.py",)),
     ("worker: log", ("/worker/log", "/worker/redaction.py", "/logging/")),
-    ("worker: BioT client", ("/worker/client.py", "/worker/transport.py", "/worker/tokens.py",
-                             "/worker/fan_out.py", "/worker/http_session.py",
-                             "/worker/platform_api.py", "/worker/tracing.py")),
+    ("worker: BioT client", ("/worker/client.py", "/worker/tokens.py", "/worker/tracing.py")),
     ("worker: dispatch, events, responses", ("/worker/",)),
     ("aiohttp server (HTTP in)", ("/aiohttp/web", "/aiohttp/http_", "/aiohttp/_http",
                                   "/aiohttp/base_protocol")),
