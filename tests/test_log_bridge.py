@@ -7,8 +7,7 @@ import logging
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
-from worker.log_bridge import LoggerLog, bridge_stdlib_logging
-from worker.logs import CapturingLog
+from worker.logs import CapturingLog, LoggerLog, bridge_stdlib_logging
 
 
 def test_records_are_forwarded_with_level_and_logger() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -19,15 +20,17 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 import pytest
 
+from config.settings import SettingsError
 from worker.logs import (
     REDACTED,
-    AioLog,
     CapturingLog,
     Log,
     StdlibLog,
     open_log,
     redact,
 )
+from worker.logs.aio import AioLog
+from worker.logs.records import dumps_line
 from worker.tracing import TraceContext, current_trace
 
 BACKENDS = ("stdlib", "aiologger")
@@ -265,6 +268,26 @@ def test_unknown_backend_is_refused() -> None:
         open_log("loguru", app_name="a")
 
 
+def test_importing_the_logs_does_not_import_aiologger() -> None:
+    code = "import sys, worker.logs; assert 'aiologger' not in sys.modules, 'aiologger imported'"
+    done = subprocess.run(  # noqa: S603  # a fresh interpreter: this one imported aiologger
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_aiologger_not_installed_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes "import aiologger" fail as if it were not installed; without
+    # worker.logs.aio in sys.modules, open_log imports it afresh.
+    monkeypatch.setitem(sys.modules, "aiologger", None)
+    monkeypatch.delitem(sys.modules, "worker.logs.aio")
+    with pytest.raises(SettingsError) as raised:
+        open_log("aiologger", app_name="a")
+    assert raised.value.problems == [
+        "WORKER_LOG_BACKEND: aiologger is not installed (pip install 'biot-worker[aiologger]')"
+    ]
+
+
 def _fail_deep() -> None:
     raise KeyError(f"no such key; token was {JWT}")
 
@@ -438,6 +461,27 @@ async def test_unserialisable_values_become_strings(
     assert first["tuple_keys"] == "{(1, 2): 'x'}" and first["numbers"] == {"1": "one"}
     assert first["creds"] == "_Credentials(user='svc')" and b"hide-me" not in raw
     assert first["when"] == "2026-01-02T03:04:05+00:00" and second["message"] == "after"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_lone_surrogates_are_replaced_and_the_line_is_written(
+    backend: str, target_factory: Callable[[str], Target]
+) -> None:
+    target = target_factory("pipe")  # a text stream: the line must also be valid UTF-8
+    header = b"caf\xff".decode("utf-8", "surrogateescape")  # "caf\udcff"
+    message = "header " + header
+    async with open_log(backend, app_name="a", stream=target.stream) as log:
+        log.info(message, value=header, headers={"x-odd": header, header: 1}, n=2**70)
+        log.info("after")
+    first, second = parse_lines(await target.output())
+    assert first["message"] == "header caf?" and first["value"] == "caf?"
+    assert first["headers"] == {"x-odd": "caf?", "caf?": 1} and first["n"] == str(2**70)
+    assert second["message"] == "after"
+
+
+def test_dumps_line_never_raises_on_lone_surrogates() -> None:
+    record = {"message": "\ud800 alone", "\udcff": ["\udfff", {"k": ("\udcff",)}]}
+    assert orjson.loads(dumps_line(record)) == {"message": "? alone", "?": ["?", {"k": ["?"]}]}
 
 
 def test_a_record_that_cannot_be_built_is_replaced_not_raised() -> None:

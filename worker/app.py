@@ -22,9 +22,7 @@ from worker.auth import JwtVerifier, PublicKeys
 from worker.client import BiotClient, fetch_public_key_texts, open_session, service_login
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
-from worker.log_backend import Backend
-from worker.log_bridge import bridge_stdlib_logging
-from worker.logs import Log, open_log
+from worker.logs import Backend, Log, bridge_stdlib_logging, open_log
 from worker.routing import Router
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
 

@@ -45,8 +45,7 @@ from cryptography.hazmat.primitives.serialization import (
 from jwt.types import Options
 
 from worker.errors import AuthError, ScopeError
-from worker.log_bridge import LoggerLog
-from worker.logs import Log
+from worker.logs import Log, LoggerLog
 
 __all__ = ["JwtVerifier", "KeyFetcher", "PublicKeys", "load_public_key"]
 

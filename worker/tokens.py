@@ -33,8 +33,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from worker.errors import LoginError
-from worker.log_bridge import LoggerLog
-from worker.logs import Log
+from worker.logs import Log, LoggerLog
 
 __all__ = ["AccessToken", "LoginFn", "ServiceTokens", "parse_expiration"]
 

@@ -15,7 +15,7 @@ IDLE: Final = "idle (epoll wait)"
 # (component, substrings of the file path), first match wins.
 _BY_PATH: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("worker: JWT check (auth)", ("/worker/auth.py",)),
-    ("worker: log", ("/worker/log", "/worker/redaction.py", "/logging/")),
+    ("worker: log", ("/worker/log", "/logging/")),
     ("worker: BioT client", ("/worker/client.py", "/worker/tokens.py", "/worker/tracing.py")),
     ("worker: dispatch, events, responses", ("/worker/",)),
     ("aiohttp server (HTTP in)", ("/aiohttp/web", "/aiohttp/http_", "/aiohttp/_http",

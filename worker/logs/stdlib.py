@@ -1,21 +1,17 @@
 """The default log backend: JSON lines through stdlib ``logging`` and a listener thread.
 
-Contract: :class:`StdlibLog` is a :class:`worker.log_backend.Backend` over a private
+Contract: :class:`StdlibLog` is a :class:`worker.logs.core.Backend` over a private
 :class:`logging.Logger` whose ``QueueHandler`` feeds a ``QueueListener`` thread that writes
 batches (one write and flush per burst) to the stream, so a slow or stuck stdout never stalls
 the event loop. The line is built, redacted and serialised at the call site: serialising on the
-listener instead was not cheaper (9.6-13.6 against 11.1-12.2 µs a call, with the stock
-``LogRecord``), since the listener then fights the loop for the GIL, and the call site must
-copy mutable fields anyway.
+listener instead was not cheaper, since the listener then fights the loop for the GIL, and the
+call site must copy mutable fields anyway.
 
 On the event loop's thread, finished lines are not handed to the listener one by one: waking
-that thread per record cost 40-100 µs of CPU per event in ``biot-worker bench`` (the thread
-fights the loop for the GIL). They are collected and handed over as one batch at most
-``_HANDOVER_DELAY`` later (or when ``_MAX_BATCH`` lines are waiting, or on :meth:`flush` and
-``aclose``). Lines logged from other threads take the direct path. Lines of one thread keep
-their order.
-
-Its cost, measured against :class:`worker.log_aio.AioLog`, is in :mod:`worker.logs`.
+that thread per record costs more CPU than the record itself (the thread fights the loop for
+the GIL). They are collected and handed over as one batch at most ``_HANDOVER_DELAY`` later (or
+when ``_MAX_BATCH`` lines are waiting, or on :meth:`StdlibLog.flush` and ``aclose``). Lines
+logged from other threads take the direct path. Lines of one thread keep their order.
 """
 
 from __future__ import annotations
@@ -28,9 +24,8 @@ import threading
 import time
 from typing import Any, Final, cast
 
-from worker.log_backend import Backend, LineWriter, Stream
-from worker.log_front import Clock
-from worker.log_records import INFO, Level, dumps_line
+from worker.logs.core import Backend, Clock, LineWriter, Stream
+from worker.logs.records import INFO, Level, dumps_line
 
 
 class _PassThroughQueueHandler(logging.handlers.QueueHandler):
@@ -44,8 +39,8 @@ class _PassThroughQueueHandler(logging.handlers.QueueHandler):
 class _LineRecord(logging.LogRecord):
     """A ``LogRecord`` that only carries a finished line to the listener thread.
 
-    ``LogRecord.__init__`` (pid, thread and process names, path parsing: about 3.5 µs) was a
-    third of a call here, and none of it is used: the line already holds what BioT wants.
+    ``LogRecord.__init__`` (pid, thread and process names, path parsing) is a large share of a
+    call, and none of it is used: the line already holds what BioT wants.
     """
 
     def __init__(self, name: str, level: Level, line: bytes) -> None:
@@ -193,4 +188,3 @@ class StdlibLog(Backend):
             if record is not None:  # None is the listener's stop sentinel
                 self._batcher.handle(record)
         self._batcher.flush()
-

@@ -1,12 +1,14 @@
 """The aiologger log backend: aiologger 0.7.0 behind the same ``Log`` protocol.
 
-Contract: :class:`AioLog` is a :class:`worker.log_backend.Backend` writing the same bytes as
-:class:`worker.log_stdlib.StdlibLog`. Each record is an aiologger task. Its traps are handled
+aiologger is an optional extra: this module imports it, and :func:`worker.logs.open_log` imports
+this module only when that backend is chosen (aiologger also reads the environment when
+imported, which must not happen when the worker is imported).
+
+Contract: :class:`AioLog` is a :class:`worker.logs.core.Backend` writing the same bytes as
+:class:`worker.logs.stdlib.StdlibLog`. Each record is an aiologger task. Its traps are handled
 here: pending tasks are tracked and awaited in ``aclose`` (``shutdown()`` does not wait for
 them); lines go through our own handler that writes from one worker thread (aiologger's stream
 handler fails on a regular file, and its ``shutdown()`` closes stdout).
-
-Its cost, measured against :class:`worker.log_stdlib.StdlibLog`, is in :mod:`worker.logs`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from worker.log_backend import Backend, LineWriter, Stream, report
-from worker.log_front import Clock
-from worker.log_records import Level, dumps_line
+from aiologger import Logger
+from aiologger.records import LogRecord
+
+from worker.logs.core import Backend, Clock, LineWriter, Stream, report
+from worker.logs.records import Level, dumps_line
 
 
 class _AioLineHandler:
@@ -81,21 +85,15 @@ class AioLog(Backend):
         self._executor: ThreadPoolExecutor | None = None
         self._logger: Any = None
         self._handler: _AioLineHandler | None = None
-        self._make_log_record: Any = None
         self._closed = False
 
     async def _start(self) -> None:
         if self._loop is not None:
             return
-        # Imported here: aiologger reads the environment when imported.
-        from aiologger import Logger
-        from aiologger.records import LogRecord
-
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="biot-log")
         self._logger = Logger(name="biot-worker")
         self._handler = _AioLineHandler(self._writer, self._executor)
         self._logger.add_handler(self._handler)
-        self._make_log_record = LogRecord
         self._loop = asyncio.get_running_loop()
 
     def _write_record(self, level: Level, record: dict[str, Any]) -> None:
@@ -103,7 +101,7 @@ class AioLog(Backend):
         if self._closed or self._loop is None or not self._in_loop():
             self._writer.write([line])
             return
-        log_record = self._make_log_record(
+        log_record = LogRecord(
             name="biot-worker", level=level.number, pathname="", lineno=0, msg=line, args=None
         )
         task = self._loop.create_task(self._logger.handle(log_record))

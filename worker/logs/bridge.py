@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from worker.logs import Log
-from worker.redaction import redact
+from worker.logs.core import Log
+from worker.logs.records import redact
 
 
 class LogBridge(logging.Handler):

@@ -1,4 +1,4 @@
-"""Structured logging in BioT's JSON shape (platform §6), with redaction and two backends.
+"""Structured logging in BioT's JSON shape, with redaction and two backends.
 
 Every record is ONE JSON object on ONE line::
 
@@ -9,28 +9,20 @@ Every record is ONE JSON object on ONE line::
 when no trace is bound). Every record, including its message, goes through :func:`redact`, so
 no JWT, bearer token, secret key or password reaches the output. A logging call never raises.
 
-This module is the entry point: :func:`open_log` picks a backend, :class:`CapturingLog` keeps
-the records as dicts, for tests, and the rest of the public API is re-exported from where it
-lives:
+This package's surface is here: :func:`open_log` picks a backend, :class:`CapturingLog` keeps
+the records as dicts, for tests. Inside it:
 
-- :mod:`worker.redaction`: :func:`redact` and :data:`REDACTED`, the key and text rules;
-- :mod:`worker.log_front`: the :class:`Log` protocol and the front end every log shares;
-- :mod:`worker.log_records`: levels, the record in BioT's field order and its JSON line;
-- :mod:`worker.log_backend`: what the backends share (stream writer, ``async with``/``aclose``);
-- :mod:`worker.log_stdlib`: :class:`StdlibLog`, the default (queue and listener thread);
-- :mod:`worker.log_aio`: :class:`AioLog`, aiologger 0.7.0 behind the same protocol.
+- :mod:`worker.logs.records`: levels, redaction, the record in BioT's field order, its JSON line;
+- :mod:`worker.logs.core`: the :class:`Log` protocol, the front end every log shares
+  (:class:`BoundLog`), and the real backends' stream writer and lifecycle (:class:`Backend`);
+- :mod:`worker.logs.stdlib`: :class:`StdlibLog`, the default (queue and listener thread);
+- :mod:`worker.logs.aio`: ``AioLog``, aiologger behind the same protocol; an optional extra,
+  imported only by :func:`open_log` when it is chosen;
+- :mod:`worker.logs.bridge`: other libraries' stdlib log records into a :class:`Log`, and
+  :class:`LoggerLog`, a :class:`Log` over a stdlib logger.
 
 Backends write the same bytes; both are async context managers with an idempotent
 ``aclose()`` that flushes every record logged before it, and neither ever closes the stream.
-
-Measured on this VM (``timeit``, 100k calls x 7, median; ``info`` with 3 short fields, a bound
-trace, writing to a file; three runs): StdlibLog 8.2-8.7 µs a call at the call site and
-8.3-9.7 µs of process CPU a record including the listener thread; 0.2 µs below the level.
-AioLog 15.6-17.1 µs at the call site, 24.5-27.9 µs until the line is written (the task runs
-later on the loop). For comparison perf-limits.md §3.3: stdlib + orjson 13 µs through a direct
-``FileHandler``, 19.5 µs through a stock ``QueueHandler`` (whose ``prepare`` formats and copies
-every record on the caller's thread; ours skips both, and the 3.5 µs ``LogRecord.__init__``),
-aiologger's own file handler 140-150 µs with records lost and corrupted under a burst.
 """
 
 from __future__ import annotations
@@ -38,21 +30,24 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from worker.log_aio import AioLog
-from worker.log_backend import Stream
-from worker.log_front import BoundLog, Clock, Log
-from worker.log_records import Level, threshold
-from worker.log_stdlib import StdlibLog
-from worker.redaction import REDACTED, redact
+from config.settings import SettingsError
+from worker.logs.bridge import LoggerLog, bridge_stdlib_logging
+from worker.logs.core import Backend, BoundLog, Clock, Log, Stream
+from worker.logs.records import REDACTED, Level, redact, threshold
+from worker.logs.stdlib import StdlibLog
 
 __all__ = [
     "REDACTED",
-    "AioLog",
+    "Backend",
+    "BoundLog",
     "CapturingLog",
     "Clock",
+    "Level",
     "Log",
+    "LoggerLog",
     "StdlibLog",
     "Stream",
+    "bridge_stdlib_logging",
     "open_log",
     "redact",
 ]
@@ -98,11 +93,30 @@ _MISSING: Final = object()
 
 def open_log(
     backend: str, *, app_name: str | None, level: str = "INFO", stream: Stream | None = None
-) -> StdlibLog | AioLog:
-    """The backend named ``"stdlib"`` or ``"aiologger"`` (``ValueError`` otherwise), not yet
-    entered: use it as ``async with open_log(...) as log``."""
+) -> Backend:
+    """The backend named ``"stdlib"`` or ``"aiologger"``, not yet entered: use it as
+    ``async with open_log(...) as log``.
+
+    An unknown name or level raises ``ValueError``; ``"aiologger"`` when aiologger is not
+    installed raises :class:`config.settings.SettingsError` saying how to install it.
+    """
     if backend == "stdlib":
         return StdlibLog(app_name=app_name, level=level, stream=stream)
     if backend == "aiologger":
-        return AioLog(app_name=app_name, level=level, stream=stream)
+        return _open_aio_log(app_name=app_name, level=level, stream=stream)
     raise ValueError(f"unknown log backend {backend!r}: use 'stdlib' or 'aiologger'")
+
+
+_AIOLOGGER_MISSING: Final = (
+    "WORKER_LOG_BACKEND: aiologger is not installed (pip install 'biot-worker[aiologger]')"
+)
+
+
+def _open_aio_log(*, app_name: str | None, level: str, stream: Stream | None) -> Backend:
+    try:
+        from worker.logs.aio import AioLog  # an optional extra: imported only when chosen
+    except ModuleNotFoundError as missing:
+        if (missing.name or "").partition(".")[0] != "aiologger":
+            raise
+        raise SettingsError([_AIOLOGGER_MISSING]) from None
+    return AioLog(app_name=app_name, level=level, stream=stream)
