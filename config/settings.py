@@ -1,19 +1,27 @@
 """Settings: frozen dataclasses built once from a mapping (normally ``os.environ``).
 
 Contract:
+- Each setting is declared once as a typed dataclass field (its type and default) and once as a
+  :class:`Setting` entry in :data:`SETTINGS` (its variable, parser, checks, help text and whether
+  it is secret). Reading, :data:`VARIABLES`, :func:`defaults`, ``repr`` and
+  :meth:`Settings.public` all follow that table; a test fails if a field has no entry or an
+  entry no field.
 - Nothing here reads the environment on its own: :func:`load_settings` takes the mapping, plus
   optional overrides (the CLI flags, keyed by the same variable names).
 - Every value is checked; one :class:`SettingsError` names every bad or missing value at once.
-- Secrets are kept out of ``repr`` so a settings object can be logged safely.
+- Secret fields are kept out of ``repr`` (a settings object can be logged safely), have no CLI
+  flag, and are ``None`` in :meth:`Settings.public`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
 T = TypeVar("T")
+Section = Literal["biot", "worker"]
 
 DEFAULT_NOTIFICATION_SCOPE: Final = "ACTION_NOTIFICATION"
 DEFAULT_INTERCEPTION_SCOPE: Final = "PLUGIN_INTERCEPTOR"
@@ -30,26 +38,49 @@ class SettingsError(ValueError):
         super().__init__("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
-@dataclass(frozen=True, slots=True)
-class BiotSettings:
-    """The platform's own variables (platform §9)."""
+class _Section:
+    """Shared ``repr`` of the two settings groups: secret fields (per :data:`SETTINGS`) and
+    fields declared with ``repr=False`` are left out."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    _section: ClassVar[Section]
+
+    def __repr__(self) -> str:
+        hidden = {s.field for s in SETTINGS if s.secret and s.section == self._section}
+        shown = (
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.repr and f.name not in hidden
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class BiotSettings(_Section):
+    """The platform's own variables."""
+
+    _section: ClassVar[Section] = "biot"
 
     base_url: str | None = None
     service_user_id: str | None = None
-    service_user_secret: str | None = field(default=None, repr=False)
+    service_user_secret: str | None = None
     app_name: str = "biot-worker"
     environment: str = "Not specified"
     validate_jwt: bool = True
-    public_key: str | None = field(default=None, repr=False)
+    # Not secret, only long: left out of repr so printed settings stay readable.
+    public_key: str | None = dataclasses.field(default=None, repr=False)
     # Scope required in the platform's JWT per hook; None means "not checked".
     notification_scope: str | None = DEFAULT_NOTIFICATION_SCOPE
     interception_scope: str | None = DEFAULT_INTERCEPTION_SCOPE
     nonspecific_scope: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerSettings:
+@dataclass(frozen=True, slots=True, repr=False)
+class WorkerSettings(_Section):
     """The worker's own knobs, all under ``WORKER_``."""
+
+    _section: ClassVar[Section] = "worker"
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -78,11 +109,40 @@ class WorkerSettings:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    biot: BiotSettings = field(default_factory=BiotSettings)
-    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    biot: BiotSettings = dataclasses.field(default_factory=BiotSettings)
+    worker: WorkerSettings = dataclasses.field(default_factory=WorkerSettings)
+
+    def public(self) -> Settings:
+        """A copy with every secret field set to ``None``, to hand to plugin code."""
+        return replace_settings(
+            self, **{f"{s.section}_{s.field}": None for s in SETTINGS if s.secret}
+        )
 
 
-# ---------------------------------------------------------------- parsing
+@dataclass(frozen=True, slots=True)
+class Setting(Generic[T]):
+    """One variable: the field it fills, how its text is read and checked, what it means.
+
+    ``parse`` raises :class:`ValueError` on bad text (the field keeps its default and the
+    message becomes a problem); ``check`` returns a problem for a parsed value, or ``None``.
+    ``required_with`` names a variable whose non-empty value makes this one required;
+    ``fallback`` names a variable whose value (if not ``None``) replaces the default when this
+    one is unset; ``empty_means_default`` treats an empty value as unset.
+    """
+
+    variable: str
+    section: Section
+    field: str
+    parse: Callable[[str], T]
+    help: str
+    check: Callable[[T], str | None] | None = None
+    secret: bool = False
+    required_with: str | None = None
+    fallback: str | None = None
+    empty_means_default: bool = False
+
+
+# ---------------------------------------------------------------- parsers and checks
 
 
 def _str(raw: str) -> str:
@@ -110,6 +170,14 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected true or false, got {raw!r}")
 
 
+def _http_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {raw!r}")
+    return raw.rstrip("/")
+
+
 def _routes_ref(raw: str) -> str:
     module, _, function = raw.strip().partition(":")
     if not module or not function:
@@ -118,46 +186,35 @@ def _routes_ref(raw: str) -> str:
 
 
 def _validate_jwt_flag(raw: str) -> bool:
-    # The platform's rule (§3): only the literal "false" (any case) switches validation off.
+    # The platform's rule: only the literal "false" (any case) switches validation off.
     return raw.strip().lower() != "false"
 
 
-class _Reader:
-    """Reads variables from the merged mapping and collects problems instead of raising."""
+def _scope(raw: str) -> str | None:
+    # An explicitly empty value switches the scope check off for that hook.
+    return raw.strip() or None
 
-    def __init__(self, source: Mapping[str, str]) -> None:
-        self.source = source
-        self.problems: list[str] = []
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = self.source.get(name)
-        if raw is None:
-            return default
-        try:
-            return parse(raw)
-        except ValueError as exc:
-            self.problems.append(f"{name}: {_describe(exc)}")
-            return default
-
-    def positive(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        value = self.get(name, parse, default)
-        if isinstance(value, int | float) and value <= 0:
-            self.problems.append(f"{name}: must be greater than 0, got {value}")
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(name, _str, default)
-        normalized = value.upper() if choices is LOG_LEVELS else value.lower()
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        normalized = raw.upper() if upper else raw.lower()
         if normalized not in choices:
-            self.problems.append(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-            return default
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
         return normalized
 
-    def scope(self, name: str, fallback: str | None) -> str | None:
-        # An explicitly empty value switches the scope check off for that hook.
-        if name in self.source:
-            return self.source[name].strip() or None
-        return fallback
+    return parse
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
+def _port_number(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"must be between 0 and 65535, got {value}"
 
 
 def _describe(exc: ValueError) -> str:
@@ -167,170 +224,242 @@ def _describe(exc: ValueError) -> str:
     return text
 
 
-def _read_biot(r: _Reader) -> BiotSettings:
-    base_url = r.get("BIOT_BASE_URL", _opt_str, None)
-    if base_url is not None:
-        if not base_url.startswith(("http://", "https://")):
-            r.problems.append(
-                f"BIOT_BASE_URL: must start with http:// or https://, got {base_url!r}"
-            )
-        base_url = base_url.rstrip("/")
-    user_id = r.get("BIOT_SERVICE_USER_ID", _opt_str, None)
-    secret = r.get("BIOT_SERVICE_USER_SECRET_KEY", _opt_str, None)
-    if base_url is not None:
-        if user_id is None:
-            r.problems.append("BIOT_SERVICE_USER_ID: required when BIOT_BASE_URL is set")
-        if secret is None:
-            r.problems.append("BIOT_SERVICE_USER_SECRET_KEY: required when BIOT_BASE_URL is set")
-    shared = r.scope("JWT_PERMISSION", None)
-    return BiotSettings(
-        base_url=base_url,
-        service_user_id=user_id,
-        service_user_secret=secret,
-        app_name=r.get("BIOT_APP_NAME", _str, "biot-worker") or "biot-worker",
-        environment=r.get("BIOT_SERVICE_ENVIRONMENT", _str, "Not specified") or "Not specified",
-        validate_jwt=r.get("BIOT_SHOULD_VALIDATE_JWT", _validate_jwt_flag, True),
-        public_key=r.get("BIOT_PUBLIC_KEY", _opt_str, None),
-        notification_scope=r.scope(
-            "BIOT_JWT_PERMISSION_NOTIFICATION", shared or DEFAULT_NOTIFICATION_SCOPE
-        ),
-        interception_scope=r.scope(
-            "BIOT_JWT_PERMISSION_INTERCEPTION", shared or DEFAULT_INTERCEPTION_SCOPE
-        ),
-        nonspecific_scope=shared,
-    )
+# ---------------------------------------------------------------- the table
+
+_BASE_URL: Final = "BIOT_BASE_URL"
+_SHARED_SCOPE: Final = "JWT_PERMISSION"
+
+#: Every setting, in the order help output and the README list them.
+SETTINGS: Final[tuple[Setting[Any], ...]] = (
+    Setting(
+        _BASE_URL, "biot", "base_url", _http_url,
+        "BioT API root (no trailing slash); required by run; dev starts an emulator instead",
+    ),
+    Setting(
+        "BIOT_SERVICE_USER_ID", "biot", "service_user_id", _opt_str,
+        "service user id for the login (required with BIOT_BASE_URL)",
+        required_with=_BASE_URL,
+    ),
+    Setting(
+        "BIOT_SERVICE_USER_SECRET_KEY", "biot", "service_user_secret", _opt_str,
+        "service user secret (required with BIOT_BASE_URL)",
+        required_with=_BASE_URL, secret=True,
+    ),
+    Setting(
+        "BIOT_APP_NAME", "biot", "app_name", _str,
+        "plugin name in logs (as appName) and in error bodies (as serviceName)",
+        empty_means_default=True,
+    ),
+    Setting(
+        "BIOT_SERVICE_ENVIRONMENT", "biot", "environment", _str,
+        "environment label in error bodies",
+        empty_means_default=True,
+    ),
+    Setting(
+        "BIOT_SHOULD_VALIDATE_JWT", "biot", "validate_jwt", _validate_jwt_flag,
+        "only the value false switches inbound JWT checks off (warned at start)",
+    ),
+    Setting(
+        "BIOT_PUBLIC_KEY", "biot", "public_key", _opt_str,
+        "RSA public key (base64 body or PEM); unset: fetched from UMS",
+    ),
+    Setting(
+        "BIOT_JWT_PERMISSION_NOTIFICATION", "biot", "notification_scope", _scope,
+        "scope required for notifications; empty: no check",
+        fallback=_SHARED_SCOPE,
+    ),
+    Setting(
+        "BIOT_JWT_PERMISSION_INTERCEPTION", "biot", "interception_scope", _scope,
+        "scope required for interceptors; empty: no check",
+        fallback=_SHARED_SCOPE,
+    ),
+    Setting(
+        _SHARED_SCOPE, "biot", "nonspecific_scope", _scope,
+        "scope for every hook unless the per-hook variable is set",
+    ),
+    Setting("WORKER_HOST", "worker", "host", _str, "address the HTTP adapter listens on"),
+    Setting(
+        "WORKER_PORT", "worker", "port", _int,
+        "port the HTTP adapter listens on (0: any free port)",
+        check=_port_number,
+    ),
+    Setting(
+        "WORKER_MAX_IN_FLIGHT", "worker", "max_in_flight", _int,
+        "events handled at once; more answer 503 with Retry-After",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_MAX_BODY_BYTES", "worker", "max_body_bytes", _int,
+        "largest event body accepted; larger answers 413",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_DEADLINE_NOTIFICATION", "worker", "deadline_notification", _float,
+        "seconds a notification handler may run",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_DEADLINE_INTERCEPTOR", "worker", "deadline_interceptor", _float,
+        "seconds an interceptor handler may run (BioT waits 3 s)",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_DEADLINE_NONSPECIFIC", "worker", "deadline_nonspecific", _float,
+        "seconds a nonspecific handler may run",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_SHUTDOWN_GRACE", "worker", "shutdown_grace", _float,
+        "seconds in-flight events get to finish on SIGTERM/SIGINT",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_LOG_LEVEL", "worker", "log_level", _choice(LOG_LEVELS, upper=True),
+        "DEBUG, INFO, WARNING or ERROR",
+    ),
+    Setting(
+        "WORKER_LOG_BACKEND", "worker", "log_backend", _choice(LOG_BACKENDS),
+        "stdlib (QueueHandler thread) or aiologger",
+    ),
+    Setting(
+        "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT", "worker", "allow_nonspecific_without_jwt", _bool,
+        "accept NONSPECIFIC calls that carry no JWT",
+    ),
+    Setting(
+        "WORKER_JWT_LEEWAY", "worker", "jwt_leeway", _float,
+        "seconds of clock skew allowed on a JWT's exp",
+        check=_not_negative,
+    ),
+    Setting(
+        "WORKER_PUBLIC_KEY_TTL", "worker", "public_key_ttl", _float,
+        "seconds a fetched public key is kept",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_KEY_REFETCH_COOLDOWN", "worker", "key_refetch_cooldown", _float,
+        "least seconds between two key refetches on bad signatures",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_TOKEN_REFRESH_MARGIN", "worker", "token_refresh_margin", _float,
+        "refresh the service token this long before it expires",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_API_TIMEOUT", "worker", "api_timeout", _float,
+        "seconds one BioT API attempt may take",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_API_RETRIES", "worker", "api_retries", _int,
+        "extra attempts for idempotent calls on 429/502/503/504/network",
+        check=_not_negative,
+    ),
+    Setting(
+        "WORKER_API_BACKOFF_BASE", "worker", "api_backoff_base", _float,
+        "first retry delay in seconds (doubles, jittered)",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_API_BACKOFF_MAX", "worker", "api_backoff_max", _float,
+        "largest retry delay in seconds",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_API_MAX_CONNECTIONS", "worker", "api_max_connections", _int,
+        "size of the keep-alive connection pool to BioT",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_CA_BUNDLE", "worker", "ca_bundle", _opt_str,
+        "CA bundle file to trust for BioT's HTTPS (e.g. the emulator's CA)",
+    ),
+    Setting(
+        "WORKER_ROUTES", "worker", "routes", _routes_ref,
+        "module:function returning the plugin's Router, e.g. myplugin.hooks:build_routes",
+    ),
+    Setting(
+        "WORKER_EVENT_LOOP", "worker", "event_loop", _choice(EVENT_LOOPS),
+        "asyncio, or uvloop (the uvloop extra)",
+    ),
+)  # fmt: skip
+
+#: Every variable the settings read, with its meaning; the CLI derives its flags from these
+#: names, and a test keeps the README's table in step.
+VARIABLES: Final[dict[str, str]] = {s.variable: s.help for s in SETTINGS}
+
+#: Variables read from the environment only: no CLI flag, never in ``repr``.
+SECRET_VARIABLES: Final[frozenset[str]] = frozenset(s.variable for s in SETTINGS if s.secret)
 
 
-def _read_worker(r: _Reader) -> WorkerSettings:
-    d = WorkerSettings()
-    port = r.get("WORKER_PORT", _int, d.port)
-    if not 0 <= port <= 65535:
-        r.problems.append(f"WORKER_PORT: must be between 0 and 65535, got {port}")
-    retries = r.get("WORKER_API_RETRIES", _int, d.api_retries)
-    if retries < 0:
-        r.problems.append(f"WORKER_API_RETRIES: must be 0 or more, got {retries}")
-    leeway = r.get("WORKER_JWT_LEEWAY", _float, d.jwt_leeway)
-    if leeway < 0:
-        r.problems.append(f"WORKER_JWT_LEEWAY: must be 0 or more, got {leeway}")
-    return WorkerSettings(
-        host=r.get("WORKER_HOST", _str, d.host),
-        port=port,
-        max_in_flight=r.positive("WORKER_MAX_IN_FLIGHT", _int, d.max_in_flight),
-        max_body_bytes=r.positive("WORKER_MAX_BODY_BYTES", _int, d.max_body_bytes),
-        deadline_notification=r.positive(
-            "WORKER_DEADLINE_NOTIFICATION", _float, d.deadline_notification
-        ),
-        deadline_interceptor=r.positive(
-            "WORKER_DEADLINE_INTERCEPTOR", _float, d.deadline_interceptor
-        ),
-        deadline_nonspecific=r.positive(
-            "WORKER_DEADLINE_NONSPECIFIC", _float, d.deadline_nonspecific
-        ),
-        shutdown_grace=r.positive("WORKER_SHUTDOWN_GRACE", _float, d.shutdown_grace),
-        log_level=r.choice("WORKER_LOG_LEVEL", LOG_LEVELS, d.log_level),
-        log_backend=r.choice("WORKER_LOG_BACKEND", LOG_BACKENDS, d.log_backend),
-        allow_nonspecific_without_jwt=r.get(
-            "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT", _bool, d.allow_nonspecific_without_jwt
-        ),
-        jwt_leeway=leeway,
-        public_key_ttl=r.positive("WORKER_PUBLIC_KEY_TTL", _float, d.public_key_ttl),
-        key_refetch_cooldown=r.positive(
-            "WORKER_KEY_REFETCH_COOLDOWN", _float, d.key_refetch_cooldown
-        ),
-        token_refresh_margin=r.positive(
-            "WORKER_TOKEN_REFRESH_MARGIN", _float, d.token_refresh_margin
-        ),
-        api_timeout=r.positive("WORKER_API_TIMEOUT", _float, d.api_timeout),
-        api_retries=retries,
-        api_backoff_base=r.positive("WORKER_API_BACKOFF_BASE", _float, d.api_backoff_base),
-        api_backoff_max=r.positive("WORKER_API_BACKOFF_MAX", _float, d.api_backoff_max),
-        api_max_connections=r.positive("WORKER_API_MAX_CONNECTIONS", _int, d.api_max_connections),
-        ca_bundle=r.get("WORKER_CA_BUNDLE", _opt_str, d.ca_bundle),
-        routes=r.get("WORKER_ROUTES", _routes_ref, d.routes),
-        event_loop=r.choice("WORKER_EVENT_LOOP", EVENT_LOOPS, d.event_loop),
-    )
+# ---------------------------------------------------------------- reading
+
+_UNSET: Final = object()
+
+
+def _read(entry: Setting[Any], source: Mapping[str, str], problems: list[str]) -> object:
+    """The value of ``entry`` in ``source``, or ``_UNSET`` if it is unset or unreadable."""
+    raw = source.get(entry.variable)
+    if entry.required_with and source.get(entry.required_with) and not raw:
+        problems.append(f"{entry.variable}: required when {entry.required_with} is set")
+    if raw is None or (raw == "" and entry.empty_means_default):
+        return _UNSET
+    try:
+        value = entry.parse(raw)
+    except ValueError as exc:
+        problems.append(f"{entry.variable}: {_describe(exc)}")
+        return _UNSET
+    problem = entry.check(value) if entry.check else None
+    if problem:
+        problems.append(f"{entry.variable}: {problem}")
+    return value
+
+
+def _with_fallback(entry: Setting[Any], values: Mapping[str, object]) -> object:
+    value = values[entry.variable]
+    if value is _UNSET and entry.fallback and values[entry.fallback] not in (None, _UNSET):
+        return values[entry.fallback]
+    return value
 
 
 def load_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` with ``overrides`` (CLI flags) taking precedence.
 
-    Raises :class:`SettingsError` naming every bad or missing value.
+    Unset variables leave their field's default. Raises :class:`SettingsError` naming every bad
+    or missing value.
     """
-    merged: dict[str, str] = dict(env)
-    if overrides:
-        merged.update(overrides)
-    reader = _Reader(merged)
-    biot = _read_biot(reader)
-    worker = _read_worker(reader)
-    if reader.problems:
-        raise SettingsError(reader.problems)
-    return Settings(biot=biot, worker=worker)
+    source = {**env, **(overrides or {})}
+    problems: list[str] = []
+    values = {s.variable: _read(s, source, problems) for s in SETTINGS}
+    if problems:
+        raise SettingsError(problems)
+    changes = {f"{s.section}_{s.field}": _with_fallback(s, values) for s in SETTINGS}
+    return replace_settings(Settings(), **{k: v for k, v in changes.items() if v is not _UNSET})
 
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:
-    """A copy with fields changed, named ``biot_<field>`` or ``worker_<field>``."""
+    """A copy with fields changed, named ``biot_<field>`` or ``worker_<field>``.
 
+    Raises :class:`TypeError` for a name that is not a field.
+    """
     biot = {k[5:]: v for k, v in changes.items() if k.startswith("biot_")}
     worker = {k[7:]: v for k, v in changes.items() if k.startswith("worker_")}
     unknown = set(changes) - {f"biot_{k}" for k in biot} - {f"worker_{k}" for k in worker}
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
-    return Settings(biot=replace(settings.biot, **biot), worker=replace(settings.worker, **worker))
-
-
-# ---------------------------------------------------------------- documentation
-
-#: Every variable the settings read, with its meaning; the CLI derives its flags from the
-#: ``WORKER_`` and ``BIOT_`` names here, and a test keeps the README's table in step.
-VARIABLES: Final[dict[str, str]] = {
-    "BIOT_BASE_URL": "BioT API root (no trailing slash); unset: `run` starts the emulator",
-    "BIOT_SERVICE_USER_ID": "service user id for the login (required with BIOT_BASE_URL)",
-    "BIOT_SERVICE_USER_SECRET_KEY": "service user secret (required with BIOT_BASE_URL)",
-    "BIOT_APP_NAME": "plugin name in logs (`appName`) and errors (`serviceName`)",
-    "BIOT_SERVICE_ENVIRONMENT": "environment label in error bodies",
-    "BIOT_SHOULD_VALIDATE_JWT": "`false` switches inbound JWT checks off (warned at start)",
-    "BIOT_PUBLIC_KEY": "RSA public key (base64 body or PEM); unset: fetched from UMS",
-    "BIOT_JWT_PERMISSION_NOTIFICATION": "scope required for notifications; empty: no check",
-    "BIOT_JWT_PERMISSION_INTERCEPTION": "scope required for interceptors; empty: no check",
-    "JWT_PERMISSION": "scope for every hook unless the per-hook variable is set",
-    "WORKER_HOST": "address the HTTP adapter listens on",
-    "WORKER_PORT": "port the HTTP adapter listens on (0: any free port)",
-    "WORKER_MAX_IN_FLIGHT": "events handled at once; more answer 503 with Retry-After",
-    "WORKER_MAX_BODY_BYTES": "largest event body accepted; larger answers 413",
-    "WORKER_DEADLINE_NOTIFICATION": "seconds a notification handler may run",
-    "WORKER_DEADLINE_INTERCEPTOR": "seconds an interceptor handler may run (BioT waits 3 s)",
-    "WORKER_DEADLINE_NONSPECIFIC": "seconds a nonspecific handler may run",
-    "WORKER_SHUTDOWN_GRACE": "seconds in-flight events get to finish on SIGTERM/SIGINT",
-    "WORKER_LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR",
-    "WORKER_LOG_BACKEND": "stdlib (QueueHandler thread) or aiologger",
-    "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT": "accept NONSPECIFIC calls that carry no JWT",
-    "WORKER_JWT_LEEWAY": "seconds of clock skew allowed on a JWT's exp",
-    "WORKER_PUBLIC_KEY_TTL": "seconds a fetched public key is kept",
-    "WORKER_KEY_REFETCH_COOLDOWN": "least seconds between two key refetches on bad signatures",
-    "WORKER_TOKEN_REFRESH_MARGIN": "refresh the service token this long before it expires",
-    "WORKER_API_TIMEOUT": "seconds one BioT API attempt may take",
-    "WORKER_API_RETRIES": "extra attempts for idempotent calls on 429/502/503/504/network",
-    "WORKER_API_BACKOFF_BASE": "first retry delay in seconds (doubles, jittered)",
-    "WORKER_API_BACKOFF_MAX": "largest retry delay in seconds",
-    "WORKER_API_MAX_CONNECTIONS": "size of the keep-alive connection pool to BioT",
-    "WORKER_CA_BUNDLE": "CA bundle file to trust for BioT's HTTPS (e.g. the emulator's CA)",
-    "WORKER_ROUTES": "module:function returning the plugin's Router",
-    "WORKER_EVENT_LOOP": "asyncio, or uvloop (the uvloop extra)",
-}
+    return Settings(
+        biot=dataclasses.replace(settings.biot, **biot),
+        worker=dataclasses.replace(settings.worker, **worker),
+    )
 
 
 def defaults() -> dict[str, str]:
-    """The default of each variable as text, for help output (secrets have none)."""
-    d, b = WorkerSettings(), BiotSettings()
-    values: dict[str, object] = {
-        "BIOT_APP_NAME": b.app_name,
-        "BIOT_SERVICE_ENVIRONMENT": b.environment,
-        "BIOT_SHOULD_VALIDATE_JWT": "true",
-        "BIOT_JWT_PERMISSION_NOTIFICATION": DEFAULT_NOTIFICATION_SCOPE,
-        "BIOT_JWT_PERMISSION_INTERCEPTION": DEFAULT_INTERCEPTION_SCOPE,
-    }
-    for name in VARIABLES:
-        if name.startswith("WORKER_"):
-            value = getattr(d, name[7:].lower())
-            values[name] = str(value).lower() if isinstance(value, bool) else value
-    return {k: "" if v is None else str(v) for k, v in values.items()}
+    """The default of each variable as text, for help output; ``""`` when it has none."""
+    groups: dict[str, object] = {"biot": BiotSettings(), "worker": WorkerSettings()}
+    return {s.variable: _as_text(getattr(groups[s.section], s.field)) for s in SETTINGS}
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else str(value)

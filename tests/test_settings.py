@@ -1,13 +1,70 @@
-"""Settings: built from a mapping, every problem named at once, secrets out of repr."""
+"""Settings: one table drives reading, help and docs; all problems named at once; secrets hidden."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from config.settings import VARIABLES, SettingsError, load_settings, replace_settings
+from config.settings import (
+    SECRET_VARIABLES,
+    SETTINGS,
+    VARIABLES,
+    BiotSettings,
+    SettingsError,
+    WorkerSettings,
+    defaults,
+    load_settings,
+    replace_settings,
+)
+
+GROUPS: dict[str, type[BiotSettings] | type[WorkerSettings]] = {
+    "biot": BiotSettings,
+    "worker": WorkerSettings,
+}
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_every_field_has_one_table_entry_and_every_entry_a_field() -> None:
+    declared = {(s, f.name) for s, group in GROUPS.items() for f in dataclasses.fields(group)}
+    entries = [(s.section, s.field) for s in SETTINGS]
+    assert len(entries) == len(set(entries)), "a field named by two entries"
+    assert set(entries) == declared
+    assert len(VARIABLES) == len(SETTINGS), "a variable named by two entries"
+
+
+def test_each_parser_returns_its_fields_declared_type() -> None:
+    for entry in SETTINGS:
+        declared = typing.get_type_hints(GROUPS[entry.section])[entry.field]
+        assert typing.get_type_hints(entry.parse)["return"] == declared, entry.variable
+
+
+def test_rules_name_variables_of_the_table() -> None:
+    for entry in SETTINGS:
+        for other in (entry.required_with, entry.fallback):
+            assert other is None or other in VARIABLES, entry.variable
+
+
+def test_help_texts_are_plain_words() -> None:
+    for variable, meaning in VARIABLES.items():
+        assert not re.search(r"[`§]", meaning), variable
+
+
+def test_defaults_cover_every_variable_and_read_back_unchanged() -> None:
+    shown = defaults()
+    assert list(shown) == list(VARIABLES)
+    baseline = load_settings({})
+    for variable, text in shown.items():
+        if text:
+            assert load_settings({variable: text}) == baseline, variable
+
+
+# ---------------------------------------------------------------- reading
 
 
 def test_defaults_need_nothing() -> None:
@@ -30,19 +87,71 @@ def test_one_error_names_every_problem() -> None:
     }
     with pytest.raises(SettingsError) as caught:
         load_settings(env)
-    text = str(caught.value)
-    for name in (
-        "BIOT_BASE_URL",
-        "BIOT_SERVICE_USER_ID",
-        "BIOT_SERVICE_USER_SECRET_KEY",
-        "WORKER_PORT",
-        "WORKER_MAX_IN_FLIGHT",
-        "WORKER_LOG_LEVEL",
-        "WORKER_DEADLINE_INTERCEPTOR",
-        "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT",
-    ):
-        assert name in text
-    assert len(caught.value.problems) == 8
+    assert caught.value.problems == [
+        "BIOT_BASE_URL: must start with http:// or https://, got 'ftp://biot'",
+        "BIOT_SERVICE_USER_ID: required when BIOT_BASE_URL is set",
+        "BIOT_SERVICE_USER_SECRET_KEY: required when BIOT_BASE_URL is set",
+        "WORKER_PORT: not a number: 'http'",
+        "WORKER_MAX_IN_FLIGHT: must be greater than 0, got 0",
+        "WORKER_DEADLINE_INTERCEPTOR: must be greater than 0, got -1.0",
+        "WORKER_LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'",
+        "WORKER_ALLOW_NONSPECIFIC_WITHOUT_JWT: expected true or false, got 'maybe'",
+    ]
+    assert str(caught.value).startswith("invalid settings:\n  - BIOT_BASE_URL: ")
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"WORKER_PORT": "65536"}, "WORKER_PORT: must be between 0 and 65535, got 65536"),
+        ({"WORKER_PORT": "-1"}, "WORKER_PORT: must be between 0 and 65535, got -1"),
+        ({"WORKER_API_RETRIES": "-1"}, "WORKER_API_RETRIES: must be 0 or more, got -1"),
+        ({"WORKER_JWT_LEEWAY": "-0.5"}, "WORKER_JWT_LEEWAY: must be 0 or more, got -0.5"),
+        ({"WORKER_API_TIMEOUT": ""}, "WORKER_API_TIMEOUT: not a number: ''"),
+        ({"WORKER_ROUTES": "handlers"}, "WORKER_ROUTES: expected module:function, got 'handlers'"),
+        (
+            {"WORKER_EVENT_LOOP": "trio"},
+            "WORKER_EVENT_LOOP: must be one of asyncio, uvloop, got 'trio'",
+        ),
+        (
+            {"BIOT_BASE_URL": "https://biot", "BIOT_SERVICE_USER_SECRET_KEY": "s"},
+            "BIOT_SERVICE_USER_ID: required when BIOT_BASE_URL is set",
+        ),
+    ],
+)  # fmt: skip
+def test_each_rule_has_its_message(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    assert caught.value.problems == [problem]
+
+
+def test_limits_are_inclusive_and_choices_normalised() -> None:
+    env = {
+        "WORKER_PORT": "0",
+        "WORKER_API_RETRIES": "0",
+        "WORKER_JWT_LEEWAY": "0",
+        "WORKER_LOG_LEVEL": "debug",
+        "WORKER_LOG_BACKEND": "AIOLOGGER",
+        "WORKER_EVENT_LOOP": "UVLOOP",
+        "WORKER_ROUTES": " pkg.hooks:build ",
+    }
+    worker = load_settings(env).worker
+    assert (worker.port, worker.api_retries, worker.jwt_leeway) == (0, 0, 0.0)
+    assert (worker.log_level, worker.log_backend, worker.event_loop) == (
+        "DEBUG",
+        "aiologger",
+        "uvloop",
+    )
+    assert worker.routes == "pkg.hooks:build"
+
+
+def test_empty_names_fall_back_to_their_defaults() -> None:
+    biot = load_settings({"BIOT_APP_NAME": "", "BIOT_SERVICE_ENVIRONMENT": ""}).biot
+    assert (biot.app_name, biot.environment) == ("biot-worker", "Not specified")
+
+
+def test_empty_base_url_needs_no_service_user() -> None:
+    assert load_settings({"BIOT_BASE_URL": ""}).biot.base_url is None
 
 
 def test_overrides_win_over_the_environment() -> None:
@@ -50,20 +159,9 @@ def test_overrides_win_over_the_environment() -> None:
     assert settings.worker.port == 2
 
 
-def test_secret_is_not_in_repr() -> None:
-    env = {
-        "BIOT_BASE_URL": "https://api.example.test/",
-        "BIOT_SERVICE_USER_ID": "id",
-        "BIOT_SERVICE_USER_SECRET_KEY": "very-secret",
-    }
-    settings = load_settings(env)
-    assert settings.biot.base_url == "https://api.example.test"
-    assert "very-secret" not in repr(settings)
-
-
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("false", False), ("False", False), ("", True), ("no", True), ("true", True)],
+    [("false", False), ("False", False), (" FALSE ", False), ("", True), ("no", True), ("0", True)],
 )
 def test_validate_jwt_follows_the_platform_rule(raw: str, expected: bool) -> None:
     assert load_settings({"BIOT_SHOULD_VALIDATE_JWT": raw}).biot.validate_jwt is expected
@@ -80,6 +178,9 @@ def test_scopes_shared_and_per_hook() -> None:
     assert specific.biot.notification_scope == "N"
     off = load_settings({"BIOT_JWT_PERMISSION_INTERCEPTION": ""})
     assert off.biot.interception_scope is None
+    empty_shared = load_settings({"JWT_PERMISSION": ""}).biot
+    assert empty_shared.notification_scope == "ACTION_NOTIFICATION"
+    assert empty_shared.nonspecific_scope is None
 
 
 def test_replace_settings_checks_names() -> None:
@@ -89,9 +190,54 @@ def test_replace_settings_checks_names() -> None:
         replace_settings(settings, nope=1)
 
 
-def test_readme_documents_every_variable() -> None:
+# ---------------------------------------------------------------- secrets
+
+
+SIGNED_IN = {
+    "BIOT_BASE_URL": "https://api.example.test/",
+    "BIOT_SERVICE_USER_ID": "id",
+    "BIOT_SERVICE_USER_SECRET_KEY": "very-secret",
+}
+
+
+def test_the_service_secret_is_the_secret() -> None:
+    assert {"BIOT_SERVICE_USER_SECRET_KEY"} == SECRET_VARIABLES
+
+
+def test_secret_is_not_in_repr() -> None:
+    settings = load_settings(SIGNED_IN)
+    assert settings.biot.base_url == "https://api.example.test"
+    assert settings.biot.service_user_secret == "very-secret"
+    assert "very-secret" not in repr(settings)
+    assert "service_user_secret" not in repr(settings)
+    assert "service_user_id='id'" in repr(settings)
+
+
+def test_public_copy_has_no_secret() -> None:
+    settings = load_settings(SIGNED_IN)
+    public = settings.public()
+    assert public.biot.service_user_secret is None
+    assert public == replace_settings(settings, biot_service_user_secret=None)
+    for entry in SETTINGS:
+        if entry.secret:
+            assert getattr(getattr(public, entry.section), entry.field) is None
+
+
+# ---------------------------------------------------------------- the README
+
+
+def test_readme_table_matches_the_settings() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    documented = set(
-        re.findall(r"^\| `([A-Z_]+)` \| (?:`--|\(environment only\))", readme, flags=re.MULTILINE)
+    rows = re.findall(
+        r"^\| `([A-Z_]+)` \| (`--[a-z-]+`|\(environment only\)) \| (.*?) \| (.*?) \|$",
+        readme,
+        flags=re.MULTILINE,
     )
-    assert documented == set(VARIABLES)
+    documented = {variable: (flag, default, meaning) for variable, flag, default, meaning in rows}
+    assert list(documented) == list(VARIABLES)
+    shown = defaults()
+    for variable, (flag, default, meaning) in documented.items():
+        secret = variable in SECRET_VARIABLES
+        assert (flag == "(environment only)") == secret, variable
+        assert default == (f"`{shown[variable]}`" if shown[variable] else "—"), variable
+        assert meaning == VARIABLES[variable], variable
