@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from worker.dispatch import Context
-from worker.events import AdaptEntityInterception
+from worker import AdaptEntityInterception, Context
 
 MARK = " LAMBDA"
 

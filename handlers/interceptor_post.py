@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from worker.dispatch import Context
-from worker.events import PostInterception
+from worker import Context, PostInterception
 
 MARK = " LAMBDA MODIFIED"
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.dispatch import Context
-from worker.errors import Block
-from worker.events import PreInterception
+from worker import Block, Context, PreInterception
 
 MARK = " LAMBDA MODIFIED"
 FORBIDDEN_NAME = "FORBIDDEN"

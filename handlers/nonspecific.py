@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.dispatch import Context
-from worker.events import NonSpecific
+from worker import Context, NonSpecific
 
 PATIENTS = "/organization/v1/users/patients"
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from worker.dispatch import Context
-from worker.events import Notification
+from worker import Context, Notification
 
 PATIENTS = "/organization/v1/users/patients"
 

@@ -23,7 +23,7 @@ from tests.conftest import (
 )
 from worker.auth import JwtVerifier
 from worker.client import BiotClient
-from worker.dispatch import Context, Dispatcher
+from worker.dispatch import Dispatcher
 from worker.errors import Block
 from worker.events import (
     AdaptEntityInterception,
@@ -34,7 +34,7 @@ from worker.events import (
 )
 from worker.logs import CapturingLog
 from worker.responses import Response
-from worker.routing import Router
+from worker.routing import Context, Router
 
 NOTIFY = "PLUGIN_INTERCEPTOR"
 
@@ -86,7 +86,7 @@ async def test_notification_is_routed_with_its_typed_view(keys: KeyPair) -> None
     async def handler(view: Notification, ctx: Context) -> None:
         seen.append(view)
 
-    routes = Router().notification("patient", "_update", handler)
+    routes = Router().notification(handler, entity="patient", action="_update")
     dispatcher, log = make_dispatcher(keys, routes)
     body = notification_body(notification_token(keys), action="_update")
     response = await dispatcher.dispatch(make_event("NOTIFICATION", body))
@@ -122,11 +122,12 @@ async def test_pre_rewrites_the_request_in_the_contract_shape(keys: KeyPair) -> 
     assert request["queryParameters"] == {"a": ["1"]}
 
 
-async def test_pre_handler_may_return_a_replacement(keys: KeyPair) -> None:
-    async def reroute(view: PreInterception, ctx: Context) -> dict[str, Any]:
-        return {"path": "/elsewhere", "body": {"x": 1}}
+async def test_pre_handler_rewrites_the_request_in_place(keys: KeyPair) -> None:
+    async def reroute(view: PreInterception, ctx: Context) -> None:
+        view.request.path = "/elsewhere"
+        view.request.body = {"x": 1}
 
-    dispatcher, _ = make_dispatcher(keys, Router().pre(reroute))
+    dispatcher, _ = make_dispatcher(keys, Router().pre(reroute, entity="patient"))
     event = make_event(
         "interceptor_pre", interceptor_body("INTERCEPTOR_PRE"), token=interceptor_token(keys)
     )
@@ -152,11 +153,11 @@ async def test_post_echoes_http_status_code_as_it_came(keys: KeyPair, status: st
 async def test_post_status_change_keeps_the_form(
     keys: KeyPair, given_form: str, expected: str
 ) -> None:
-    async def not_found(view: PostInterception, ctx: Context) -> dict[str, str]:
+    async def not_found(view: PostInterception, ctx: Context) -> None:
         view.status.set(404)
-        return {"hidden": "yes"}
+        view.body = {"hidden": "yes"}
 
-    dispatcher, _ = make_dispatcher(keys, Router().post(not_found))
+    dispatcher, _ = make_dispatcher(keys, Router().post(not_found, entity="patient"))
     body = interceptor_body("INTERCEPTOR_POST", status=given_form)
     event = make_event("INTERCEPTOR_POST", body, token=interceptor_token(keys))
     response = (await dispatcher.dispatch(event)).json()["response"]
@@ -383,7 +384,7 @@ async def test_deadline_cancels_the_handler_and_answers_504(keys: KeyPair) -> No
             raise
 
     settings = settings_for(WORKER_DEADLINE_INTERCEPTOR="0.05")
-    dispatcher, _ = make_dispatcher(keys, Router().pre(stuck), settings)
+    dispatcher, _ = make_dispatcher(keys, Router().pre(stuck, entity="patient"), settings)
     hook = "INTERCEPTOR_PRE"
     event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
     response = await dispatcher.dispatch(event)
@@ -398,7 +399,7 @@ async def test_context_exposes_the_deadline(keys: KeyPair) -> None:
     async def handler(view: PreInterception, ctx: Context) -> None:
         remaining.append(ctx.remaining())
 
-    dispatcher, _ = make_dispatcher(keys, Router().pre(handler))
+    dispatcher, _ = make_dispatcher(keys, Router().pre(handler, entity="patient"))
     hook = "INTERCEPTOR_PRE"
     await dispatcher.dispatch(
         make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
@@ -410,7 +411,7 @@ async def test_handler_bug_is_500_without_traceback(keys: KeyPair) -> None:
     async def broken(view: PreInterception, ctx: Context) -> None:
         raise KeyError("secret-detail")
 
-    dispatcher, log = make_dispatcher(keys, Router().pre(broken))
+    dispatcher, log = make_dispatcher(keys, Router().pre(broken, entity="patient"))
     hook = "INTERCEPTOR_PRE"
     event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
     response = await dispatcher.dispatch(event)
@@ -420,16 +421,32 @@ async def test_handler_bug_is_500_without_traceback(keys: KeyPair) -> None:
     assert "KeyError" in str(log.find("handler raised an unexpected error")[0]["error"])
 
 
-async def test_handler_returning_the_wrong_type_is_a_clear_500(keys: KeyPair) -> None:
-    async def wrong(view: AdaptEntityInterception, ctx: Context) -> Any:
-        return "not a list"
+@pytest.mark.parametrize(
+    ("hook", "register"),
+    [
+        ("NOTIFICATION", lambda r, h: r.notification(h, entity="patient", action="_create")),
+        ("INTERCEPTOR_PRE", lambda r, h: r.pre(h, entity="patient")),
+        ("INTERCEPTOR_POST", lambda r, h: r.post(h, entity="patient")),
+        ("INTERCEPTOR_POST_ENTITY", lambda r, h: r.adapt_entity(h, entity="patient")),
+    ],
+)
+async def test_a_value_returned_where_the_hook_ignores_it_is_a_clear_500(
+    keys: KeyPair, hook: str, register: Any
+) -> None:
+    async def returns_a_list(view: Any, ctx: Context) -> Any:
+        return ["not", "used"]
 
-    dispatcher, _ = make_dispatcher(keys, Router().adapt_entity(wrong))
-    hook = "INTERCEPTOR_POST_ENTITY"
-    event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
+    dispatcher, _ = make_dispatcher(keys, register(Router(), returns_a_list))
+    if hook == "NOTIFICATION":
+        event = make_event(hook, notification_body(notification_token(keys)))
+    else:
+        event = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
     response = await dispatcher.dispatch(event)
     assert response.status == 500
-    assert "not a list" in response.json()["message"]
+    error = response.json()
+    assert error["code"] == "HANDLER_CONTRACT"
+    assert "returns_a_list returned list" in error["message"]
+    assert "in place and return None" in error["message"]
 
 
 async def test_trace_falls_back_to_b3_header(keys: KeyPair) -> None:
@@ -496,7 +513,7 @@ async def test_outcome_says_whether_a_failure_is_transient(keys: KeyPair) -> Non
     async def flaky(view: PreInterception, ctx: Context) -> None:
         raise TransientApiError("BioT answered 503", status=503, method="GET", url="/x")
 
-    dispatcher, _ = make_dispatcher(keys, Router().pre(flaky))
+    dispatcher, _ = make_dispatcher(keys, Router().pre(flaky, entity="patient"))
     hook = "INTERCEPTOR_PRE"
     good = make_event(hook, interceptor_body(hook), token=interceptor_token(keys))
     outcome = await dispatcher.handle(good)

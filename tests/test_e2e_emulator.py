@@ -25,10 +25,9 @@ from handlers import build_routes
 from tests.conftest import TRACE_ID, TRACEPARENT, settings_for
 from worker.adapters.http import HttpAdapter
 from worker.app import WorkerApp
-from worker.dispatch import Context
 from worker.events import Notification
 from worker.logs import CapturingLog
-from worker.routing import Router
+from worker.routing import Context, Router
 from worker.testing.dev import subscribe_routes
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.testing.emulator.testing import ManualClock
@@ -216,7 +215,7 @@ async def _get_then_post(view: Notification, ctx: Context) -> None:
 
 
 async def test_injected_503_retried_for_get_not_for_post(make_stack: StackFactory) -> None:
-    routes = Router().notification("patient", "_update", _get_then_post)
+    routes = Router().notification(_get_then_post, entity="patient", action="_update")
     s = await make_stack(routes=routes)
     s.emulator.faults.update(
         {
@@ -264,7 +263,7 @@ async def test_token_expiring_during_a_burst_causes_one_refresh_and_no_failure(
         await expired.wait()
         await ctx.api.get(f"{PATIENTS}/{view.entity['_id']}")  # needs a fresh token
 
-    s = await make_stack(routes=Router().notification("patient", "_update", twice))
+    s = await make_stack(routes=Router().notification(twice, entity="patient", action="_update"))
     holder.append(s)
     statuses = await asyncio.gather(*(s.notify() for _ in range(events)))
     assert statuses == [200] * events

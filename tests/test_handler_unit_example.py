@@ -18,9 +18,9 @@ from yarl import URL
 from handlers.notification import patient_changed
 from tests.conftest import TRACE_ID, TRACEPARENT, entity, settings_for
 from worker.client import BiotClient
-from worker.dispatch import Context
-from worker.events import Notification, event_from_http
+from worker.events import Notification
 from worker.logs import CapturingLog
+from worker.routing import Context
 from worker.tracing import current_trace, parse_traceparent
 
 BASE = "https://api.example.test"
@@ -54,8 +54,7 @@ async def test_notification_handler_with_aioresponses() -> None:
             log=log,
             trace=trace,
             deadline=float("inf"),
-            settings=settings_for(),
-            event=event_from_http({}, b"", received_at=0.0),
+            settings=settings_for().public(),
         )
         view = Notification({"actionName": "_create"}, {}, entity(), None)
         with aioresponses() as mocked:

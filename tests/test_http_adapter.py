@@ -13,10 +13,9 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import TRACE_ID, KeyPair, headers_for, interceptor_body
 from tests.test_dispatch import interceptor_token, make_dispatcher
 from worker.adapters.http import HttpAdapter
-from worker.dispatch import Context
 from worker.errors import LoginError
 from worker.events import PreInterception
-from worker.routing import Router
+from worker.routing import Context, Router
 
 Serve = Callable[..., Awaitable[TestServer]]
 
@@ -140,7 +139,7 @@ async def test_overload_answers_503_with_retry_after(serve: Serve, keys: KeyPair
         entered.set()
         await release.wait()
 
-    server = await serve(Router().pre(slow), max_in_flight=1)
+    server = await serve(Router().pre(slow, entity="patient"), max_in_flight=1)
     body = orjson.dumps(interceptor_body("INTERCEPTOR_PRE"))
     headers = headers_for("INTERCEPTOR_PRE", interceptor_token(keys))
     async with ClientSession() as http:

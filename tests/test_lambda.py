@@ -19,9 +19,8 @@ import pytest
 
 from tests.conftest import TRACE_ID, TRACEPARENT, interceptor_body, settings_for
 from worker.adapters import lambda_
-from worker.dispatch import Context
 from worker.events import PreInterception
-from worker.routing import Router
+from worker.routing import Context, Router
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 
 
@@ -146,7 +145,7 @@ def test_lambda_remaining_time_bounds_the_handler(
         BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
         WORKER_LOG_LEVEL="ERROR",
     )
-    lambda_.configure(settings, Router().pre(slow))
+    lambda_.configure(settings, Router().pre(slow, entity="patient"))
     try:
         token = biot.emulator.sign_token(scopes=["PLUGIN_INTERCEPTOR"])
         event = envelope("INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"), token)

@@ -17,7 +17,6 @@ from typing import BinaryIO, TextIO
 import aiohttp
 
 from config.settings import Settings
-from worker import __version__
 from worker.auth import JwtVerifier, PublicKeys
 from worker.client import BiotClient, fetch_public_key_texts, open_session, service_login
 from worker.dispatch import Dispatcher
@@ -25,6 +24,7 @@ from worker.errors import LoginError, WorkerError
 from worker.logs import Backend, Log, bridge_stdlib_logging, open_log
 from worker.routing import Router
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
+from worker.version import __version__
 
 USER_AGENT = f"biot-worker/{__version__}"
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from config.settings import VARIABLES, Settings, SettingsError, defaults, load_settings
-from worker import __version__
+from worker.version import __version__
 
 SECRET_VARIABLES = frozenset({"BIOT_SERVICE_USER_SECRET_KEY"})
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from config.settings import Settings
+from worker.client import BiotApi
 from worker.errors import AuthError, DeadlineExceeded, WorkerError
 from worker.events import (
     AdaptEntityInterception,
     Event,
     HookType,
-    InterceptedRequest,
     NonSpecific,
     Notification,
     PostInterception,
@@ -41,31 +41,14 @@ from worker.responses import (
     post_response,
     pre_response,
 )
-from worker.routing import AnyHandler, Router
-from worker.tracing import TraceContext, current_deadline, current_trace, trace_from_headers
-
-if TYPE_CHECKING:
-    from worker.client import BiotClient
+from worker.routing import Context, Handler, Router, handler_name
+from worker.tracing import TraceContext, current_deadline, current_trace
 
 
 class TokenVerifier(Protocol):
+    """Checks the platform's JWT for a hook's scope; raises :class:`AuthError` if it fails."""
+
     async def verify(self, token: str, scope: str | None) -> Mapping[str, Any]: ...
-
-
-@dataclass(slots=True)
-class Context:
-    """What a handler gets besides its event's view."""
-
-    api: BiotClient
-    log: Log
-    trace: TraceContext
-    deadline: float
-    settings: Settings
-    event: Event
-
-    def remaining(self) -> float:
-        """Seconds left before this event's deadline."""
-        return self.deadline - asyncio.get_running_loop().time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +69,7 @@ class Dispatcher:
         self,
         *,
         routes: Router,
-        api: BiotClient,
+        api: BiotApi,
         log: Log,
         settings: Settings,
         verifier: TokenVerifier | None,
@@ -96,6 +79,7 @@ class Dispatcher:
         self._api = api
         self._log = log
         self._settings = settings
+        self._public_settings = settings.public()
         self._verifier = verifier
         biot, worker = settings.biot, settings.worker
         self._errors = ErrorContext(biot.app_name, biot.environment)
@@ -125,7 +109,7 @@ class Dispatcher:
 
     async def handle(self, event: Event) -> Outcome:
         """Like :meth:`dispatch`, and say why it failed (queue adapters retry transient ones)."""
-        trace = trace_from_headers(event.headers)
+        trace = event.trace
         reset = current_trace.set(trace)
         try:
             outcome = await self._answer(event, trace)
@@ -159,6 +143,12 @@ class Dispatcher:
         if handler is None:
             return self._unhandled(event, view, trace)
         result = await self._run(handler, view, event, trace)
+        if result is not None and not isinstance(view, NonSpecific):
+            raise WorkerError(
+                f"{event.hook.value} handler {handler_name(handler)} returned "
+                f"{type(result).__name__}; it must change the view in place and return None",
+                code="HANDLER_CONTRACT",
+            )
         return self._success(view, result, trace)
 
     async def _authenticate(self, event: Event, payload: Any) -> None:
@@ -179,10 +169,15 @@ class Dispatcher:
         deadline = event.received_at + self._budgets[event.hook]
         return deadline if event.deadline is None else min(deadline, event.deadline)
 
-    async def _run(self, handler: AnyHandler, view: View, event: Event, trace: TraceContext) -> Any:
+    async def _run(self, handler: Handler, view: View, event: Event, trace: TraceContext) -> Any:
         deadline = self.deadline_for(event)
         ctx = Context(
-            self._api, self._hook_logs[event.hook], trace, deadline, self._settings, event
+            self._api,
+            self._hook_logs[event.hook],
+            trace,
+            deadline,
+            self._public_settings,
+            event.attempt,
         )
         bound = current_deadline.set(deadline)
         timeout = asyncio.timeout_at(deadline)
@@ -211,20 +206,16 @@ class Dispatcher:
         return self._success(view, None, trace)
 
     def _success(self, view: View, result: Any, trace: TraceContext) -> Response:
-        if isinstance(result, Response):
-            return result
         if isinstance(view, Notification):
             return empty_response(trace)
         if isinstance(view, PreInterception):
-            _apply_pre(view, result)
             return pre_response(view, trace)
         if isinstance(view, PostInterception):
-            if result is not None:
-                view.body = result
             return post_response(view, trace)
         if isinstance(view, AdaptEntityInterception):
-            _apply_entities(view, result)
             return adapt_entity_response(view, trace)
+        if isinstance(result, Response):
+            return result
         return empty_response(trace) if result is None else json_response(result, trace)
 
     def _log_outcome(self, event: Event, response: Response) -> None:
@@ -243,30 +234,3 @@ class Dispatcher:
             code=error.get("code"),
             reason=error.get("message"),
         )
-
-
-def _apply_pre(view: PreInterception, result: Any) -> None:
-    if result is None or result is view.request:
-        return
-    if isinstance(result, InterceptedRequest):
-        view.request = result
-        return
-    if isinstance(result, dict):
-        merged = {**view.request.to_contract(), **result}
-        view.request = InterceptedRequest(
-            merged["path"],
-            merged["queryParameters"],
-            merged["headers"],
-            merged["body"],
-            view.request.path_variables,
-        )
-        return
-    raise WorkerError(f"PRE handler returned {type(result).__name__}, not a request")
-
-
-def _apply_entities(view: AdaptEntityInterception, result: Any) -> None:
-    if result is None:
-        return
-    if not isinstance(result, list):
-        raise WorkerError(f"ADAPT_ENTITY handler returned {type(result).__name__}, not a list")
-    view.entities = result

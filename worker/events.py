@@ -1,7 +1,7 @@
 """Events: what the platform sends, as every adapter hands it to the dispatcher.
 
 An :class:`Event` is the transport-neutral form (headers with lower-case keys, the raw body
-bytes, when it arrived), built from a direct HTTP call or a Lambda/queue envelope.
+bytes, when it arrived, its trace), built from a direct HTTP call or a Lambda/queue envelope.
 :func:`decode_payload` reads its JSON, :func:`event_token` finds the platform's JWT, and
 :func:`view_for` builds the hook's typed view (:mod:`worker.views`, re-exported here). Bad input
 raises :class:`~worker.errors.EventError` (``NO_EVENT``, ``NO_DATA``, ``NO_METADATA``) or
@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from worker.errors import AuthError, EventError, PayloadTooLarge
+from worker.tracing import TraceContext, new_trace, trace_from_headers
 from worker.views import (
     AdaptEntityInterception,
     HookType,
@@ -87,6 +88,11 @@ class Event:
     hook_known: bool = True
     # An absolute loop-time deadline imposed by the carrier (e.g. Lambda's remaining time).
     deadline: float | None = None
+    # Read once from the headers where the event is built: every log line, outgoing call and
+    # answer of this event carries this trace, whichever adapter it came through.
+    trace: TraceContext = field(default_factory=new_trace)
+    # Which delivery of the event this is (a queue may deliver one again after a failure).
+    attempt: int = 1
 
 
 def lower_headers(headers: Mapping[str, Any]) -> dict[str, str]:
@@ -99,7 +105,8 @@ def event_from_http(
     """An event from a direct HTTP call: headers (any case) and the raw body."""
     normalized = lower_headers(headers)
     hook, known = hook_from_header(normalized.get("hooktype"))
-    return Event(hook, normalized, body, received_at, known, deadline)
+    trace = trace_from_headers(normalized)
+    return Event(hook, normalized, body, received_at, known, deadline, trace)
 
 
 def event_from_envelope(
@@ -180,4 +187,6 @@ def view_for(event: Event, payload: Any) -> View:
         return notification_view(payload)
     if event.hook.is_interceptor:
         return interception_view(event.hook, payload)
-    return NonSpecific(payload, event.headers)
+    # The platform's JWT stays with the dispatcher: handlers never see it.
+    headers = {k: v for k, v in event.headers.items() if k != "authorization"}
+    return NonSpecific(payload, headers)

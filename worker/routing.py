@@ -1,168 +1,360 @@
-"""The explicit routing table: which handler answers which event.
+"""The plugin's routing table, the :class:`Context` a handler gets, and loading a plugin.
 
-Handlers are plain ``async def handler(view, ctx)`` functions registered by explicit calls (no
-decorators run at import time, no discovery)::
+Handlers are plain ``async def handler(view, ctx)`` functions registered by explicit calls, the
+handler first, then what it answers (no decorators, no discovery)::
 
     router = Router()
-    router.notification("patient", "_create", on_patient_created)
-    router.pre(rename_patient, api_id="PATCH/organization/v1/users/patients/{id}")
+    router.notification(on_patient_created, entity="patient", action="_create")
+    router.pre(rename_patient, api_id="PATCH/organization/v1/users/patients/{id}", order=1)
     router.adapt_entity(decorate_patient, entity="patient")
+    router.nonspecific(nightly_job)
 
-Lookup order: notifications by (entity type, action, template), then without the template, then
-the ``"*"`` wildcards; interceptors by ``apiId``, then entity name, then the catch-all
-registered with neither. One handler per key: registering a key twice is an error.
+The contract of each hook: a NOTIFICATION handler returns ``None`` (BioT ignores its answer);
+PRE, POST and ADAPT_ENTITY handlers change the view in place (``view.request``, ``view.body``,
+``view.entities``, ``view.status``) or raise :class:`~worker.errors.Block`, and return ``None``;
+a NONSPECIFIC handler returns the JSON value to answer with (or ``None`` for an empty 200).
+
+Lookup: notifications by (entity type, action, template), then without the template, then the
+``"*"`` wildcards; interceptors by ``apiId``, then by entity name. The :class:`Route` records are
+the single source of what the plugin subscribes to (``order`` is the interceptor's execution
+order among the plugins on the same API).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import sys
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from worker.events import (
+from config.settings import Settings
+from worker.client import BiotApi
+from worker.logs import Log
+from worker.tracing import TraceContext
+from worker.views import (
     AdaptEntityInterception,
     HookType,
-    InterceptedRequest,
     Interception,
     NonSpecific,
     Notification,
     PostInterception,
     PreInterception,
+    View,
 )
-
-if TYPE_CHECKING:
-    from worker.dispatch import Context
-
-NotificationHandler = Callable[[Notification, "Context"], Awaitable[None]]
-PreHandler = Callable[
-    [PreInterception, "Context"], Awaitable[InterceptedRequest | dict[str, Any] | None]
-]
-PostHandler = Callable[[PostInterception, "Context"], Awaitable[Any]]
-AdaptEntityHandler = Callable[[AdaptEntityInterception, "Context"], Awaitable[list[Any] | None]]
-NonSpecificHandler = Callable[[NonSpecific, "Context"], Awaitable[Any]]
-AnyHandler = Callable[[Any, "Context"], Awaitable[Any]]
 
 WILDCARD = "*"
 
 
-@dataclass(frozen=True, slots=True)
-class NotificationRoute:
-    entity_type: str
-    action: str
-    template: str | None
+@dataclass(slots=True)
+class Context:
+    """What a handler gets besides its event's view; holds no secret and no platform JWT."""
+
+    #: The BioT API, authenticated with the plugin's service token and carrying the trace.
+    api: BiotApi
+    #: The log, bound to this event's trace id and hook.
+    log: Log
+    #: The event's W3C trace context.
+    trace: TraceContext
+    #: The absolute ``loop.time()`` by which the handler must be done.
+    deadline: float
+    #: The worker's settings with every secret removed.
+    settings: Settings = field(default_factory=Settings)
+    #: Which delivery of this event this is (1 unless a queue delivered it again).
+    attempt: int = 1
+
+    def remaining(self) -> float:
+        """Seconds left before this event's deadline."""
+        return self.deadline - asyncio.get_running_loop().time()
+
+
+NotificationHandler = Callable[[Notification, Context], Awaitable[None]]
+PreHandler = Callable[[PreInterception, Context], Awaitable[None]]
+PostHandler = Callable[[PostInterception, Context], Awaitable[None]]
+AdaptEntityHandler = Callable[[AdaptEntityInterception, Context], Awaitable[None]]
+NonSpecificHandler = Callable[[NonSpecific, Context], Awaitable[Any]]
+Handler = Callable[[Any, Context], Awaitable[Any]]
+
+#: The subscription type BioT's APIs use for each interceptor hook.
+INTERCEPTION_TYPES = {
+    HookType.INTERCEPTOR_PRE: "PRE_REQUEST",
+    HookType.INTERCEPTOR_POST: "POST_REQUEST",
+    HookType.INTERCEPTOR_POST_ENTITY: "ADAPT_ENTITY",
+}
+
+
+class RouteError(ValueError):
+    """A routing table or a plugin that cannot be used; the message is one line for the user."""
 
 
 @dataclass(frozen=True, slots=True)
-class InterceptionRoute:
+class Route:
+    """One registered handler and what it answers: the source of the plugin's subscriptions."""
+
     hook: HookType
-    api_id: str | None
-    entity: str | None
+    handler: Handler = field(compare=False)
+    entity: str | None = None
+    action: str | None = None
+    template: str | None = None
+    api_id: str | None = None
+    order: int | None = field(default=None, compare=False)
+
+    @property
+    def handler_name(self) -> str:
+        """``module.function`` of the handler, as errors and listings name it."""
+        return handler_name(self.handler)
+
+    @property
+    def subscribable(self) -> bool:
+        """Whether BioT can subscribe this route (wildcard notifications cannot be)."""
+        return WILDCARD not in (self.entity, self.action)
+
+    def describe(self) -> str:
+        """One line, e.g. ``PRE_REQUEST apiId=PATCH/... order=1``."""
+        if self.hook is HookType.NOTIFICATION:
+            text = f"NOTIFICATION {self.entity}/{self.action}"
+            return text + (f" template={self.template}" if self.template else "")
+        if self.hook is HookType.NONSPECIFIC:
+            return "NONSPECIFIC"
+        kind = INTERCEPTION_TYPES[self.hook]
+        text = f"{kind} apiId={self.api_id}" if self.api_id else f"{kind} entity={self.entity}"
+        return text + (f" order={self.order}" if self.order is not None else "")
+
+
+def handler_name(handler: Callable[..., Any]) -> str:
+    module = getattr(handler, "__module__", None) or "?"
+    name = getattr(handler, "__qualname__", None) or type(handler).__name__
+    return f"{module}.{name}"
 
 
 class Router:
+    """The explicit table of a plugin's handlers; one handler per route."""
+
     def __init__(self) -> None:
-        self._notifications: dict[NotificationRoute, AnyHandler] = {}
-        self._interceptions: dict[InterceptionRoute, AnyHandler] = {}
-        self._nonspecific: AnyHandler | None = None
+        self._routes: dict[tuple[Any, ...], Route] = {}
+        self._nonspecific: Route | None = None
 
     # ------------------------------------------------------------ registration
 
     def notification(
         self,
-        entity_type: str,
-        action: str,
         handler: NotificationHandler,
         *,
+        entity: str,
+        action: str,
         template: str | None = None,
     ) -> Router:
-        """Handle notifications of ``entity_type``/``action`` (``"*"`` matches any)."""
-        route = NotificationRoute(entity_type, action, template)
-        _add(self._notifications, route, handler)
-        return self
+        """Run ``handler`` after ``action`` succeeded on an ``entity`` (``"*"`` matches any)."""
+        _check_handler(handler, "notification")
+        _check_name(entity, "entity")
+        _check_name(action, "action")
+        route = Route(HookType.NOTIFICATION, handler, entity, action, template)
+        return self._add(_notification_key(entity, action, template), route)
 
     def pre(
-        self, handler: PreHandler, *, api_id: str | None = None, entity: str | None = None
+        self,
+        handler: PreHandler,
+        *,
+        api_id: str | None = None,
+        entity: str | None = None,
+        order: int | None = None,
     ) -> Router:
-        """PRE_REQUEST: may rewrite the request (mutate ``view.request`` or return a new one)."""
-        return self._interception(HookType.INTERCEPTOR_PRE, handler, api_id, entity)
+        """Before BioT handles a call: change ``view.request`` in place, or raise ``Block``."""
+        return self._interception(HookType.INTERCEPTOR_PRE, handler, api_id, entity, order)
 
     def post(
-        self, handler: PostHandler, *, api_id: str | None = None, entity: str | None = None
+        self,
+        handler: PostHandler,
+        *,
+        api_id: str | None = None,
+        entity: str | None = None,
+        order: int | None = None,
     ) -> Router:
-        """POST_REQUEST: may rewrite the response body (mutate ``view.body`` or return one)."""
-        return self._interception(HookType.INTERCEPTOR_POST, handler, api_id, entity)
+        """After BioT handled a call: change ``view.body``/``view.status`` in place."""
+        return self._interception(HookType.INTERCEPTOR_POST, handler, api_id, entity, order)
 
     def adapt_entity(
-        self, handler: AdaptEntityHandler, *, api_id: str | None = None, entity: str | None = None
+        self,
+        handler: AdaptEntityHandler,
+        *,
+        api_id: str | None = None,
+        entity: str | None = None,
+        order: int | None = None,
     ) -> Router:
-        """ADAPT_ENTITY: may rewrite the entities (mutate ``view.entities`` or return a list)."""
-        return self._interception(HookType.INTERCEPTOR_POST_ENTITY, handler, api_id, entity)
+        """Before BioT returns entities: change the dicts of ``view.entities`` in place."""
+        hook = HookType.INTERCEPTOR_POST_ENTITY
+        return self._interception(hook, handler, api_id, entity, order)
 
     def nonspecific(self, handler: NonSpecificHandler) -> Router:
-        """Direct and scheduled calls; the return value becomes the JSON answer."""
+        """Direct and scheduled calls; the handler's return value is the JSON answer."""
+        _check_handler(handler, "nonspecific")
+        route = Route(HookType.NONSPECIFIC, handler)
         if self._nonspecific is not None:
-            raise ValueError("a nonspecific handler is already registered")
-        self._nonspecific = handler
+            raise _duplicate(route, self._nonspecific)
+        self._nonspecific = route
+        return self
+
+    def include(self, other: Router) -> Router:
+        """Add every route of ``other`` (a plugin assembled from several modules)."""
+        for key, route in other._routes.items():
+            self._add(key, route)
+        if other._nonspecific is not None:
+            self.nonspecific(other._nonspecific.handler)
         return self
 
     def _interception(
-        self, hook: HookType, handler: AnyHandler, api_id: str | None, entity: str | None
+        self,
+        hook: HookType,
+        handler: Handler,
+        api_id: str | None,
+        entity: str | None,
+        order: int | None,
     ) -> Router:
-        if api_id is not None and entity is not None:
-            raise ValueError("route an interceptor by api_id or by entity, not both")
-        _add(self._interceptions, InterceptionRoute(hook, api_id, entity), handler)
+        kind = INTERCEPTION_TYPES[hook]
+        _check_handler(handler, kind)
+        if (api_id is None) == (entity is None):
+            raise RouteError(f"{kind} route of {handler_name(handler)}: give api_id or entity")
+        if api_id is not None:
+            _check_name(api_id, "api_id")
+        if entity is not None:
+            _check_name(entity, "entity")
+        if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+            raise RouteError(f"{kind} route of {handler_name(handler)}: order must be an int")
+        route = Route(hook, handler, entity=entity, api_id=api_id, order=order)
+        return self._add((hook, api_id, entity), route)
+
+    def _add(self, key: tuple[Any, ...], route: Route) -> Router:
+        existing = self._routes.get(key)
+        if existing is not None:
+            raise _duplicate(route, existing)
+        self._routes[key] = route
         return self
 
     # ------------------------------------------------------------ lookup
 
-    def find(self, hook: HookType, view: object) -> AnyHandler | None:
+    def find(self, hook: HookType, view: View) -> Handler | None:
+        """The handler for ``view``, or ``None`` when the plugin has none."""
         if isinstance(view, Notification):
             return self._find_notification(view)
         if isinstance(view, Interception):
             return self._find_interception(hook, view)
-        return self._nonspecific
+        return self._nonspecific.handler if self._nonspecific is not None else None
 
-    def _find_notification(self, view: Notification) -> AnyHandler | None:
-        entity, action = view.entity_type, view.action
-        candidates = (
-            NotificationRoute(entity, action, view.template),
-            NotificationRoute(entity, action, None),
-            NotificationRoute(entity, WILDCARD, None),
-            NotificationRoute(WILDCARD, action, None),
-            NotificationRoute(WILDCARD, WILDCARD, None),
-        )
-        return _first(self._notifications, candidates)
+    def _find_notification(self, view: Notification) -> Handler | None:
+        entity, action, routes = view.entity_type, view.action, self._routes
+        template = view.template
+        for key in (
+            _notification_key(entity, action, template) if template else None,
+            _notification_key(entity, action, None),
+            _notification_key(entity, WILDCARD, None),
+            _notification_key(WILDCARD, action, None),
+            _notification_key(WILDCARD, WILDCARD, None),
+        ):
+            route = routes.get(key) if key is not None else None
+            if route is not None:
+                return route.handler
+        return None
 
-    def _find_interception(self, hook: HookType, view: Interception) -> AnyHandler | None:
-        candidates = (
-            InterceptionRoute(hook, view.api_id, None),
-            InterceptionRoute(hook, None, view.entity_name),
-            InterceptionRoute(hook, None, None),
+    def _find_interception(self, hook: HookType, view: Interception) -> Handler | None:
+        route = self._routes.get((hook, view.api_id, None)) or self._routes.get(
+            (hook, None, view.entity_name)
         )
-        return _first(self._interceptions, candidates)
+        return route.handler if route is not None else None
 
     # ------------------------------------------------------------ introspection
 
-    def notification_routes(self) -> Iterator[NotificationRoute]:
-        return iter(self._notifications)
+    def __iter__(self) -> Iterator[Route]:
+        """Every route, in registration order (the nonspecific one last)."""
+        yield from self._routes.values()
+        if self._nonspecific is not None:
+            yield self._nonspecific
 
-    def interception_routes(self) -> Iterator[InterceptionRoute]:
-        return iter(self._interceptions)
+    def __len__(self) -> int:
+        return len(self._routes) + (self._nonspecific is not None)
 
     @property
     def has_nonspecific(self) -> bool:
         return self._nonspecific is not None
 
 
-def _add(table: dict[Any, AnyHandler], key: object, handler: AnyHandler) -> None:
-    if key in table:
-        raise ValueError(f"a handler is already registered for {key}")
-    table[key] = handler
+def _notification_key(entity: str, action: str, template: str | None) -> tuple[Any, ...]:
+    return (HookType.NOTIFICATION, entity, action, template)
 
 
-def _first(table: dict[Any, AnyHandler], keys: tuple[Any, ...]) -> AnyHandler | None:
-    for key in keys:
-        handler = table.get(key)
-        if handler is not None:
-            return handler
-    return None
+def _check_handler(handler: object, kind: str) -> None:
+    if not callable(handler):
+        raise RouteError(f"{kind} route: the handler must come first, got {handler!r}")
+
+
+def _check_name(value: object, what: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise RouteError(f"route {what} must be a non-empty string, got {value!r}")
+
+
+def _duplicate(new: Route, existing: Route) -> RouteError:
+    return RouteError(
+        f"duplicate route {new.describe()}: {existing.handler_name} and {new.handler_name}"
+    )
+
+
+# ---------------------------------------------------------------- loading a plugin
+
+
+def load_routes(reference: str) -> Router:
+    """Import ``module`` of ``module:function`` and call ``function()`` for the :class:`Router`.
+
+    Raises :class:`RouteError` with one line naming the file and line of a syntax or import
+    error in the plugin, a missing function, or a function that returns no ``Router``.
+    """
+    module_name, _, function_name = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise RouteError(f"WORKER_ROUTES={reference}: no module named {exc.name!r}") from None
+        raise RouteError(f"WORKER_ROUTES={reference}: {_where(exc)}") from None
+    except Exception as exc:  # the plugin's own error at import: name its file and line
+        raise RouteError(f"WORKER_ROUTES={reference}: {_where(exc)}") from None
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise RouteError(f"WORKER_ROUTES={reference}: {module_name} has no {function_name}()")
+    try:
+        routes = factory()
+    except RouteError as exc:
+        raise RouteError(f"WORKER_ROUTES={reference}: {exc}") from None
+    except Exception as exc:
+        raise RouteError(f"WORKER_ROUTES={reference}: {_where(exc)}") from None
+    if not isinstance(routes, Router):
+        kind = type(routes).__name__
+        raise RouteError(f"WORKER_ROUTES={reference}: {function_name}() returned {kind}")
+    return routes
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line: Type: message`` of the innermost frame of ``exc`` outside the import system."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_short(exc.filename)}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen") and frame.filename != __file__
+    ]
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not frames:
+        return message
+    frame = frames[-1]
+    return f"{_short(frame.filename)}:{frame.lineno}: {message}"
+
+
+def _short(filename: str) -> str:
+    path = Path(filename)
+    for root in (Path.cwd(), *(Path(p) for p in sys.path if p)):
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            continue
+    return filename

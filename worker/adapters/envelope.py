@@ -34,7 +34,7 @@ from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
 from worker.events import Event, HookType, event_from_envelope, lower_headers
 from worker.logs import Log
 from worker.responses import ErrorContext, Response, error_response
-from worker.tracing import current_trace, new_trace, trace_from_headers
+from worker.tracing import TraceContext, current_trace, new_trace, trace_from_headers
 
 Handle = Callable[[Event], Awaitable[Outcome]]
 
@@ -128,9 +128,11 @@ def parse_envelope(delivery: Delivery, *, received_at: float, max_body_bytes: in
     if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), Mapping):
         raise EventError("queue message is not an envelope with a headers object")
     headers = {**lower_headers(envelope["headers"]), ATTEMPT_HEADER: str(delivery.attempt)}
-    return event_from_envelope(
+    event = event_from_envelope(
         {**envelope, "headers": headers}, received_at=received_at, max_body_bytes=max_body_bytes
     )
+    event.attempt = delivery.attempt
+    return event
 
 
 def _headers_of(raw: bytes) -> Mapping[str, str]:
@@ -172,18 +174,19 @@ class Processor:
         except WorkerError as exc:
             too_large = _too_large(delivery.body, self._max_body)
             headers = {} if too_large else _headers_of(delivery.body)
-            response = error_response(exc, trace_from_headers(headers), self._errors)
-            return self._judge(delivery, Outcome(response, exc), headers)
-        return self._judge(delivery, await self._handle(event), event.headers)
+            trace = trace_from_headers(headers)
+            response = error_response(exc, trace, self._errors)
+            return self._judge(delivery, Outcome(response, exc), trace)
+        return self._judge(delivery, await self._handle(event), event.trace)
 
-    def _judge(self, delivery: Delivery, outcome: Outcome, headers: Mapping[str, str]) -> Decision:
+    def _judge(self, delivery: Delivery, outcome: Outcome, trace: TraceContext) -> Decision:
         response, error = outcome.response, outcome.error
         reply = encode_reply(response) if delivery.reply_to else None
         if error is None or isinstance(error, Block):
             return Decision(Verdict.ACK, reply, status=response.status)
         reason = f"{error.code}: {error.message}"
         attempt = delivery.attempt
-        token = current_trace.set(trace_from_headers(headers))
+        token = current_trace.set(trace)
         try:
             if outcome.transient and attempt < self._policy.max_attempts:
                 delay = self._policy.delay_for(attempt)

@@ -18,9 +18,8 @@ from typing import Any
 
 from worker.bench import logic
 from worker.client import fan_out
-from worker.dispatch import Context
 from worker.events import AdaptEntityInterception, Notification, PreInterception
-from worker.routing import Router
+from worker.routing import Context, Router
 
 
 async def rewrite_request(view: PreInterception, ctx: Context) -> None:
@@ -51,6 +50,6 @@ def build_routes() -> Router:
     router = Router()
     router.pre(rewrite_request, api_id=logic.API_ID_A)
     router.pre(note_patient, api_id=logic.API_ID_B)
-    router.notification("patient", "_update", read_three)
+    router.notification(read_three, entity="patient", action="_update")
     router.adapt_entity(mark_entities, entity="patient")
     return router

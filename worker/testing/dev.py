@@ -15,20 +15,13 @@ from typing import IO, BinaryIO, TextIO
 from config.settings import Settings, replace_settings
 from worker.app import WorkerApp
 from worker.events import HookType
-from worker.loading import load_routes
 from worker.logs import Log
-from worker.routing import WILDCARD, Router
+from worker.routing import INTERCEPTION_TYPES, Router, load_routes
 from worker.runner import install_signal_handlers, run_worker
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer, config_from_args
 from worker.testing.emulator import serve_forever as serve_emulator
 
 Started = Callable[[WorkerApp, str], None]
-
-INTERCEPTION_TYPES = {
-    HookType.INTERCEPTOR_PRE: "PRE_REQUEST",
-    HookType.INTERCEPTOR_POST: "POST_REQUEST",
-    HookType.INTERCEPTOR_POST_ENTITY: "ADAPT_ENTITY",
-}
 
 
 async def run(
@@ -100,21 +93,25 @@ async def run_embedded(
 
 
 def subscribe_routes(emulator: Emulator, routes: Router, endpoint: str, log: Log) -> None:
-    """Subscribe ``endpoint`` to every concrete route, as a deployment would with BioT."""
-    for route in routes.notification_routes():
-        if WILDCARD in (route.entity_type, route.action):
-            log.warning("wildcard notification route not subscribed", route=str(route))
+    """Subscribe ``endpoint`` to every route BioT can subscribe, as a deployment would."""
+    for route in routes:
+        if route.hook is HookType.NONSPECIFIC:
             continue
-        emulator.subscribe_notification(
-            route.entity_type, route.action, endpoint, template=route.template
-        )
-    for hook_route in routes.interception_routes():
-        kind = INTERCEPTION_TYPES[hook_route.hook]
-        if hook_route.api_id is None and hook_route.entity is None:
-            log.warning("catch-all interceptor not subscribed", type=kind)
+        if not route.subscribable:
+            log.warning("wildcard notification route not subscribed", route=route.describe())
+            continue
+        if route.hook is HookType.NOTIFICATION:
+            assert route.entity is not None and route.action is not None
+            emulator.subscribe_notification(
+                route.entity, route.action, endpoint, template=route.template
+            )
             continue
         emulator.subscribe_interception(
-            kind, endpoint, api_id=hook_route.api_id, entity_name=hook_route.entity
+            INTERCEPTION_TYPES[route.hook],
+            endpoint,
+            api_id=route.api_id,
+            entity_name=route.entity,
+            order=route.order,
         )
 
 

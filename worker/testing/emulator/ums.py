@@ -13,12 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
-from worker import __version__
 from worker.testing.emulator.faults import Faults
 from worker.testing.emulator.identity import TokenService
 from worker.testing.emulator.keys import KeyRing
 from worker.testing.emulator.middleware import request_trace
 from worker.testing.emulator.wire import ApiFailure, iso_ms, json_response, loads
+from worker.version import __version__
 
 Sleep = Callable[[float], Awaitable[None]]
 
