@@ -25,7 +25,6 @@ from worker.adapters.envelope import (
     decode_reply,
     encode_reply,
     parse_envelope,
-    sample_envelope,
 )
 from worker.adapters.memory import MemorySource
 from worker.adapters.rabbitmq import RabbitOptions, RabbitSource
@@ -42,6 +41,7 @@ from worker.events import HookType
 from worker.responses import Response
 from worker.routing import Router
 from worker.runner import run_queue
+from worker.testing.events import sample_envelope
 from worker.testing.publish import add_publish_arguments, publish_main, read_envelopes
 
 

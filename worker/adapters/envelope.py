@@ -21,7 +21,6 @@ decision; nothing is sent for a retry. The reply body is a Function URL response
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,7 +33,7 @@ from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
 from worker.events import Event, HookType, event_from_envelope, lower_headers
 from worker.logs import Log
 from worker.responses import ErrorContext, Response, error_response
-from worker.tracing import TraceContext, current_trace, new_trace, trace_from_headers
+from worker.tracing import TraceContext, current_trace, trace_from_headers
 
 Handle = Callable[[Event], Awaitable[Outcome]]
 
@@ -42,7 +41,6 @@ Handle = Callable[[Event], Awaitable[Outcome]]
 ATTEMPT_HEADER = "x-delivery-attempt"
 # An envelope is JSON text around the body (escaping can double it): refuse to parse beyond this.
 _ENVELOPE_SLACK = 65_536
-_PATCH_PATIENT = "PATCH/organization/v1/users/patients/{id}"
 HOOKS = tuple(hook.value for hook in HookType)
 
 
@@ -198,60 +196,3 @@ class Processor:
             return Decision(Verdict.DEAD, reply, reason, status=response.status)
         finally:
             current_trace.reset(token)
-
-
-# ---------------------------------------------------------------- samples
-
-
-def sample_envelope(hook: str, token: str | None = None) -> dict[str, Any]:
-    """An envelope of ``hook`` as BioT would send it, with its own trace id."""
-    headers = {"content-type": "application/json", "traceparent": new_trace().traceparent}
-    body: dict[str, Any] = {}
-    if hook != HookType.NONSPECIFIC:
-        headers["hooktype"] = hook
-    if hook == HookType.NOTIFICATION:
-        body = _notification(token)
-    elif hook != HookType.NONSPECIFIC:
-        body = _interception(hook)
-        if token is not None:
-            headers["authorization"] = f"Bearer {token}"
-    return {"headers": headers, "body": orjson.dumps(body).decode()}
-
-
-def _patient(first: str = "Ada") -> dict[str, Any]:
-    return {
-        "_id": str(uuid.uuid4()),
-        "_name": {"firstName": first, "lastName": "Lovelace"},
-        "_template": {"name": "Patient"},
-    }
-
-
-def _notification(token: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "metadata": {"entityTypeName": "patient", "actionName": "_create", "status": "SUCCESS"},
-        "data": {"entity": _patient(), "additionalData": {"oldEntity": None}},
-    }
-    if token is not None:
-        body["jwt"] = token
-    return body
-
-
-def _interception(hook: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "initiatorData": {"subjectId": "user-1", "tokenType": "USER"},
-        "method": "PATCH",
-        "entityName": "patient",
-        "apiId": _PATCH_PATIENT,
-        "request": {
-            "path": "/organization/v1/users/patients/p-1",
-            "queryParameters": {},
-            "headers": {},
-            "body": {"_name": {"firstName": "Ada", "lastName": "Lovelace"}},
-            "pathVariables": [{"name": "id", "value": "p-1"}],
-        },
-    }
-    if hook == HookType.INTERCEPTOR_POST:
-        body["response"] = {"body": _patient(), "httpStatusCode": "200 OK"}
-    if hook == HookType.INTERCEPTOR_POST_ENTITY:
-        body["response"] = {"entities": [_patient(), _patient("Bob")], "httpStatusCode": "200 OK"}
-    return body

@@ -29,8 +29,9 @@ from aio_pika.exceptions import AMQPError
 from redis.exceptions import RedisError
 
 from worker.adapters import rabbitmq, redis_streams
-from worker.adapters.envelope import HOOKS, sample_envelope
+from worker.adapters.envelope import HOOKS
 from worker.adapters.source import SourceUnavailable, redact_url
+from worker.testing.events import sample_envelope
 
 _CONCURRENCY = 64  # publishes awaiting their broker's confirmation at once
 
