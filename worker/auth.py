@@ -1,4 +1,4 @@
-"""Verifying the platform's inbound JWT (platform §3): RS512 only, cached keys, cached tokens.
+"""Verifying the platform's inbound JWT: RS512 only, cached keys, cached tokens.
 
 Contract of :class:`JwtVerifier`:
 

@@ -67,7 +67,7 @@ _HOOKS_BY_NAME = {hook.value: hook for hook in HookType}
 def hook_from_header(value: str | None) -> tuple[HookType, bool]:
     """The hook named by a ``hooktype`` header (any case) and whether the value was known.
 
-    Missing or unknown values mean NONSPECIFIC, as the platform's seeds do (platform §1.3).
+    Missing or unknown values mean NONSPECIFIC, as the platform's own sample plugins do.
     """
     if value is None:
         return HookType.NONSPECIFIC, False

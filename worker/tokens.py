@@ -1,4 +1,4 @@
-"""The service user's access token (platform §4): cached, refreshed ahead of expiry, one login
+"""The service user's access token: cached, refreshed ahead of expiry, one login
 in flight however many events ask.
 
 Contract of :class:`ServiceTokens`:

@@ -1,4 +1,4 @@
-"""The typed view of each hook's payload (platform §2), built from its decoded JSON body.
+"""The typed view of each hook's payload, built from its decoded JSON body.
 
 Handlers receive these: a :class:`Notification`, a :class:`PreInterception`,
 :class:`PostInterception` or :class:`AdaptEntityInterception`, or a :class:`NonSpecific`. The
@@ -47,7 +47,7 @@ def require_object(payload: Any, what: str) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class StatusCode:
-    """BioT's ``httpStatusCode``: ``"200 OK"`` or ``"OK"`` (platform §2.2), echoed as it came.
+    """BioT's ``httpStatusCode``: ``"200 OK"`` or ``"OK"``, echoed as it came.
 
     ``code`` is the numeric status when it can be read. Setting a new ``code`` renders it in
     the form the original used.
@@ -97,7 +97,7 @@ def _render_status(code: int, like: Any) -> Any:
 
 @dataclass(slots=True)
 class Notification:
-    """A NOTIFICATION event (platform §2.1): sent after an entity action succeeded."""
+    """A NOTIFICATION event: sent after an entity action succeeded."""
 
     metadata: dict[str, Any]
     data: dict[str, Any]
@@ -143,7 +143,7 @@ class InterceptedRequest:
 
 @dataclass(slots=True)
 class Interception:
-    """Fields common to PRE, POST and ADAPT_ENTITY payloads (platform §2.2)."""
+    """Fields common to PRE, POST and ADAPT_ENTITY payloads."""
 
     hook: HookType
     method: str

@@ -1,6 +1,6 @@
 """One benchmark run: start the emulators and targets, measure every point, run the extras.
 
-CPU placement (perf-limits.md §1): the processes under test run on CPU0; the emulators and this
+CPU placement : the processes under test run on CPU0; the emulators and this
 process (the load generator) on CPU1. Everything starts unpinned (faster) and is pinned once
 listening, every thread included. With fewer than two CPUs, or ``--no-pin``, nothing is pinned.
 Scenario (e) also uses a Redis the bench did not start (:mod:`.queue_hook`): it is not pinned,

@@ -1,4 +1,4 @@
-"""The events of each scenario, built as BioT sends them (platform §1.2, §2), and their checks.
+"""The events of each scenario, built as BioT sends them, and their checks.
 
 Events are built from :class:`Fixtures` fetched from one emulator: BioT's signed event tokens
 (one per hook, reused as BioT reuses them), an end user's token (inside intercepted requests)
@@ -106,7 +106,7 @@ def events_b(fx: Fixtures) -> list[Event]:
 
 
 def events_c(fx: Fixtures) -> list[Event]:
-    """NOTIFICATION ``patient/_update``; the token is in the body (platform §2.1)."""
+    """NOTIFICATION ``patient/_update``; the token is in the body."""
     events = []
     for patient in fx.patients[:EVENTS_PER_SCENARIO]:
         old = {**patient, "_description": "before"}

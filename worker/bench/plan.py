@@ -1,6 +1,6 @@
 """What a benchmark run measures: scenarios, variants, load levels, bounds, in which order.
 
-Points are interleaved (perf-limits.md §1): within each repetition, every variant of a scenario
+Points are interleaved : within each repetition, every variant of a scenario
 is measured at one load level before the next level, and the variants' order rotates from one
 repetition to the next, so the ratios compare runs taken seconds apart, not minutes.
 """
@@ -110,7 +110,7 @@ class Plan:
     profile_seconds: float = 1.0  # 0: no profile
     memory_seconds: float = 0.0  # 0: no memory check
     pin: bool = True
-    busy_cpus: bool = False  # SCHED_IDLE spinners keep the vCPUs out of idle (perf-limits §1.1)
+    busy_cpus: bool = False  # SCHED_IDLE spinners keep the vCPUs out of idle
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
     redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)

@@ -1,7 +1,7 @@
 """``python -m worker.bench.spin CPU``: keep one vCPU out of idle, at the lowest priority.
 
-On this VM a vCPU woken from idle by a packet sometimes takes 2-5 ms to run (perf-limits.md
-§1.1), which puts that stall, not the code, in every low-load tail. A ``SCHED_IDLE`` busy loop
+On a virtual machine a vCPU woken from idle by a packet can take milliseconds to run, which
+puts that stall, not the code, in every low-load tail. A ``SCHED_IDLE`` busy loop
 pinned to the CPU keeps it awake and yields to any normal task at once, so the measured
 processes keep the CPU whenever they want it; its own CPU time is not counted anywhere. The
 bench starts one per CPU it uses with ``--busy-cpus``; a spinner whose parent is gone

@@ -1,6 +1,6 @@
 """Who is calling: the tokens the emulator issues and the check every protected API runs.
 
-Token types (platform §3, §2.2): the service-user login issues ``SERVICE_EXTERNAL`` tokens (a
+Token types: the service-user login issues ``SERVICE_EXTERNAL`` tokens (a
 plugin's service user is outside the platform) [INFERRED: decoded samples only show the
 ``SERVICE_INTERNAL`` tokens BioT signs for its own calls to plugins, which is what
 :meth:`TokenService.internal_token` issues]; end users hold ``USER`` tokens.

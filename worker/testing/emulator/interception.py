@@ -1,6 +1,6 @@
 """The interception chain around an entity API call: PRE, then ADAPT_ENTITY, then POST.
 
-Payloads follow BioT's access-control contract (platform §2.2); each interceptor of a stage sees
+Payloads follow BioT's access-control contract; each interceptor of a stage sees
 the request (and response) as the one before it left them. A 4xx/5xx answer blocks the call: the
 caller receives that status and body unchanged (:class:`PassThrough`). A 2xx answer that is not
 a JSON object, or whose ``request``/``response`` has the wrong shape, fails the call with 502;

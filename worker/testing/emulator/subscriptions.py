@@ -28,7 +28,7 @@ ACTION_NAMES: Final = (
     "_saveMeasurement", "_monitor", "_view", "_saveMeasurementBulk", "_incomingSms",
 )  # fmt: skip
 INTERCEPTION_TYPES: Final = ("PRE_REQUEST", "POST_REQUEST", "ADAPT_ENTITY")
-# Subscription type -> the hooktype header of the call (platform §1.2).
+# Subscription type -> the hooktype header of the call.
 HOOKTYPES: Final = {
     "PRE_REQUEST": "INTERCEPTOR_PRE",
     "POST_REQUEST": "INTERCEPTOR_POST",

@@ -1,4 +1,4 @@
-"""UMS over HTTP: service-user login, the public key, the health check (platform §3-5).
+"""UMS over HTTP: service-user login, the public key, the health check.
 
 Login answers ``{accessToken, accessTokenExpiration}``; wrong credentials answer 403
 ``LOGIN_FAILED`` as BioT's UMS spec documents (a body without ``id``/``secretKey`` is a 400).
