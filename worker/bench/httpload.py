@@ -1,10 +1,10 @@
 """A lean HTTP/1.1 keep-alive client for the load generator (raw ``asyncio.Protocol``).
 
 Why not aiohttp's client: it costs more CPU a request than the servers under test, so the
-load generator would measure itself. This client writes pre-encoded requests and parses only what a benchmark needs: the
-status line, ``Content-Length`` and ``Connection: close``. One request at a time per connection
-(no pipelining), as BioT's HTTP client does. Responses without ``Content-Length`` (chunked) are
-refused as errors; every server measured here sends it.
+load generator would measure itself. This client writes pre-encoded requests and parses only
+what a benchmark needs: the status line, ``Content-Length`` and ``Connection: close``. One
+request at a time per connection (no pipelining), as BioT's HTTP client does. Responses without
+``Content-Length`` (chunked) are refused as errors; every server measured here sends it.
 """
 
 from __future__ import annotations

@@ -14,17 +14,51 @@ a loopback-only development tool whose credentials are fakes printed at start an
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
-from worker.testing.emulator.wire import ApiFailure, iso_ms, json_response, read_json
-
-if TYPE_CHECKING:
-    from worker.testing.emulator.app import Emulator
+from worker.testing.emulator.calllog import CallLog
+from worker.testing.emulator.faults import Faults
+from worker.testing.emulator.keys import KeyRing
+from worker.testing.emulator.wire import ApiFailure, Clock, iso_ms, json_response, read_json
 
 PREFIX = "/_emulator"
 MAX_EVENT_TOKENS: Final = 10_000
+
+
+class Emulator(Protocol):
+    """What the control API reads and drives: the emulator's state, keys and token signing."""
+
+    faults: Faults
+    keys: KeyRing
+    calls: CallLog
+    clock: Clock
+
+    def info(self, *, include_secret: bool = True) -> dict[str, Any]: ...
+
+    async def rotate_keys_async(self) -> None: ...
+
+    def user_token(
+        self,
+        subject_id: str | None = None,
+        *,
+        scopes: Sequence[str] = (),
+        organization_id: str | None = None,
+        lifetime: float | None = None,
+    ) -> str: ...
+
+    def sign_token(
+        self,
+        *,
+        scopes: Sequence[str],
+        token_type: str = ...,
+        lifetime: float | None = None,
+        **claims: Any,
+    ) -> str: ...
+
+    async def drain_notifications(self) -> None: ...
 
 
 class AdminApi:
