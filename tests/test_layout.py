@@ -7,6 +7,7 @@ Every import counts: module level, inside functions, and under ``TYPE_CHECKING``
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -167,3 +168,54 @@ def test_importing_the_runtime_loads_no_tool_or_broker(entry: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- the README's map of the tree
+
+README = ROOT / "README.md"
+
+
+def readme_section(heading: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def layout_paths() -> list[str]:
+    rows = [line for line in readme_section("Project layout").splitlines() if line.startswith("|")]
+    paths: list[str] = []
+    for row in rows[2:]:
+        first_cell = row.split("|")[1]
+        paths += [part.strip("`") for part in first_cell.split() if part.startswith("`")]
+    return paths
+
+
+def test_every_path_in_the_layout_table_exists() -> None:
+    paths = layout_paths()
+    assert paths, "the Project layout table lists no path"
+    missing = [path for path in paths if not (ROOT / path.rstrip("/")).exists()]
+    assert missing == []
+
+
+def test_every_part_of_the_runtime_is_in_the_layout_table() -> None:
+    listed = {path.rstrip("/") for path in layout_paths()}
+    parts = {
+        str(path.relative_to(ROOT))
+        for path in PACKAGE.iterdir()
+        if (path.suffix == ".py" and path.name != "__main__.py")
+        or (path.is_dir() and (path / "__init__.py").exists())
+    }
+    assert sorted(parts - listed) == []
+
+
+def test_the_readme_links_only_to_files_in_the_repository() -> None:
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    outside = [link for link in links if "://" in link or link.startswith("/")]
+    missing = [
+        link
+        for link in links
+        if link not in outside and not (ROOT / link.split("#")[0]).exists()
+    ]
+    assert outside == []
+    assert missing == []
