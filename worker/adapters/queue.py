@@ -1,0 +1,501 @@
+"""The queue seam: one :class:`Source` Protocol, what a message becomes, and the intake loop.
+
+A :class:`Source` is a broker's side of the worker, an async context manager (enter connects and
+declares, exit closes) with three methods: :meth:`~Source.receive` up to ``limit`` messages as
+:class:`Delivery` objects, :meth:`~Source.settle` one of them per a :class:`Decision`, and
+:meth:`~Source.halt` taking more. Everything else is shared and lives here:
+
+- :class:`Processor` turns one delivery into a decision: it parses the queue envelope
+  ``{"headers": {...}, "body": ...}`` (the shape of a Lambda Function URL event, so a captured
+  call replays unchanged) into an :class:`~worker.events.Event`, hands it to the dispatcher and
+  judges the :class:`~worker.dispatch.Outcome`;
+- :func:`pump` is the one intake loop: at most ``max_in_flight`` messages at once, each settled
+  only after its outcome is known; on ``stop`` it takes no more, gives in-flight ones ``grace``
+  seconds, settles them, and cancels the rest, which stay unacknowledged and come back.
+  Delivery is therefore **at least once**: a crash between handling and settling means a
+  duplicate;
+- :func:`open_source` (a URL to a source) and :func:`consume` (serve it until ``stop``) are what
+  the runner calls.
+
+Decisions (:class:`Verdict`):
+
+- **ack**: handled. This includes an interceptor's :class:`~worker.errors.Block`, which is its
+  answer, not a failure.
+- **retry**: a transient failure (timeout, 5xx from BioT, login outage) before the last attempt;
+  the source re-queues the message after ``delay`` with ``attempt + 1``.
+- **dead**: a permanent failure (bad JWT, malformed or oversized envelope, a handler's bug), the
+  last attempt of a transient one, or a message delivered more than ``max_attempts`` times
+  without being settled (a consumer crashing on it). ``reason`` says why.
+
+A delivery with ``reply_to`` gets the response (success or error) as a reply with a final
+decision; nothing is sent for a retry. The reply is a Function URL response
+``{"statusCode", "headers", "body"}`` with ``body`` the response's JSON text.
+
+One message, one trace: a message that parses carries its trace in ``event.trace`` (read once,
+where the event is built), and every log line about it (the dispatcher's, a retry, a dead
+letter, a failed settle) and its reply carry that trace; a message that does not parse gets one
+trace, used for its error reply and its log lines alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from config.settings import Settings, SettingsError
+from worker.dispatch import Outcome
+from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
+from worker.events import Event, HookType, event_from_envelope, lower_headers
+from worker.logs import Log
+from worker.responses import ErrorContext, Response, error_response
+from worker.tracing import TraceContext, current_trace, trace_from_headers
+
+#: What the dispatcher offers a source: ``Dispatcher.handle``.
+Handle = Callable[[Event], Awaitable[Outcome]]
+
+HOOKS = tuple(hook.value for hook in HookType)
+RETRY_PARAMS = ("max_attempts", "retry_delay", "retry_max_delay")
+# An envelope is JSON text around the body (escaping can double it): refuse to parse beyond this.
+_ENVELOPE_SLACK = 65_536
+_RECEIVE_BACKOFF = (0.1, 5.0)  # first and largest pause after the broker failed a receive
+# Broker modules by URL scheme. They are named, not imported: each implements the seam defined
+# here, so importing one from this module would be a cycle, and the seam would load every broker
+# client. Each module has ``source_from_url(url, *, settings, log) -> Source``.
+_BROKERS = {
+    "redis": "redis_streams",
+    "rediss": "redis_streams",
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "memory": "memory",
+}
+_CLIENTS = ("redis", "aio_pika", "aiormq", "pamqp")  # the queues extra's packages
+
+
+class SourceUnavailable(Exception):
+    """The broker cannot be reached or refused the source's setup (message names the broker)."""
+
+
+# ---------------------------------------------------------------- messages and decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as a broker handed it over.
+
+    ``message`` is the broker's own handle (a stream entry, an AMQP message), given back to
+    :meth:`Source.settle`; nothing else reads it.
+    """
+
+    body: bytes
+    attempt: int = 1
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    message: Any = field(default=None, compare=False, repr=False)
+
+
+class Verdict(StrEnum):
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What becomes of a delivery; the source carries it out in :meth:`Source.settle`."""
+
+    verdict: Verdict
+    reply: bytes | None = None  # send to the delivery's reply_to before settling
+    reason: str = ""  # why it was dead-lettered (or retried)
+    delay: float = 0.0  # seconds before the retry
+    status: int | None = None  # the response status, when there was one
+    trace: TraceContext | None = field(default=None, compare=False)  # the message's, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``max_attempts`` deliveries at most; retry ``n`` waits ``delay * 2**(n-1)``, capped."""
+
+    max_attempts: int = 5
+    delay: float = 1.0
+    max_delay: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be 1 or more, got {self.max_attempts}")
+        if self.delay < 0 or self.max_delay < self.delay:
+            raise ValueError("retry delays must satisfy 0 <= retry_delay <= retry_max_delay")
+
+    def delay_for(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        return min(self.max_delay, self.delay * 2.0 ** (attempt - 1))
+
+
+# ---------------------------------------------------------------- the seam
+
+
+class Source(Protocol):
+    """A broker's side of the worker. Enter connects and declares (raising
+    :class:`SourceUnavailable` when the broker cannot be reached); exit closes, and whatever was
+    received and not settled goes back to the broker. Closing twice is harmless."""
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy named by the source's URL."""
+        ...
+
+    async def __aenter__(self) -> Source: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None: ...
+
+    async def receive(self, limit: int) -> Sequence[Delivery]:
+        """Up to ``limit`` messages, waiting at most a short poll interval; ``[]`` if none."""
+        ...
+
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        """Reply, then ack, re-queue for a retry, or dead-letter the delivery per ``decision``;
+        acknowledged only once the outcome is durable."""
+        ...
+
+    async def halt(self) -> None:
+        """Stop taking messages from the broker (on ``stop``, before in-flight ones drain)."""
+        ...
+
+
+# ---------------------------------------------------------------- envelopes and replies
+
+
+def encode_reply(response: Response) -> bytes:
+    return orjson.dumps(
+        {
+            "statusCode": response.status,
+            "headers": dict(response.headers),
+            "body": response.body.decode("utf-8", "replace"),
+        }
+    )
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """A reply as a dict (``statusCode``, ``headers``, ``body``); ``ValueError`` if it is not."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"reply is not JSON: {exc.msg}") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("statusCode"), int):
+        raise ValueError("reply is not a {statusCode, headers, body} object")
+    return reply
+
+
+def _too_large(raw: bytes, max_body_bytes: int) -> bool:
+    return len(raw) > 2 * max_body_bytes + _ENVELOPE_SLACK
+
+
+def parse_envelope(delivery: Delivery, *, received_at: float, max_body_bytes: int) -> Event:
+    """The event a delivery carries, its ``attempt`` the delivery's; :class:`EventError` when it
+    is not a valid envelope."""
+    if _too_large(delivery.body, max_body_bytes):
+        raise PayloadTooLarge(f"queue message of {len(delivery.body)} bytes is too large")
+    if not delivery.body.strip():
+        raise EventError("queue message is empty")
+    try:
+        envelope = orjson.loads(delivery.body)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(f"queue message is not JSON: {exc.msg}") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), Mapping):
+        raise EventError("queue message is not an envelope with a headers object")
+    event = event_from_envelope(envelope, received_at=received_at, max_body_bytes=max_body_bytes)
+    event.attempt = delivery.attempt
+    return event
+
+
+def _headers_of(raw: bytes) -> Mapping[str, str]:
+    """Best-effort headers of a message that failed to parse (for its error's trace id)."""
+    try:
+        headers = orjson.loads(raw).get("headers")
+        return lower_headers(headers) if isinstance(headers, Mapping) else {}
+    except Exception:  # anything unparseable simply has no headers
+        return {}
+
+
+class Processor:
+    """Decode, dispatch and judge one delivery; never raises (except ``CancelledError``).
+
+    Logs every retry and dead letter under the message's one trace.
+    """
+
+    def __init__(
+        self,
+        handle: Handle,
+        *,
+        errors: ErrorContext,
+        policy: RetryPolicy,
+        max_body_bytes: int,
+        log: Log,
+    ) -> None:
+        self._handle = handle
+        self._errors = errors
+        self._policy = policy
+        self._max_body = max_body_bytes
+        self._log = log
+
+    async def __call__(self, delivery: Delivery) -> Decision:
+        received_at = asyncio.get_running_loop().time()
+        try:
+            if delivery.attempt > self._policy.max_attempts:
+                raise EventError(
+                    f"delivered {delivery.attempt} times without being settled",
+                    code="REDELIVERY_LIMIT",
+                )
+            event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
+        except WorkerError as exc:
+            return self._judge(delivery, self._refusal(delivery, exc))
+        outcome = await self._handle(event)
+        return self._judge(delivery, (outcome, event.trace))
+
+    def _refusal(self, delivery: Delivery, exc: WorkerError) -> tuple[Outcome, TraceContext]:
+        """The error outcome of a message that never became an event, and its one trace."""
+        too_large = _too_large(delivery.body, self._max_body)
+        trace = trace_from_headers({} if too_large else _headers_of(delivery.body))
+        return Outcome(error_response(exc, trace, self._errors), exc), trace
+
+    def _judge(self, delivery: Delivery, judged: tuple[Outcome, TraceContext]) -> Decision:
+        (outcome, trace), attempt = judged, delivery.attempt
+        response, error = outcome.response, outcome.error
+        reply = encode_reply(response) if delivery.reply_to else None
+        if error is None or isinstance(error, Block):
+            return Decision(Verdict.ACK, reply, status=response.status, trace=trace)
+        reason = f"{error.code}: {error.message}"
+        token = current_trace.set(trace)
+        try:
+            if outcome.transient and attempt < self._policy.max_attempts:
+                delay = self._policy.delay_for(attempt)
+                self._log.warning("event will be retried", reason=reason, attempt=attempt)
+                return Decision(Verdict.RETRY, None, reason, delay, response.status, trace)
+            if outcome.transient:
+                reason += f" (gave up after {attempt} attempts)"
+            self._log.error("event dead-lettered", reason=reason, attempts=attempt)
+            return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace)
+        finally:
+            current_trace.reset(token)
+
+
+# ---------------------------------------------------------------- the intake loop
+
+
+class _Pump:
+    def __init__(
+        self, source: Source, process: Callable[[Delivery], Awaitable[Decision]], log: Log
+    ) -> None:
+        self._source = source
+        self._process = process
+        self._log = log
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    async def run(self, *, stop: asyncio.Event, max_in_flight: int, grace: float) -> None:
+        watcher = asyncio.create_task(self._wake_on(stop))
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self._intake(group, stop, max_in_flight)
+                await self._drain(grace)
+        finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    async def _intake(self, group: asyncio.TaskGroup, stop: asyncio.Event, limit: int) -> None:
+        pause = _RECEIVE_BACKOFF[0]
+        while not stop.is_set():
+            free = limit - len(self._tasks)
+            if free <= 0:  # done-callbacks run on this loop, so no wake-up can slip in between
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                batch = await self._source.receive(free)
+            except Exception as exc:  # broker trouble: keep the worker alive and try again
+                self._log.warning("receiving from the queue failed", error=repr(exc)[:300])
+                await wait_or_stop(stop, pause)
+                pause = min(_RECEIVE_BACKOFF[1], pause * 2)
+                continue
+            pause = _RECEIVE_BACKOFF[0]
+            if not batch:
+                await asyncio.sleep(0)  # a receive that never suspends must not starve the loop
+            for delivery in batch:
+                task = group.create_task(self._one(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+
+    async def _one(self, delivery: Delivery) -> None:
+        try:
+            decision = await self._process(delivery)
+        except Exception as exc:  # a bug of ours: keep the message, in the dead letters
+            self._log.exception("processing a queue message failed")
+            decision = Decision(Verdict.DEAD, reason=f"WORKER_ERROR: {type(exc).__name__}")
+        try:
+            await self._source.settle(delivery, decision)
+        except Exception as exc:
+            token = current_trace.set(decision.trace)
+            self._log.error(
+                "settling a queue message failed; the broker will deliver it again",
+                verdict=decision.verdict.value,
+                error=repr(exc)[:300],
+            )
+            current_trace.reset(token)
+
+    async def _drain(self, grace: float) -> None:
+        tasks = set(self._tasks)
+        self._log.info("stopping intake; waiting for in-flight events", in_flight=len(tasks))
+        deadline = asyncio.get_running_loop().time() + grace
+        await self._source.halt()
+        if not tasks:
+            return
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        _, pending = await asyncio.wait(tasks, timeout=remaining)
+        if pending:
+            self._log.warning(
+                "in-flight events did not finish within the grace period; "
+                "they stay unacknowledged and will be delivered again",
+                unfinished=len(pending),
+                grace=grace,
+            )
+            for task in pending:
+                task.cancel()
+
+
+async def pump(
+    source: Source,
+    process: Callable[[Delivery], Awaitable[Decision]],
+    *,
+    stop: asyncio.Event,
+    max_in_flight: int,
+    grace: float,
+    log: Log,
+) -> None:
+    """Receive from ``source``, process at most ``max_in_flight`` at once, settle each; drain on
+    ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled)."""
+    await _Pump(source, process, log).run(stop=stop, max_in_flight=max_in_flight, grace=grace)
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+async def consume(
+    source: Source, handle: Handle, *, settings: Settings, stop: asyncio.Event, log: Log
+) -> None:
+    """Serve the (entered) ``source`` through ``handle`` (``Dispatcher.handle``) until ``stop``
+    is set, then drain: :func:`pump` with the worker's settings and the source's retry policy."""
+    biot, worker = settings.biot, settings.worker
+    process = Processor(
+        handle,
+        errors=ErrorContext(biot.app_name, biot.environment),
+        policy=source.policy,
+        max_body_bytes=worker.max_body_bytes,
+        log=log,
+    )
+    await pump(
+        source,
+        process,
+        stop=stop,
+        max_in_flight=worker.max_in_flight,
+        grace=worker.shutdown_grace,
+        log=log,
+    )
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def open_source(url: str, settings: Settings, log: Log) -> Source:
+    """The (not yet entered) source for ``url``: ``redis://``/``rediss://`` (Redis Streams),
+    ``amqp://``/``amqps://`` (RabbitMQ) or ``memory://`` (in-process).
+
+    ``ValueError`` for an unknown scheme or a bad parameter; :class:`SettingsError` when the
+    broker's client library (the ``queues`` extra) is not installed. The broker's module is
+    imported here, on first use, so a worker that serves HTTP never loads a broker client.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    name = _BROKERS.get(scheme)
+    if name is None:
+        raise ValueError(f"unknown queue URL scheme {scheme!r} (redis://, amqp:// or memory://)")
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _CLIENTS:
+            raise
+        extra = "pip install 'biot-worker[queues]'"
+        raise SettingsError([f"--source: {scheme}:// needs the queues extra: {extra}"]) from None
+    source: Source = module.source_from_url(url, settings=settings, log=log)
+    return source
+
+
+def split_url(url: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """``url`` without the query parameters in ``names``, and those parameters.
+
+    Other parameters stay on the URL for the broker's client library.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in names:
+            ours[key] = value
+        else:
+            theirs.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+def retry_policy(params: dict[str, str]) -> RetryPolicy:
+    """The retry policy named by ``max_attempts``, ``retry_delay``, ``retry_max_delay``."""
+    default = RetryPolicy()
+    try:
+        delay = float(params.get("retry_delay", default.delay))
+        return RetryPolicy(
+            max_attempts=int(params.get("max_attempts", default.max_attempts)),
+            delay=delay,
+            max_delay=float(params.get("retry_max_delay", max(default.max_delay, delay))),
+        )
+    except ValueError as exc:
+        raise ValueError(f"bad retry parameter: {exc}") from None
+
+
+def positive(params: dict[str, str], name: str, default: float) -> float:
+    """Parameter ``name`` as a number above 0; ``ValueError`` naming it otherwise."""
+    try:
+        value = float(params.get(name, default))
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {params[name]!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0, got {value}")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
