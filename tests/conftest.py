@@ -1,14 +1,18 @@
-"""Shared fixtures: settings, a signing key pair, a capturing log; events come from the kit."""
+"""Shared fixtures: settings, signing key pairs, the fixture plugin's routes; events and the
+``biot`` fixture come from the test kit (:mod:`worker.testing`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from config.settings import Settings, load_settings
+from config.settings import Settings
+from tests import fixture_plugin
+from worker.routing import Router
 from worker.testing.events import (
     TRACE_ID,
     TRACEPARENT,
     KeyPair,
+    default_keys,
     entity,
     headers_for,
     interceptor_body,
@@ -16,6 +20,9 @@ from worker.testing.events import (
     make_key_pair,
     notification_body,
 )
+from worker.testing.kit import kit_settings
+
+pytest_plugins = ["worker.testing.pytest_plugin"]
 
 __all__ = [
     "TRACEPARENT",
@@ -26,12 +33,14 @@ __all__ = [
     "interceptor_body",
     "make_event",
     "notification_body",
+    "settings_for",
 ]
 
 
 @pytest.fixture(scope="session")
 def keys() -> KeyPair:
-    return make_key_pair()
+    """The kit's default key pair: events built by the kit are signed with it."""
+    return default_keys()
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +48,12 @@ def other_keys() -> KeyPair:
     return make_key_pair()
 
 
+@pytest.fixture
+def fixture_routes() -> Router:
+    """The project's own test plugin (:mod:`tests.fixture_plugin`), never the examples."""
+    return fixture_plugin.build_routes()
+
+
 def settings_for(**env: str) -> Settings:
-    base = {
-        "BIOT_BASE_URL": "http://127.0.0.1:9",
-        "BIOT_SERVICE_USER_ID": "service-user",
-        "BIOT_SERVICE_USER_SECRET_KEY": "s3cr3t-service-key",
-        "BIOT_APP_NAME": "test-plugin",
-        "BIOT_SERVICE_ENVIRONMENT": "test",
-    }
-    base.update(env)
-    return load_settings(base)
+    """Settings of a test worker (``test-plugin`` in ``test``) with ``env`` on top."""
+    return kit_settings(**env)

@@ -8,7 +8,6 @@ matters (token lifetimes, login back-off), so nothing here waits on real time.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -16,20 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
-from config.settings import Settings
-from handlers import build_routes
-from tests.conftest import TRACE_ID, TRACEPARENT, settings_for
-from worker.adapters.http import HttpAdapter
+from tests.conftest import TRACE_ID, TRACEPARENT
+from tests.fixture_plugin import ADAPT_MARK, HANDLED, POST_MARK, PRE_MARK
 from worker.app import WorkerApp
 from worker.events import Notification
 from worker.logs import CapturingLog
 from worker.routing import Context, Router
-from worker.testing.dev import subscribe_routes
-from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing import EmulatedBiot, emulated_biot, notification_event
+from worker.testing.emulator import Emulator, EmulatorConfig
 from worker.testing.emulator.testing import ManualClock
 
 PATIENTS = "/organization/v1/users/patients"
@@ -37,13 +32,30 @@ PATIENTS = "/organization/v1/users/patients"
 
 @dataclass
 class Stack:
-    emulator: Emulator
-    api_url: str
-    worker_url: str
-    app: WorkerApp
-    log: CapturingLog
-    http: aiohttp.ClientSession
+    """The kit's emulator and worker, and the manual clock they share."""
+
+    biot: EmulatedBiot
     clock: ManualClock
+
+    @property
+    def emulator(self) -> Emulator:
+        return self.biot.emulator
+
+    @property
+    def api_url(self) -> str:
+        return self.biot.api_url
+
+    @property
+    def app(self) -> WorkerApp:
+        return self.biot.app
+
+    @property
+    def log(self) -> CapturingLog:
+        return self.biot.log
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        return self.biot.http
 
     def user(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.emulator.user_token()}", "traceparent": TRACEPARENT}
@@ -51,27 +63,23 @@ class Stack:
     async def patient(self) -> dict[str, Any]:
         service = self.emulator.sign_token(scopes=[], token_type="SERVICE_EXTERNAL")
         headers = {"authorization": f"Bearer {service}"}
-        async with self.http.get(self.api_url + PATIENTS, headers=headers) as response:
+        async with self.http.get(PATIENTS, headers=headers) as response:
             return dict((await response.json())["data"][0])
 
     async def notify(self) -> int:
         """Send a signed notification straight to the worker, as BioT does; its status."""
-        patient = await self.patient()
-        body = {
-            "metadata": {"entityTypeName": "patient", "actionName": "_update"},
-            "data": {"entity": patient, "additionalData": {}},
-            "jwt": self.emulator.sign_token(scopes=["ACTION_NOTIFICATION"]),
-        }
-        headers = {"hooktype": "NOTIFICATION", "content-type": "application/json"}
-        async with self.http.post(self.worker_url, data=orjson.dumps(body), headers=headers) as r:
-            return r.status
+        event = notification_event(
+            "patient", "_update", entity_data=await self.patient(), keys=self.biot.signer
+        )
+        return (await self.biot.send(event)).status
 
 
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
 @pytest.fixture
-async def make_stack() -> AsyncIterator[StackFactory]:
+async def make_stack(fixture_routes: Router) -> AsyncIterator[StackFactory]:
+    """Start stacks on demand; every one is stopped after the test, whether it passed or not."""
     async with AsyncExitStack() as stack:
 
         async def start(
@@ -82,56 +90,26 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             **env: str,
         ) -> Stack:
             clock = ManualClock(int(time.time()) + clock_fraction)
-            emulator = Emulator(config or EmulatorConfig(), clock=clock)
-            server = await stack.enter_async_context(EmulatorServer(emulator))
-            settings = _pointed(server, emulator, **env)
-            log = CapturingLog()
-            routes = routes or build_routes()
-            app = await stack.enter_async_context(WorkerApp(settings, routes, log=log, clock=clock))
-            adapter = HttpAdapter(
-                app.dispatcher, max_in_flight=64, max_body_bytes=1 << 20, ready=app.ready, log=log
+            running = emulated_biot(
+                routes or fixture_routes, config=config, clock=clock, env=env
             )
-            worker = TestServer(adapter.application(), host="127.0.0.1")
-            await worker.start_server()
-            stack.push_async_callback(worker.close)
-            worker_url = str(worker.make_url("/"))
-            subscribe_routes(emulator, routes, worker_url, log)
-            http = await stack.enter_async_context(_client(server.ca_file))
-            return Stack(emulator, server.url, worker_url, app, log, http, clock)
+            return Stack(await stack.enter_async_context(running), clock)
 
         yield start
-
-
-def _pointed(server: EmulatorServer, emulator: Emulator, **env: str) -> Settings:
-    return settings_for(
-        BIOT_BASE_URL=server.url,
-        BIOT_SERVICE_USER_ID=emulator.service_user_id,
-        BIOT_SERVICE_USER_SECRET_KEY=emulator.service_user_secret,
-        WORKER_API_BACKOFF_BASE="0.001",
-        WORKER_API_BACKOFF_MAX="0.002",
-        **({"WORKER_CA_BUNDLE": server.ca_file} if server.ca_file else {}),
-        **env,
-    )
-
-
-def _client(ca_file: str | None) -> aiohttp.ClientSession:
-    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
-    return aiohttp.ClientSession(connector=connector)
 
 
 async def _patch_chain(s: Stack) -> None:
     """A user's PATCH runs PRE -> update -> ADAPT_ENTITY -> POST, then a notification."""
     patient = await s.patient()
-    url = f"{s.api_url}{PATIENTS}/{patient['_id']}"
+    url = f"{PATIENTS}/{patient['_id']}"
     change = {"_name": {"firstName": "Ada", "lastName": "Lovelace"}}
     async with s.http.patch(url, json=change, headers=s.user()) as response:
         assert response.status == 200
         body = await response.json()
     # PRE marked the request, ADAPT_ENTITY the entity, POST the response.
-    assert body["_name"]["firstName"] == "Ada LAMBDA MODIFIED LAMBDA LAMBDA MODIFIED"
+    assert body["_name"]["firstName"] == "Ada" + PRE_MARK + ADAPT_MARK + POST_MARK
     stored = await s.patient()
-    assert stored["_name"]["firstName"] == "Ada LAMBDA MODIFIED"  # only PRE changes storage
+    assert stored["_name"]["firstName"] == "Ada" + PRE_MARK  # only PRE changes storage
     await s.emulator.drain_notifications()
 
     hops = s.emulator.calls.records(trace_id=TRACE_ID)
@@ -146,7 +124,7 @@ async def _patch_chain(s: Stack) -> None:
     # The notification handler called back into the API with the same trace id.
     callbacks = [c for c in hops if c.direction == "in" and c.method == "GET"]
     assert callbacks and callbacks[0].token != "USER"
-    handled = s.log.find("patient notification handled")
+    handled = s.log.find(HANDLED)
     assert handled and handled[0]["traceId"] == TRACE_ID
     assert {r["traceId"] for r in s.log.find("event handled")} == {TRACE_ID}
 
@@ -166,7 +144,7 @@ async def test_pre_handler_blocks_the_call_and_the_user_gets_its_error(
 ) -> None:
     s = await make_stack()
     patient = await s.patient()
-    url = f"{s.api_url}{PATIENTS}/{patient['_id']}"
+    url = f"{PATIENTS}/{patient['_id']}"
     change = {"_name": {"firstName": "FORBIDDEN", "lastName": "X"}}
     async with s.http.patch(url, json=change, headers=s.user()) as response:
         assert response.status == 403
