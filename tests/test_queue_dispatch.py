@@ -13,9 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from handlers import build_routes
-from handlers.interceptor_pre import MARK
 from tests.conftest import interceptor_body, notification_body
+from tests.fixture_plugin import PRE_MARK, build_routes
 from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import FakeLog, eventually, queue_settings, serving
 from worker.app import WorkerApp
@@ -91,7 +90,7 @@ async def test_signed_events_are_answered_per_hook_contract(
     answer = orjson.loads(replies["pre"])
     assert answer["statusCode"] == 200
     request = orjson.loads(answer["body"])["request"]
-    assert request["body"]["_name"]["firstName"] == "Ada" + MARK
+    assert request["body"]["_name"]["firstName"] == "Ada" + PRE_MARK
     refusal = orjson.loads(replies["blocked"])
     assert refusal["statusCode"] == 403
     assert orjson.loads(refusal["body"])["code"] == "MODIFICATION_FORBIDDEN"

@@ -8,8 +8,8 @@
 
 - events of every hook, signed as BioT signs them: :func:`notification_event`,
   :func:`pre_event`, :func:`post_event`, :func:`adapt_entity_event`, :func:`nonspecific_event`;
-- a handler's ``ctx`` for calling it directly: :func:`make_context`, with :class:`FakeApi`
-  recording what the handler asked of BioT;
+- a handler's ``ctx`` and view for calling it directly: :func:`make_context` (with
+  :class:`FakeApi` recording what the handler asked of BioT) and :func:`view_of`;
 - one event through a router in one call: :func:`run_event`;
 - BioT in a box with a worker in front: :func:`emulated_biot`, and the ``biot`` pytest fixture
   of :mod:`worker.testing.pytest_plugin`.
@@ -36,7 +36,7 @@ from worker.testing.events import (
     pre_event,
 )
 from worker.testing.fake_api import ApiCall, FakeApi
-from worker.testing.kit import kit_settings, make_context, make_dispatcher, run_event
+from worker.testing.kit import kit_settings, make_context, make_dispatcher, run_event, view_of
 
 __all__ = [
     "INTERCEPTION_SCOPE",
@@ -63,4 +63,5 @@ __all__ = [
     "post_event",
     "pre_event",
     "run_event",
+    "view_of",
 ]

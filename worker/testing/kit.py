@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any, TypeVar, overload
 
 from config.settings import Settings, load_settings
 from worker.auth import JwtVerifier
 from worker.client import BiotApi
 from worker.dispatch import Dispatcher
-from worker.events import Event
+from worker.events import Event, View, decode_payload, view_for
 from worker.logs import CapturingLog, Log
 from worker.responses import Response
 from worker.routing import Context, Router
 from worker.testing.events import TRACEPARENT, KeyPair, default_keys
 from worker.testing.fake_api import FakeApi
 from worker.tracing import TraceContext, parse_traceparent
+
+V = TypeVar("V", bound=View)
 
 #: Seconds a :func:`make_context` context has before its deadline, unless told otherwise.
 CONTEXT_SECONDS = 30.0
@@ -64,6 +67,19 @@ def make_context(
         settings=(settings if settings is not None else kit_settings()).public(),
         attempt=attempt,
     )
+
+
+@overload
+def view_of(event: Event) -> View: ...
+@overload
+def view_of(event: Event, kind: type[V]) -> V: ...
+def view_of(event: Event, kind: type[Any] | None = None) -> Any:
+    """The typed view a handler of ``event`` gets; with ``kind`` (e.g. ``PreInterception``),
+    a ``TypeError`` unless the view is one."""
+    view = view_for(event, decode_payload(event))
+    if kind is not None and not isinstance(view, kind):
+        raise TypeError(f"the event's view is {type(view).__name__}, not {kind.__name__}")
+    return view
 
 
 def make_dispatcher(
