@@ -1,14 +1,17 @@
 """One harness per broker (memory, real Redis, real RabbitMQ) for the shared queue tests.
 
 A harness owns a fresh stream or queue (a uuid), publishes to it, reads its replies, dead
-letters and backlog the broker's own way, and removes everything in :meth:`cleanup`.
+letters and backlog the broker's own way, and removes everything named after it in
+:meth:`cleanup` (fixtures call it after the test, failed or not; :func:`cleanup_all` cleans
+every harness even when one cleanup fails).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from contextlib import suppress
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -17,10 +20,19 @@ import aio_pika
 import redis.asyncio as aioredis
 
 from config.settings import Settings
-from tests.queue_helpers import RABBIT, RABBIT_URL, REDIS, FakeLog, require_broker
+from tests.queue_helpers import (
+    RABBIT,
+    RABBIT_URL,
+    REDIS,
+    FakeLog,
+    Handle,
+    queue_settings,
+    require_broker,
+    serving,
+)
 from worker.adapters.memory import DeadLetter, MemorySource
+from worker.adapters.queue import Source, open_source, retry_policy
 from worker.adapters.rabbitmq import RabbitSource, retry_delays_ms
-from worker.adapters.source import Source, open_source, retry_policy
 from worker.testing.publish import RabbitPublisher, RedisPublisher
 
 
@@ -46,9 +58,7 @@ class MemoryHarness:
 
     def source(self, settings: Settings, log: FakeLog) -> Source:
         if self._source is None:
-            self._source = MemorySource.from_url(
-                "memory://?" + urlencode(self.params), settings=settings, log=log
-            )
+            self._source = MemorySource.from_url("memory://?" + urlencode(self.params), log=log)
         return self._source
 
     @property
@@ -132,12 +142,14 @@ class RedisHarness:
         return int(length) - int(pending) + int(await self.redis.zcard(f"{self.stream}:retry"))
 
     async def cleanup(self) -> None:
-        if self._opened:
-            await self._publisher.__aexit__()
-        keys = [key async for key in self.redis.scan_iter(match=f"{self.stream}*")]
-        if keys:
-            await self.redis.delete(*keys)
-        await self.redis.aclose()
+        try:
+            if self._opened:
+                await self._publisher.__aexit__()
+        finally:
+            keys = [key async for key in self.redis.scan_iter(match=f"{self.stream}*")]
+            if keys:
+                await self.redis.delete(*keys)
+            await self.redis.aclose()
 
 
 @dataclass
@@ -211,14 +223,33 @@ class RabbitHarness:
         return sum([await self.ready(name) for name in [self.queue, *self._retry_queues]])
 
     async def cleanup(self) -> None:
-        channel = await self._open()
-        names = [self.queue, f"{self.queue}.dead", *self._retry_queues]
-        for name in names:
+        # A fresh connection: the publisher's channel may be closed by what the test did.
+        connection = await aio_pika.connect(RABBIT_URL)
+        async with connection:
+            for name in [self.queue, f"{self.queue}.dead", *self._retry_queues]:
+                channel = await connection.channel()  # a failed delete closes its channel
+                with suppress(aio_pika.exceptions.AMQPError):
+                    await channel.queue_delete(name)
+            channel = await connection.channel()
             with suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-        with suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(f"{self.queue}.dlx")
-        await self._publisher.__aexit__()
+                await channel.exchange_delete(f"{self.queue}.dlx")
+        if self._opened:
+            await self._publisher.__aexit__()
+
+
+def serve(
+    harness: Harness, handle: Handle, settings: Settings | None = None, log: FakeLog | None = None
+) -> AbstractAsyncContextManager[asyncio.Event]:
+    """A new source of ``harness`` consumed through ``handle`` (see :func:`serving`)."""
+    settings, log = settings or queue_settings(), log or FakeLog()
+    return serving(harness.source(settings, log), handle, settings, log)
+
+
+async def cleanup_all(harnesses: Iterable[Harness]) -> None:
+    """Clean up every harness; a cleanup that fails does not stop the others."""
+    async with AsyncExitStack() as stack:
+        for harness in harnesses:
+            stack.push_async_callback(harness.cleanup)
 
 
 def make_harness(kind: str, **params: str) -> Harness:

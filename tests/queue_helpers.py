@@ -2,7 +2,8 @@
 
 Tests talk to the real brokers on loopback (Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672,
 guest/guest). When one is down, its tests skip with the reason, except under ``CI=true``, where
-they fail. Every test uses its own stream or queue (a uuid) and removes it afterwards.
+they fail. Every test uses its own stream or queue (a uuid) and removes it afterwards, in a
+fixture, so also when it fails.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import pytest
 
 from config.settings import Settings
 from tests.conftest import settings_for
-from worker.adapters.envelope import ATTEMPT_HEADER
-from worker.adapters.source import Source
+from worker.adapters.queue import Source, consume
 from worker.dispatch import Outcome
 from worker.errors import AuthError, TransientApiError, WorkerError
 from worker.events import Event
 from worker.responses import Response
+from worker.tracing import current_trace_id
 
+Handle = Callable[[Event], Awaitable[Outcome]]
 REDIS = ("127.0.0.1", 6379)
 RABBIT = ("127.0.0.1", 5672)
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -58,13 +60,16 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, limit: flo
 
 
 class FakeLog:
-    """A :class:`~worker.logs.Log` keeping ``(level, message, fields)``."""
+    """A :class:`~worker.logs.Log` keeping ``(level, message, fields)``, and in ``traced`` each
+    line's ``(message, traceId)`` as a real log would stamp it."""
 
     def __init__(self, records: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
         self.records = records if records is not None else []
+        self.traced: list[tuple[str, str | None]] = []
 
     def _add(self, level: str, message: str, fields: dict[str, Any]) -> None:
         self.records.append((level, message, fields))
+        self.traced.append((message, current_trace_id()))
 
     def debug(self, message: str, /, **fields: Any) -> None:
         self._add("DEBUG", message, fields)
@@ -123,7 +128,7 @@ class ScriptedHandle:
 
     async def __call__(self, event: Event) -> Outcome:
         body = orjson.loads(event.body)
-        attempt = int(event.headers[ATTEMPT_HEADER])
+        attempt = event.attempt
         self.calls.append(Call(body["key"], attempt, asyncio.get_running_loop().time(), event))
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -163,15 +168,27 @@ def _outcome(body: dict[str, Any], attempt: int) -> Outcome:
 
 @asynccontextmanager
 async def serving(
-    source: Source, handle: Callable[[Event], Awaitable[Outcome]]
+    source: Source,
+    handle: Handle,
+    settings: Settings | None = None,
+    log: FakeLog | None = None,
 ) -> AsyncIterator[asyncio.Event]:
-    """``source`` served in a task; leaving sets ``stop`` and waits (bounded) for the drain."""
+    """``source`` entered and consumed in a task (with ``settings``, default
+    :func:`queue_settings`, logging to ``log``); leaving sets ``stop`` and waits (bounded) for
+    the drain, then closes the source."""
     stop = asyncio.Event()
+    settings = settings or queue_settings()
     async with source:
-        task = asyncio.create_task(source.serve(handle, stop=stop))
+        task = asyncio.create_task(
+            consume(source, handle, settings=settings, stop=stop, log=log or FakeLog())
+        )
         try:
             yield stop
         finally:
             stop.set()
-            async with asyncio.timeout(WAIT):
-                await task
+            done, _ = await asyncio.wait([task], timeout=WAIT)
+            if not done:  # never leave the consumer running past the test
+                task.cancel()
+                await asyncio.wait([task])
+                raise AssertionError(f"the source did not drain within {WAIT} s")
+            await task

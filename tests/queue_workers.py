@@ -1,8 +1,13 @@
 """Real worker processes (``python -m worker run --source URL``) for the queue process tests.
 
-Each worker talks to an in-process emulator over loopback HTTP; the notification handler of the
-example routes searches patients, so the emulator's call log says which events were handled, and
-how many times each (the trace id is unique per event).
+Each worker talks to an in-process emulator over loopback HTTP and runs this module's routes
+(:func:`build_routes`, through ``WORKER_ROUTES``), not the example plugin: its notification
+handler searches patients, so the emulator's call log says which events were handled, and how
+many times each (the trace id is unique per event).
+
+A worker is started through :class:`Workers`, which kills every worker it started when the test
+ends, failed or not. A worker also dies with the test process (``PR_SET_PDEATHSIG``), so one
+interrupted by ``kill -9`` leaves none behind either.
 """
 
 from __future__ import annotations
@@ -17,12 +22,37 @@ from typing import Any
 
 import orjson
 
-from tests.conftest import notification_body
+from worker import Context, NonSpecific, Notification, Router
 from worker.testing.emulator import Emulator
+from worker.testing.events import notification_body
 from worker.tracing import new_trace
 
 START_TIMEOUT = 30.0
 PATIENTS = "/organization/v1/users/patients"
+ROUTES = "tests.queue_workers:build_routes"
+# Runs the worker's CLI after asking Linux to SIGKILL it when its parent (the test) dies; it exits
+# at once if the parent is already gone.
+_LAUNCH = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(os.environ['QUEUE_TEST_PARENT']): sys.exit(3)\n"
+    "sys.argv[0] = 'worker'\n"
+    "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
+)
+
+
+async def search_patients(event: Notification, ctx: Context) -> None:
+    """The notification handler: one patient search, which the emulator records."""
+    await ctx.api.search(PATIENTS, limit=1)
+
+
+async def answer(event: NonSpecific, ctx: Context) -> dict[str, Any]:
+    return {"ok": True}
+
+
+def build_routes() -> Router:
+    """The routes of the workers these tests start (``WORKER_ROUTES``)."""
+    return Router().notification(search_patients, entity="*", action="*").nonspecific(answer)
 
 
 @dataclass
@@ -44,6 +74,15 @@ class QueueWorker:
             await asyncio.gather(*self._readers)
         return code
 
+    async def kill(self) -> None:
+        """SIGKILL it if it still runs, and reap it and its readers."""
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
 
 async def _read(stream: asyncio.StreamReader | None, into: list[bytes]) -> None:
     assert stream is not None
@@ -51,21 +90,40 @@ async def _read(stream: asyncio.StreamReader | None, into: list[bytes]) -> None:
         into.append(line)
 
 
-async def start_queue_worker(emu: Emulator, source_url: str, **env: str) -> QueueWorker:
-    """Start a worker on ``source_url``; returns once it logged ``worker consuming``."""
-    environment = {
-        **os.environ,
-        "BIOT_BASE_URL": str(emu.base_url),
-        "BIOT_SERVICE_USER_ID": emu.service_user_id,
-        "BIOT_SERVICE_USER_SECRET_KEY": emu.service_user_secret,
-        "BIOT_APP_NAME": "queue-process-test",
-        **env,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", "--source", source_url,
-        env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    worker = QueueWorker(process)
+class Workers:
+    """Starts workers; :meth:`close` kills those still running (use it in a fixture)."""
+
+    def __init__(self) -> None:
+        self.started: list[QueueWorker] = []
+
+    async def start(self, emu: Emulator, source_url: str, **env: str) -> QueueWorker:
+        """Start a worker on ``source_url``; returns once it logged ``worker consuming``."""
+        environment = {
+            **os.environ,
+            "BIOT_BASE_URL": str(emu.base_url),
+            "BIOT_SERVICE_USER_ID": emu.service_user_id,
+            "BIOT_SERVICE_USER_SECRET_KEY": emu.service_user_secret,
+            "BIOT_APP_NAME": "queue-process-test",
+            "WORKER_ROUTES": ROUTES,
+            "QUEUE_TEST_PARENT": str(os.getpid()),
+            **env,
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _LAUNCH, "run", "--source", source_url,
+            env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        worker = QueueWorker(process)
+        self.started.append(worker)
+        await _until_consuming(worker)
+        return worker
+
+    async def close(self) -> None:
+        for worker in self.started:
+            await worker.kill()
+
+
+async def _until_consuming(worker: QueueWorker) -> None:
+    process = worker.process
     assert process.stdout is not None
     try:
         async with asyncio.timeout(START_TIMEOUT):
@@ -79,9 +137,8 @@ async def start_queue_worker(emu: Emulator, source_url: str, **env: str) -> Queu
             asyncio.create_task(_read(process.stderr, worker.stderr)),
         ]
     if process.returncode is not None or "worker consuming" not in worker.messages():
-        await worker.exit_code()
+        await worker.kill()
         raise AssertionError(f"worker did not start: {b''.join(worker.stderr)[-2000:]!r}")
-    return worker
 
 
 async def stop_queue_worker(worker: QueueWorker, sig: int = signal.SIGTERM) -> int:
@@ -93,7 +150,7 @@ async def stop_queue_worker(worker: QueueWorker, sig: int = signal.SIGTERM) -> i
 def signed_notifications(emu: Emulator, count: int) -> list[bytes]:
     """``count`` signed notification envelopes, each with its own trace id."""
     token = emu.sign_token(scopes=["ACTION_NOTIFICATION"])
-    body = orjson.dumps({**notification_body(None), "jwt": token}).decode()
+    body = orjson.dumps(notification_body(token)).decode()
     return [
         orjson.dumps({"headers": {"hooktype": "NOTIFICATION",
                                   "traceparent": new_trace().traceparent}, "body": body})

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.queue_helpers import REDIS, require_broker
-from worker.adapters.envelope import Delivery, encode_reply, parse_envelope
+from worker.adapters.queue import Delivery, encode_reply, parse_envelope
 from worker.bench.httpload import RequestSource, ResponseError
 from worker.bench.load import LoadSpec, closed_loop
 from worker.bench.queue_hook import QueueRun, QueueUnavailable

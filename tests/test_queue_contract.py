@@ -12,16 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 import pytest
 
-from tests.queue_harness import Harness, make_harness
-from tests.queue_helpers import (
-    FakeLog,
-    ScriptedHandle,
-    eventually,
-    message,
-    queue_settings,
-    serving,
-)
-from worker.adapters.envelope import ATTEMPT_HEADER
+from tests.queue_harness import Harness, cleanup_all, make_harness, serve
+from tests.queue_helpers import FakeLog, ScriptedHandle, eventually, message, queue_settings
 from worker.events import HookType
 
 Make = Callable[..., Harness]
@@ -36,22 +28,22 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
         made.append(make_harness(request.param, **params))
         return made[-1]
 
-    yield factory
-    for harness in made:
-        await harness.cleanup()
+    try:
+        yield factory
+    finally:
+        await cleanup_all(made)
 
 
 async def test_each_message_is_handled_once_then_acknowledged(make: Make) -> None:
-    harness, handle, log = make(), ScriptedHandle(), FakeLog()
-    source = harness.source(queue_settings(), log)
-    async with serving(source, handle):
+    harness, handle = make(), ScriptedHandle()
+    async with serve(harness, handle):
         for n in range(5):
             await harness.publish(message(f"m{n}"))
         await handle.wait_calls(5)
     assert sorted(handle.keys()) == [f"m{n}" for n in range(5)]
     event = handle.calls[0].event
     assert event.hook is HookType.NONSPECIFIC
-    assert event.headers[ATTEMPT_HEADER] == "1"
+    assert event.attempt == 1
     assert orjson.loads(event.body)["key"].startswith("m")
     # Closed: anything unacknowledged would be back in the queue now.
     assert await harness.backlog() == 0
@@ -62,7 +54,7 @@ async def test_an_event_interrupted_in_flight_is_delivered_again(make: Make) -> 
     harness, log = make(), FakeLog()
     settings = queue_settings(WORKER_SHUTDOWN_GRACE="0.2")
     first = ScriptedHandle()
-    async with serving(harness.source(settings, log), first):
+    async with serve(harness, first, settings, log):
         await harness.publish(message("slow", block=True))
         await first.wait_calls(1)
         assert await harness.backlog() == 0  # delivered, but not acknowledged
@@ -70,7 +62,7 @@ async def test_an_event_interrupted_in_flight_is_delivered_again(make: Make) -> 
                     "they stay unacknowledged and will be delivered again")  # fmt: skip
     second = ScriptedHandle()
     second.release()
-    async with serving(harness.source(settings, FakeLog()), second):
+    async with serve(harness, second, settings):
         await second.wait_calls(1)
     assert [(c.key, c.attempt) for c in second.calls] == [("slow", 2)]
     assert await harness.backlog() == 0
@@ -80,7 +72,7 @@ async def test_an_event_interrupted_in_flight_is_delivered_again(make: Make) -> 
 async def test_stop_lets_in_flight_events_finish_and_acknowledges_them(make: Make) -> None:
     harness, handle, log = make(), ScriptedHandle(), FakeLog()
     settings = queue_settings(WORKER_MAX_IN_FLIGHT="2", WORKER_SHUTDOWN_GRACE="10")
-    async with serving(harness.source(settings, log), handle) as stop:
+    async with serve(harness, handle, settings, log) as stop:
         for n in range(2):
             await harness.publish(message(f"busy{n}", block=True))
         await handle.wait_calls(2, running=2)
@@ -97,7 +89,7 @@ async def test_stop_lets_in_flight_events_finish_and_acknowledges_them(make: Mak
     assert sorted(handle.keys()) == ["busy0", "busy1"]
     assert await harness.backlog() == 3  # the rest waits in the queue, nothing lost
     rest = ScriptedHandle()
-    async with serving(harness.source(settings, FakeLog()), rest):
+    async with serve(harness, rest, settings):
         await rest.wait_calls(3)
     assert sorted(rest.keys()) == ["later0", "later1", "later2"]
     assert await harness.backlog() == 0
@@ -106,7 +98,7 @@ async def test_stop_lets_in_flight_events_finish_and_acknowledges_them(make: Mak
 async def test_no_more_than_max_in_flight_are_taken_at_once(make: Make) -> None:
     harness, handle = make(), ScriptedHandle()
     settings = queue_settings(WORKER_MAX_IN_FLIGHT="3")
-    async with serving(harness.source(settings, FakeLog()), handle):
+    async with serve(harness, handle, settings):
         for n in range(8):
             await harness.publish(message(f"b{n}", block=True))
         await handle.wait_calls(3, running=3)
@@ -124,7 +116,7 @@ async def test_no_more_than_max_in_flight_are_taken_at_once(make: Make) -> None:
 
 async def test_transient_failures_are_retried_with_backoff_and_attempt_count(make: Make) -> None:
     harness, handle, log = make(retry_delay="0.2", max_attempts="4"), ScriptedHandle(), FakeLog()
-    async with serving(harness.source(queue_settings(), log), handle):
+    async with serve(harness, handle, queue_settings(), log):
         await harness.publish(message("flaky", transient=2))
         await handle.wait_calls(3)
     assert [c.attempt for c in handle.calls] == [1, 2, 3]
@@ -139,7 +131,7 @@ async def test_transient_failures_are_retried_with_backoff_and_attempt_count(mak
 async def test_the_last_failed_attempt_is_dead_lettered_with_reason(make: Make) -> None:
     harness, handle = make(retry_delay="0.05", max_attempts="3"), ScriptedHandle()
     body = message("doomed", transient=99)
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(body)
         await handle.wait_calls(3)
 
@@ -158,7 +150,7 @@ async def test_the_last_failed_attempt_is_dead_lettered_with_reason(make: Make) 
 
 async def test_a_permanent_failure_is_dead_lettered_at_once(make: Make) -> None:
     harness, handle = make(retry_delay="0.05"), ScriptedHandle()
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(message("forged", permanent=True))
         await harness.publish(message("fine"))
         await handle.wait_calls(2)
@@ -187,7 +179,7 @@ async def test_bad_messages_are_dead_lettered_and_the_worker_keeps_going(make: M
         orjson.dumps({"headers": {}, "body": "x" * 1001}): "PAYLOAD_TOO_LARGE: event body of",
         b"y" * 70_000: "PAYLOAD_TOO_LARGE: queue message of 70000 bytes",
     }
-    async with serving(harness.source(settings, FakeLog()), handle):
+    async with serve(harness, handle, settings):
         for body in bad:
             await harness.publish(body, reply_to=box, correlation_id="bad")
         await harness.publish(message("after"))
@@ -211,7 +203,7 @@ async def test_bad_messages_are_dead_lettered_and_the_worker_keeps_going(make: M
 async def test_replies_go_to_reply_to_with_the_correlation_id(make: Make) -> None:
     harness, handle = make(retry_delay="0.05"), ScriptedHandle()
     box = await harness.reply_box()
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(message("rpc"), reply_to=box, correlation_id="c-1")
         refused = message("refused", permanent=True)
         await harness.publish(refused, reply_to=box, correlation_id="c-2")

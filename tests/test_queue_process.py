@@ -20,9 +20,9 @@ from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import eventually
 from tests.queue_workers import (
     PATIENTS,
+    Workers,
     handled,
     signed_notifications,
-    start_queue_worker,
     stop_queue_worker,
 )
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
@@ -37,8 +37,19 @@ MAX_IN_FLIGHT = 32
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     # claim_idle only matters to Redis: a killed consumer's entries come back after 1 s.
     made = make_harness(request.param, claim_idle="1", retry_delay="0.1")
-    yield made
-    await made.cleanup()
+    try:
+        yield made
+    finally:
+        await made.cleanup()
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[Workers]:
+    started = Workers()
+    try:
+        yield started
+    finally:
+        await started.close()
 
 
 @pytest.fixture
@@ -70,17 +81,17 @@ async def wait_handled(emu: Emulator, count: int) -> None:
 
 
 async def test_sigkill_mid_batch_then_restart_loses_nothing(
-    harness: Harness, emulator: Emulator, capsys: pytest.CaptureFixture[str]
+    harness: Harness, emulator: Emulator, workers: Workers, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = time.monotonic()
     await publish(harness, signed_notifications(emulator, BATCH))
     env = {"WORKER_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)}
-    first = await start_queue_worker(emulator, url(harness), **env)
+    first = await workers.start(emulator, url(harness), **env)
     await wait_handled(emulator, BATCH // 3)
     assert await stop_queue_worker(first, signal.SIGKILL) == -signal.SIGKILL
     at_kill = len(handled(emulator))
     assert at_kill < BATCH, "the worker finished before it could be killed mid-batch"
-    second = await start_queue_worker(emulator, url(harness), **env)
+    second = await workers.start(emulator, url(harness), **env)
     await wait_handled(emulator, BATCH)
     assert await stop_queue_worker(second) == 0
     counts = handled(emulator)
@@ -95,12 +106,12 @@ async def test_sigkill_mid_batch_then_restart_loses_nothing(
 
 
 async def test_sigterm_under_load_drains_acknowledges_and_exits_in_time(
-    harness: Harness, emulator: Emulator, capsys: pytest.CaptureFixture[str]
+    harness: Harness, emulator: Emulator, workers: Workers, capsys: pytest.CaptureFixture[str]
 ) -> None:
     events, grace = 200, 10.0
     emulator.faults.update({"latency": {f"GET {PATIENTS}": 0.2}})
     env = {"WORKER_MAX_IN_FLIGHT": "16", "WORKER_SHUTDOWN_GRACE": str(grace)}
-    worker = await start_queue_worker(emulator, url(harness), **env)
+    worker = await workers.start(emulator, url(harness), **env)
     await publish(harness, signed_notifications(emulator, events))
     await wait_handled(emulator, 20)
     signalled = time.monotonic()
@@ -118,23 +129,23 @@ async def test_sigterm_under_load_drains_acknowledges_and_exits_in_time(
     assert sum(done.values()) == len(done)  # no event handled twice
     # Every in-flight event was acknowledged: only the never-started ones are left.
     assert await harness.backlog() == events - len(done)
-    rest = await start_queue_worker(emulator, url(harness))
+    rest = await workers.start(emulator, url(harness))
     await wait_handled(emulator, events)
     assert await stop_queue_worker(rest) == 0
     assert sum(handled(emulator).values()) == events
 
 
 async def test_two_workers_share_one_queue(
-    harness: Harness, emulator: Emulator, capsys: pytest.CaptureFixture[str]
+    harness: Harness, emulator: Emulator, workers: Workers, capsys: pytest.CaptureFixture[str]
 ) -> None:
     events = 200
     emulator.faults.update({"latency": {f"GET {PATIENTS}": 0.02}})
     env = {"WORKER_MAX_IN_FLIGHT": "8"}
-    workers = [await start_queue_worker(emulator, url(harness), **env) for _ in range(2)]
+    pair = [await workers.start(emulator, url(harness), **env) for _ in range(2)]
     await publish(harness, signed_notifications(emulator, events))
     await wait_handled(emulator, events)
-    assert [await stop_queue_worker(w) for w in workers] == [0, 0]
-    shares = [w.messages().count("event handled") for w in workers]
+    assert [await stop_queue_worker(w) for w in pair] == [0, 0]
+    shares = [w.messages().count("event handled") for w in pair]
     report(capsys, f"two workers [{harness.name}]: shares {shares}")
     assert sum(shares) == events
     assert all(share > 0 for share in shares)
@@ -142,9 +153,9 @@ async def test_two_workers_share_one_queue(
 
 
 async def test_publish_command_samples_replies_and_a_poison_message(
-    harness: Harness, emulator: Emulator
+    harness: Harness, emulator: Emulator, workers: Workers
 ) -> None:
-    worker = await start_queue_worker(emulator, url(harness))
+    worker = await workers.start(emulator, url(harness))
     signed = await run_publish(url(harness), "--hook", "all", "--count", "2",
                                "--emulator", str(emulator.base_url), "--wait-replies",
                                "--timeout", "20")  # fmt: skip
@@ -176,8 +187,13 @@ async def run_publish(source: str, *args: str) -> tuple[int, list[dict[str, Any]
         sys.executable, "-m", "worker", "publish", "--source", source, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    async with asyncio.timeout(60):
-        out, err = await process.communicate()
+    try:
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:  # timed out or interrupted: leave no process behind
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     lines = [orjson.loads(line) for line in out.splitlines()]
     assert process.returncode == 0 or not err, err.decode()[-2000:]

@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from tests.queue_harness import RabbitHarness, make_harness
+from tests.queue_harness import RabbitHarness, cleanup_all, make_harness, serve
 from tests.queue_helpers import (
     RABBIT_URL,
     FakeLog,
@@ -19,7 +19,6 @@ from tests.queue_helpers import (
     eventually,
     message,
     queue_settings,
-    serving,
 )
 from worker.adapters.rabbitmq import RabbitSource
 
@@ -29,9 +28,10 @@ pytestmark = pytest.mark.broker
 @pytest.fixture
 async def made() -> AsyncIterator[list[RabbitHarness]]:
     harnesses: list[RabbitHarness] = []
-    yield harnesses
-    for harness in harnesses:
-        await harness.cleanup()
+    try:
+        yield harnesses
+    finally:
+        await cleanup_all(harnesses)
 
 
 def rabbit_harness(made: list[RabbitHarness], **params: str) -> RabbitHarness:
@@ -77,7 +77,7 @@ async def test_the_topology_is_durable_with_a_dead_letter_exchange(
 async def test_a_retry_waits_in_the_queue_of_its_delay(made: list[RabbitHarness]) -> None:
     harness, handle = rabbit_harness(made, retry_delay="0.5"), ScriptedHandle()
     retry_queue = f"{harness.queue}.retry.500ms"
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(message("flaky", transient=1))
         await handle.wait_calls(1)
 
@@ -108,7 +108,7 @@ async def test_a_redelivery_after_a_crash_counts_as_an_attempt(made: list[Rabbit
         pass  # declare the topology
     await harness.publish(message("survivor"))
     await consume_and_die(harness)
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await handle.wait_calls(1)
     assert [(c.key, c.attempt) for c in handle.calls] == [("survivor", 2)]
 
@@ -122,7 +122,7 @@ async def test_a_message_that_keeps_killing_its_consumer_is_dead_lettered(
     body = message("poison")
     await harness.publish(body)
     await consume_and_die(harness)
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await eventually(_dead(harness), "the dead letter")
     [letter] = await harness.dead_letters()
     assert letter.reason == "REDELIVERY_LIMIT: delivered 2 times without being settled"

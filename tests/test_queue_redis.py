@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.queue_harness import RedisHarness, make_harness
+from tests.queue_harness import RedisHarness, cleanup_all, make_harness, serve
 from tests.queue_helpers import (
     FakeLog,
     ScriptedHandle,
@@ -29,9 +29,10 @@ GROUP = "biot-worker"
 @pytest.fixture
 async def made() -> AsyncIterator[list[RedisHarness]]:
     harnesses: list[RedisHarness] = []
-    yield harnesses
-    for harness in harnesses:
-        await harness.cleanup()
+    try:
+        yield harnesses
+    finally:
+        await cleanup_all(harnesses)
 
 
 def redis_harness(made: list[RedisHarness], **params: str) -> RedisHarness:
@@ -50,7 +51,7 @@ async def test_a_crashed_consumers_entries_are_reclaimed_after_the_idle_time(
     await ensure_group(harness.redis, harness.stream, GROUP)
     await harness.redis.xreadgroup(GROUP, "crashed", {harness.stream: ">"}, count=3)
     crashed_at = asyncio.get_running_loop().time()
-    async with serving(harness.source(queue_settings(), log), handle):
+    async with serve(harness, handle, queue_settings(), log):
         await handle.wait_calls(3)
         idle = await harness.redis.xpending_range(harness.stream, GROUP, "-", "+", 3)
     assert handle.calls[0].at - crashed_at >= 0.4 - 0.05  # not before 0.4 s of idleness
@@ -69,7 +70,7 @@ async def test_entries_are_not_reclaimed_before_the_idle_time(made: list[RedisHa
     await harness.publish(message("held"))
     await ensure_group(harness.redis, harness.stream, GROUP)
     await harness.redis.xreadgroup(GROUP, "alive", {harness.stream: ">"}, count=1)
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(message("fresh"))
         await handle.wait_calls(1)
     assert handle.keys() == ["fresh"]  # "held" still belongs to the live consumer
@@ -88,7 +89,7 @@ async def test_an_entry_that_keeps_killing_its_consumer_is_dead_lettered(
     [[_, [(entry_id, _)]]] = reply
     # Two more consumers took it and died: three deliveries so far.
     await harness.redis.xclaim(harness.stream, GROUP, "crashed", 0, [entry_id], retrycount=3)
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
 
         async def dead() -> bool:
             return len(await harness.dead_letters()) == 1
@@ -107,7 +108,7 @@ async def test_an_entry_that_keeps_killing_its_consumer_is_dead_lettered(
 async def test_a_retry_waits_in_the_sorted_set_then_comes_back(made: list[RedisHarness]) -> None:
     harness, handle = redis_harness(made, retry_delay="0.5"), ScriptedHandle()
     retry_key = f"{harness.stream}:retry"
-    async with serving(harness.source(queue_settings(), FakeLog()), handle):
+    async with serve(harness, handle, queue_settings()):
         await harness.publish(message("flaky", transient=1))
         await handle.wait_calls(1)
 
@@ -133,7 +134,7 @@ async def test_two_consumers_of_one_group_share_the_entries(made: list[RedisHarn
     )
     first, second = ScriptedHandle(), ScriptedHandle()
     other = RedisStreamSource(other_url, settings=settings, log=FakeLog())
-    async with serving(harness.source(settings, FakeLog()), first), serving(other, second):
+    async with serve(harness, first, settings), serving(other, second, settings):
         for n in range(4):
             await harness.publish(message(f"s{n}", block=True))
         await first.wait_calls(2, running=2)

@@ -1,22 +1,25 @@
-"""The queue adapters' pure parts and failure paths: URLs and their parameters, the retry policy,
-replies, sample envelopes, ``run --source`` and ``publish`` refusing bad input or an unreachable
-broker (without leaking the password)."""
+"""The queue seam's pure parts and failure paths: URLs and their parameters, the retry policy,
+replies, sample envelopes, one trace per message, the pump surviving its broker,
+``run --source`` and ``publish`` refusing bad input, a missing extra or an unreachable broker
+(without leaking the password)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
-from config.settings import SettingsError, load_settings
-from tests.queue_helpers import REDIS, FakeLog, queue_settings, require_broker
-from worker.adapters.envelope import (
-    ATTEMPT_HEADER,
+from config.settings import SettingsError
+from tests.queue_helpers import FakeLog, queue_settings, require_broker, serving
+from worker.adapters.memory import MemorySource
+from worker.adapters.queue import (
     HOOKS,
     Decision,
     Delivery,
@@ -24,25 +27,25 @@ from worker.adapters.envelope import (
     Verdict,
     decode_reply,
     encode_reply,
-    parse_envelope,
-)
-from worker.adapters.memory import MemorySource
-from worker.adapters.rabbitmq import RabbitOptions, RabbitSource
-from worker.adapters.redis_streams import Entry, RedisOptions, delivery_of, netstrings
-from worker.adapters.source import (
     open_source,
+    parse_envelope,
     pump,
     redact_url,
     retry_policy,
     split_url,
 )
-from worker.errors import EventError, PayloadTooLarge
-from worker.events import HookType
+from worker.adapters.rabbitmq import RabbitOptions, RabbitSource
+from worker.adapters.redis_streams import Entry, RedisOptions, delivery_of, netstrings
+from worker.client import BiotApi
+from worker.dispatch import Dispatcher
+from worker.errors import EventError, PayloadTooLarge, TransientApiError
+from worker.events import HookType, NonSpecific
 from worker.responses import Response
-from worker.routing import Router
+from worker.routing import Context, Router
 from worker.runner import run_queue
 from worker.testing.events import sample_envelope
 from worker.testing.publish import add_publish_arguments, publish_main, read_envelopes
+from worker.tracing import new_trace, parse_traceparent
 
 
 def test_retry_delays_double_up_to_the_cap() -> None:
@@ -105,7 +108,8 @@ def test_envelopes_are_checked_before_dispatch() -> None:
     event = parse_envelope(Delivery(b'{"headers": {"HookType": "NOTIFICATION"}}', 3),
                            received_at=0.0, max_body_bytes=100)  # fmt: skip
     assert event.hook is HookType.NOTIFICATION
-    assert event.headers[ATTEMPT_HEADER] == "3"
+    assert event.attempt == 3
+    assert dict(event.headers) == {"hooktype": "NOTIFICATION"}  # nothing added
     with pytest.raises(EventError, match="not an envelope"):
         parse_envelope(Delivery(b"[1]"), received_at=0.0, max_body_bytes=100)
     with pytest.raises(PayloadTooLarge):
@@ -153,23 +157,6 @@ async def test_run_queue_exits_when_the_broker_is_unreachable(
     assert "pw-not-logged" not in out
 
 
-async def test_run_queue_without_base_url_uses_the_embedded_emulator(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    require_broker("Redis", REDIS)
-    stop = asyncio.Event()
-    stop.set()  # open everything, then stop at once
-    url = f"redis://{REDIS[0]}:{REDIS[1]}/0?stream=test-embedded-{id(stop)}&claim_idle=60"
-    await run_queue(load_settings({}), Router(), url, stop=stop)
-    records = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
-    [consuming] = [r for r in records if r["message"] == "worker consuming"]
-    assert str(consuming["emulator_url"]).startswith("http://127.0.0.1:")
-    assert records[-1]["message"] == "worker stopped; closing resources"
-    client = aioredis.Redis(host=REDIS[0], port=REDIS[1])
-    await client.delete(url.split("stream=")[1].split("&")[0])
-    await client.aclose()
-
-
 def publish_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_publish_arguments(parser)
@@ -203,8 +190,10 @@ def test_read_envelopes_skips_blank_lines_and_names_bad_ones(tmp_path: Path) -> 
         read_envelopes(broken)
 
 
-class FlakyInbox:
-    """An inbox whose broker fails once on receive and once on settle."""
+class FlakySource:
+    """A source whose broker fails once on receive and once on settle."""
+
+    policy = RetryPolicy()
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
@@ -213,14 +202,20 @@ class FlakyInbox:
         self.settled: list[tuple[bytes, Verdict]] = []
         self.halted = False
 
-    async def receive(self, limit: int) -> list[tuple[int, Delivery]]:
+    async def __aenter__(self) -> FlakySource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def receive(self, limit: int) -> list[Delivery]:
         if self.receive_failures:
             self.receive_failures -= 1
             raise ConnectionError("broker went away")
         batch, self.messages = self.messages[:limit], self.messages[limit:]
-        return [(n, Delivery(body)) for n, body in enumerate(batch)]
+        return [Delivery(body) for body in batch]
 
-    async def settle(self, message: int, delivery: Delivery, decision: Decision) -> None:
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
         if self.settle_failures:
             self.settle_failures -= 1
             raise ConnectionError("broker went away")
@@ -231,21 +226,25 @@ class FlakyInbox:
 
 
 async def test_pump_survives_broker_errors_and_dead_letters_a_crashing_process() -> None:
-    inbox, log, stop = FlakyInbox([b"a", b"b", b"c"]), FakeLog(), asyncio.Event()
+    inbox, log, stop = FlakySource([b"a", b"b", b"c"]), FakeLog(), asyncio.Event()
+
+    traces = {body: new_trace() for body in (b"a", b"b")}
 
     async def process(delivery: Delivery) -> Decision:
         if delivery.body == b"c":  # the last one
             stop.set()
             raise RuntimeError("a bug")
-        return Decision(Verdict.ACK)
+        return Decision(Verdict.ACK, trace=traces[delivery.body])
 
     async with asyncio.timeout(10):
         await pump(inbox, process, stop=stop, max_in_flight=1, grace=1.0, log=log)
     assert log.find("receiving from the queue failed") == [
         {"error": "ConnectionError('broker went away')"}
     ]
-    [failed] = log.find("settling a queue message failed; the broker will deliver it again")
+    unsettled = "settling a queue message failed; the broker will deliver it again"
+    [failed] = log.find(unsettled)
     assert failed["verdict"] == "ack"
+    assert (unsettled, traces[b"a"].trace_id) in log.traced  # under the message's trace
     assert inbox.settled == [(b"b", Verdict.ACK), (b"c", Verdict.DEAD)]
     assert log.find("processing a queue message failed") == [{}]
     assert inbox.halted
@@ -260,3 +259,90 @@ def test_a_missing_broker_skips_outside_ci_and_fails_under_ci(
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI must run the queue tests"):
         require_broker("Nothing", ("127.0.0.1", 1))
+
+
+def test_a_missing_queues_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for client, module, url in (("redis", "redis_streams", "rediss://h/0"),
+                                ("aio_pika", "rabbitmq", "amqp://h/")):  # fmt: skip
+        monkeypatch.setitem(sys.modules, client, None)  # as if it were not installed
+        monkeypatch.delitem(sys.modules, f"worker.adapters.{module}", raising=False)
+        with pytest.raises(SettingsError) as refused:
+            open_source(url, queue_settings(), FakeLog())
+        scheme = url.split(":")[0]
+        assert refused.value.problems == [
+            f"--source: {scheme}:// needs the queues extra: pip install 'biot-worker[queues]'"
+        ]
+
+
+def test_publish_is_importable_and_refuses_clearly_without_the_queues_extra() -> None:
+    probe = (
+        "import argparse, sys\n"
+        "for name in ('redis', 'aio_pika', 'aiormq'): sys.modules[name] = None\n"
+        "from config.settings import SettingsError\n"
+        "from worker.testing.publish import add_publish_arguments, open_publisher\n"
+        "add_publish_arguments(argparse.ArgumentParser())\n"
+        "for url in ('redis://127.0.0.1/0', 'amqp://h/'):\n"
+        "    try:\n"
+        "        open_publisher(url)\n"
+        "    except SettingsError as exc:\n"
+        "        print(exc.problems[0])\n"
+    )
+    result = subprocess.run(  # noqa: S603 - our own interpreter and probe
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    extra = "needs the queues extra: pip install 'biot-worker[queues]'"
+    assert result.stdout.splitlines() == [
+        f"--source: redis:// {extra}",
+        f"--source: amqp:// {extra}",
+    ]
+
+
+async def test_a_message_without_traceparent_has_one_trace_per_delivery() -> None:
+    """Retried, then dead-lettered: each delivery's lines (the dispatcher's, the retry, the dead
+    letter) and the reply carry one trace id, the one the event was built with."""
+
+    async def unavailable(event: NonSpecific, ctx: Context) -> dict[str, Any]:
+        raise TransientApiError("BioT answered 503", status=503)
+
+    settings, log = queue_settings(), FakeLog()
+    dispatcher = Dispatcher(routes=Router().nonspecific(unavailable), api=cast(BiotApi, object()),
+                            log=log, settings=settings, verifier=None)  # fmt: skip
+    source = MemorySource.from_url("memory://?max_attempts=2&retry_delay=0.01", log=log)
+    async with serving(source, dispatcher.handle, settings, log):
+        envelope = {"headers": {"hooktype": "NONSPECIFIC"}, "body": {}}
+        await source.publish(envelope, reply_to="box", correlation_id="c-1")
+        async with asyncio.timeout(10):
+            reply = await source.next_reply("box")
+    about = ("event failed", "event will be retried", "event dead-lettered")
+    lines = [(message, trace) for message, trace in log.traced if message in about]
+    first, second = lines[0][1], lines[2][1]
+    assert lines == [
+        ("event failed", first),
+        ("event will be retried", first),
+        ("event failed", second),
+        ("event dead-lettered", second),
+    ]
+    assert first is not None and second is not None and first != second
+    answered = parse_traceparent(decode_reply(reply.body)["headers"]["traceparent"])
+    assert answered is not None and answered.trace_id == second
+    assert {trace for _, trace in log.traced} <= {None, first, second}
+    assert [letter.reason for letter in source.dead_letters] == [
+        "CALL_TO_API_FAILED: BioT answered 503 (gave up after 2 attempts)"
+    ]
+
+
+async def test_a_bad_message_has_one_trace_for_its_reply_and_its_lines() -> None:
+    settings, log = queue_settings(), FakeLog()
+    source = MemorySource.from_url("memory://", log=log)
+
+    async def never(event: Any) -> Any:
+        raise AssertionError("a bad message reaches no handler")
+
+    async with serving(source, never, settings, log):
+        await source.publish(b'{"headers": {"x": "1"}, "body": "x"', reply_to="box")
+        async with asyncio.timeout(10):
+            reply = await source.next_reply("box")
+    [(_, trace)] = [line for line in log.traced if line[0] == "event dead-lettered"]
+    answered = parse_traceparent(decode_reply(reply.body)["headers"]["traceparent"])
+    assert answered is not None and trace == answered.trace_id

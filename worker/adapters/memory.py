@@ -8,14 +8,16 @@ the last ``capacity`` replies of each of the last ``capacity`` ``reply_to`` name
 
 ::
 
-    source = MemorySource(settings=settings, log=app.log)
+    source = MemorySource(log=app.log)
     async with source:
         await source.publish({"headers": {...}, "body": {...}}, reply_to="me", correlation_id="1")
-        serving = asyncio.create_task(source.serve(app.dispatcher.handle, stop=stop))
+        serving = asyncio.create_task(
+            consume(source, app.dispatcher.handle, settings=settings, stop=stop, log=app.log)
+        )
         async with asyncio.timeout(5):
             reply = await source.next_reply("me")
 
-URL form (for :func:`~worker.adapters.source.open_source`):
+URL form (for :func:`~worker.adapters.queue.open_source`):
 ``memory://?capacity=1024&max_attempts=5&retry_delay=1&retry_max_delay=60``.
 """
 
@@ -32,8 +34,16 @@ from typing import Any
 import orjson
 
 from config.settings import Settings
-from worker.adapters.envelope import Decision, Delivery, Handle, RetryPolicy, Verdict
-from worker.adapters.source import RETRY_PARAMS, positive, retry_policy, serve_inbox, split_url
+from worker.adapters.queue import (
+    RETRY_PARAMS,
+    Decision,
+    Delivery,
+    RetryPolicy,
+    Verdict,
+    positive,
+    retry_policy,
+    split_url,
+)
 from worker.logs import Log
 
 _POLL = 0.25  # longest wait of one receive, so the intake loop sees ``stop`` promptly
@@ -62,17 +72,17 @@ class _Message:
 
 
 class MemorySource:
+    """A :class:`~worker.adapters.queue.Source` inside the process (see the module's doc)."""
+
     def __init__(
         self,
         *,
-        settings: Settings,
         log: Log,
         policy: RetryPolicy | None = None,
         capacity: int = 1024,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be 1 or more, got {capacity}")
-        self._settings = settings
         self._log = log
         self.policy = policy or RetryPolicy()
         self.capacity = capacity
@@ -90,16 +100,21 @@ class MemorySource:
         self._reply_ready = asyncio.Event()
 
     @classmethod
-    def from_url(cls, url: str, *, settings: Settings, log: Log) -> MemorySource:
+    def from_url(cls, url: str, *, log: Log) -> MemorySource:
         _, params = split_url(url, (*RETRY_PARAMS, "capacity"))
         capacity = int(positive(params, "capacity", 1024))
-        return cls(settings=settings, log=log, policy=retry_policy(params), capacity=capacity)
+        return cls(log=log, policy=retry_policy(params), capacity=capacity)
 
     async def __aenter__(self) -> MemorySource:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        # What was taken and never settled (cancelled in flight) is delivered again, as a broker
+        # does when its consumer goes away; it can be entered again later.
+        for message in self._taken:
+            message.attempt += 1
+            self._ready.appendleft(message)
+        self._taken.clear()
 
     # ------------------------------------------------------------ the producer's side
 
@@ -137,19 +152,7 @@ class MemorySource:
 
     # ------------------------------------------------------------ the source
 
-    async def serve(self, handle: Handle, *, stop: asyncio.Event) -> None:
-        try:
-            await serve_inbox(
-                self, handle, settings=self._settings, policy=self.policy, stop=stop, log=self._log
-            )
-        finally:
-            # What was cancelled in flight is delivered again, as a broker would.
-            for message in self._taken:
-                message.attempt += 1
-                self._ready.appendleft(message)
-            self._taken.clear()
-
-    async def receive(self, limit: int) -> Sequence[tuple[_Message, Delivery]]:
+    async def receive(self, limit: int) -> Sequence[Delivery]:
         self._promote()
         if not self._ready:
             self._changed.clear()
@@ -162,20 +165,22 @@ class MemorySource:
             except TimeoutError:
                 pass
             self._promote()
-        batch: list[tuple[_Message, Delivery]] = []
+        batch: list[Delivery] = []
         while self._ready and len(batch) < limit:
             message = self._ready.popleft()
             self._taken.add(message)
-            delivery = Delivery(
-                message.body, message.attempt, message.reply_to, message.correlation_id
+            batch.append(
+                Delivery(
+                    message.body, message.attempt, message.reply_to, message.correlation_id, message
+                )
             )
-            batch.append((message, delivery))
         return batch
 
     async def halt(self) -> None:
         return None
 
-    async def settle(self, message: _Message, delivery: Delivery, decision: Decision) -> None:
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        message: _Message = delivery.message
         self._taken.discard(message)
         if decision.reply is not None and delivery.reply_to:
             self._reply(delivery.reply_to, Reply(delivery.correlation_id, decision.reply))
@@ -217,3 +222,8 @@ class MemorySource:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def source_from_url(url: str, *, settings: Settings, log: Log) -> MemorySource:
+    """The source ``memory://?...`` names (``settings`` are the consumer's business)."""
+    return MemorySource.from_url(url, log=log)

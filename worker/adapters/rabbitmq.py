@@ -42,13 +42,15 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError
 
 from config.settings import Settings
-from worker.adapters.envelope import Decision, Delivery, Handle, RetryPolicy, Verdict
-from worker.adapters.source import (
+from worker.adapters.queue import (
     RETRY_PARAMS,
+    Decision,
+    Delivery,
+    RetryPolicy,
     SourceUnavailable,
+    Verdict,
     redact_url,
     retry_policy,
-    serve_inbox,
     split_url,
 )
 from worker.logs import Log
@@ -118,6 +120,8 @@ async def connect(url: str, display: str) -> AbstractRobustConnection:
 
 
 class RabbitSource:
+    """A :class:`~worker.adapters.queue.Source` on a RabbitMQ queue (see the module's doc)."""
+
     def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
         self.options, params = RabbitOptions.parse(url)
         self.policy = retry_policy(params)
@@ -125,6 +129,8 @@ class RabbitSource:
         self._log = log
         self._display = redact_url(url)
         self._connection: AbstractRobustConnection | None = None
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._tag: str | None = None
 
     @property
     def retry_delays_ms(self) -> list[int]:
@@ -132,56 +138,26 @@ class RabbitSource:
 
     async def __aenter__(self) -> RabbitSource:
         self._connection = await connect(self.options.url, self._display)
+        prefetch = self._settings.worker.max_in_flight
         try:
             self._channel = await self._connection.channel(on_return_raises=True)
-            await self._channel.set_qos(prefetch_count=self._settings.worker.max_in_flight)
+            await self._channel.set_qos(prefetch_count=prefetch)
             self._queue, self._exchange = await declare(
                 self._channel, self.options, self.retry_delays_ms
             )
         except AMQPError as exc:
             await self.__aexit__()
             raise SourceUnavailable(f"{self._display}: {exc!r}") from exc
+        # The broker sends at most ``prefetch`` unacked messages, which bounds the buffer.
+        self._buffer = asyncio.Queue(maxsize=prefetch)
+        self._tag = None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
+            await self.halt()
             await connection.close()
-
-    async def serve(self, handle: Handle, *, stop: asyncio.Event) -> None:
-        assert self._connection is not None, "enter the source before serving"
-        worker = self._settings.worker
-        inbox = RabbitInbox(self._channel, self._queue, self._exchange, self.options, self._log)
-        await inbox.start(worker.max_in_flight)
-        try:
-            await serve_inbox(
-                inbox, handle, settings=self._settings, policy=self.policy, stop=stop, log=self._log
-            )
-        finally:
-            await inbox.halt()
-
-
-class RabbitInbox:
-    def __init__(
-        self,
-        channel: AbstractChannel,
-        queue: AbstractQueue,
-        exchange: AbstractExchange,
-        options: RabbitOptions,
-        log: Log,
-    ) -> None:
-        self._channel = channel
-        self._queue = queue
-        self._exchange = exchange
-        self._o = options
-        self._log = log
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._tag: str | None = None
-
-    async def start(self, prefetch: int) -> None:
-        # The broker sends at most ``prefetch`` unacked messages, which bounds the buffer.
-        self._buffer = asyncio.Queue(maxsize=prefetch)
-        self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
 
     async def halt(self) -> None:
         """Cancel the consumer and hand back what was delivered but never started."""
@@ -194,7 +170,9 @@ class RabbitInbox:
         except AMQPError as exc:  # the channel is gone: the broker requeues unacked ones itself
             self._log.warning("stopping the consumer failed", error=repr(exc)[:300])
 
-    async def receive(self, limit: int) -> Sequence[tuple[AbstractIncomingMessage, Delivery]]:
+    async def receive(self, limit: int) -> Sequence[Delivery]:
+        if self._tag is None:  # consume from the first receive: entering only declares
+            self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
         try:
             async with asyncio.timeout(_POLL):
                 messages = [await self._buffer.get()]
@@ -207,12 +185,11 @@ class RabbitInbox:
             if message.redelivered:
                 await self._count_redelivery(message)
             else:
-                batch.append((message, delivery_of(message)))
+                batch.append(delivery_of(message))
         return batch
 
-    async def settle(
-        self, message: AbstractIncomingMessage, delivery: Delivery, decision: Decision
-    ) -> None:
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        message: AbstractIncomingMessage = delivery.message
         try:
             await self._send(message, delivery, decision)
         except BaseException:
@@ -234,19 +211,20 @@ class RabbitInbox:
             )
         if decision.verdict is Verdict.RETRY:
             headers = {ATTEMPT: delivery.attempt + 1, "x-biot-last-error": decision.reason}
-            retry = self._o.retry_queue(_ms(decision.delay)) if decision.delay else self._o.queue
+            o = self.options
+            retry = o.retry_queue(_ms(decision.delay)) if decision.delay else o.queue
             await self._channel.default_exchange.publish(copy(message, headers), retry)
         elif decision.verdict is Verdict.DEAD:
             headers = {"x-biot-reason": decision.reason, "x-biot-attempts": delivery.attempt}
             if decision.status is not None:
                 headers["x-biot-status"] = decision.status
-            await self._exchange.publish(copy(message, headers), self._o.queue)
+            await self._exchange.publish(copy(message, headers), self.options.queue)
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
         attempt = delivery_of(message).attempt + 1
         try:
             await self._channel.default_exchange.publish(
-                copy(message, {ATTEMPT: attempt}), self._o.queue
+                copy(message, {ATTEMPT: attempt}), self.options.queue
             )
             await message.ack()
         except AMQPError as exc:
@@ -282,7 +260,7 @@ def delivery_of(message: AbstractIncomingMessage) -> Delivery:
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
-    return Delivery(message.body, attempt, message.reply_to, message.correlation_id)
+    return Delivery(message.body, attempt, message.reply_to, message.correlation_id, message)
 
 
 def envelope_message(
@@ -300,3 +278,8 @@ def envelope_message(
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+def source_from_url(url: str, *, settings: Settings, log: Log) -> RabbitSource:
+    """The source an ``amqp://`` or ``amqps://`` URL names (see the module's doc)."""
+    return RabbitSource(url, settings=settings, log=log)

@@ -21,7 +21,6 @@ One consumer group per stream (settled entries are deleted); a single Redis node
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -33,14 +32,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from config.settings import Settings
-from worker.adapters.envelope import Decision, Delivery, Handle, Verdict
-from worker.adapters.source import (
+from worker.adapters.queue import (
     RETRY_PARAMS,
+    Decision,
+    Delivery,
     SourceUnavailable,
+    Verdict,
     positive,
     redact_url,
     retry_policy,
-    serve_inbox,
     split_url,
 )
 from worker.logs import Log
@@ -108,49 +108,6 @@ def connect(url: str, max_connections: int) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-class RedisStreamSource:
-    def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
-        self.options, params = RedisOptions.parse(url)
-        self.policy = retry_policy(params)
-        self._settings = settings
-        self._log = log
-        self._display = redact_url(url)
-        self._redis: aioredis.Redis | None = None
-
-    async def __aenter__(self) -> RedisStreamSource:
-        o = self.options
-        self._redis = connect(o.url, self._settings.worker.max_in_flight + 4)
-        try:
-            await self._redis.ping()
-            await ensure_group(self._redis, o.stream, o.group)
-        except (RedisError, OSError) as exc:
-            await self.__aexit__()
-            raise SourceUnavailable(f"{self._display}: {exc}") from exc
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
-            await client.aclose(close_connection_pool=True)
-
-    async def serve(self, handle: Handle, *, stop: asyncio.Event) -> None:
-        assert self._redis is not None, "enter the source before serving"
-        worker = self._settings.worker
-        longest = max(worker.deadline_notification, worker.deadline_nonspecific)
-        if self.options.claim_idle <= longest:
-            self._log.warning(
-                "claim_idle is not longer than the longest handler deadline; "
-                "a slow event may be handled twice",
-                claim_idle=self.options.claim_idle,
-                deadline=longest,
-            )
-        inbox = RedisInbox(self._redis, self.options, self._log)
-        await serve_inbox(
-            inbox, handle, settings=self._settings, policy=self.policy, stop=stop, log=self._log
-        )
-        await inbox.leave()
-
-
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
     """Create ``group`` on ``stream`` (and the stream), reading from its first entry."""
     try:
@@ -160,37 +117,77 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
             raise
 
 
-class RedisInbox:
-    def __init__(self, client: aioredis.Redis, options: RedisOptions, log: Log) -> None:
-        self._redis = client
-        self._o = options
+class RedisStreamSource:
+    """A :class:`~worker.adapters.queue.Source` on a Redis stream (see the module's doc)."""
+
+    def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
+        self.options, params = RedisOptions.parse(url)
+        self.policy = retry_policy(params)
+        self._settings = settings
         self._log = log
-        self._move_due = client.register_script(_MOVE_DUE)
-        self._next_move = 0.0
-        self._next_claim = 0.0
+        self._display = redact_url(url)
+        self._client: aioredis.Redis | None = None
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        assert self._client is not None, "enter the source first"
+        return self._client
+
+    async def __aenter__(self) -> RedisStreamSource:
+        o = self.options
+        self._client = connect(o.url, self._settings.worker.max_in_flight + 4)
+        try:
+            await self._redis.ping()
+            await ensure_group(self._redis, o.stream, o.group)
+        except (RedisError, OSError) as exc:
+            await self.__aexit__()
+            raise SourceUnavailable(f"{self._display}: {exc}") from exc
+        self._move_due = self._redis.register_script(_MOVE_DUE)
+        self._next_move = self._next_claim = 0.0
         self._claim_cursor = b"0-0"
         self._recover_from: bytes | None = b"0"  # our own pending entries from a previous life
         self._in_flight: set[bytes] = set()
+        self._warn_about_claim_idle()
+        return self
 
-    async def receive(self, limit: int) -> Sequence[tuple[Entry, Delivery]]:
+    async def __aexit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._leave(client)
+            await client.aclose(close_connection_pool=True)
+
+    def _warn_about_claim_idle(self) -> None:
+        worker = self._settings.worker
+        longest = max(worker.deadline_notification, worker.deadline_nonspecific)
+        if self.options.claim_idle <= longest:
+            self._log.warning(
+                "claim_idle is not longer than the longest handler deadline; "
+                "a slow event may be handled twice",
+                claim_idle=self.options.claim_idle,
+                deadline=longest,
+            )
+
+    async def receive(self, limit: int) -> Sequence[Delivery]:
         now = time.monotonic()
         if now >= self._next_move:
             self._next_move = now + _MOVE_EVERY
-            await self._move_due(keys=[self._o.retry_key, self._o.stream], args=[_ms(), limit])
+            await self._move_due(keys=[self.options.retry_key, self.options.stream],
+                                 args=[_ms(), limit])  # fmt: skip
         if self._recover_from is not None:
             return await self._recover(limit)
-        batch: list[tuple[Entry, Delivery]] = []
+        batch: list[Delivery] = []
         if now >= self._next_claim:
-            self._next_claim = now + min(self._o.claim_idle / 2, 5.0)
+            self._next_claim = now + min(self.options.claim_idle / 2, 5.0)
             batch = await self._reclaim(limit)
         if len(batch) < limit:
             block = None if batch else _POLL_MS
             fresh = await self._read(b">", limit - len(batch), block)
-            batch += self._track([(entry, delivery_of(entry)) for entry in fresh])
+            batch += self._track([delivery_of(entry) for entry in fresh])
         return batch
 
-    async def settle(self, entry: Entry, delivery: Delivery, decision: Decision) -> None:
-        o = self._o
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        o, entry = self.options, delivery.message
+        assert isinstance(entry, Entry)
         pipe = self._redis.pipeline(transaction=True)
         if decision.reply is not None and delivery.reply_to:
             reply: dict[Any, Any] = {b"response": decision.reply}
@@ -218,20 +215,20 @@ class RedisInbox:
     async def halt(self) -> None:
         return None  # nothing was fetched ahead: XREADGROUP asks for free slots only
 
-    async def leave(self) -> None:
+    async def _leave(self, client: aioredis.Redis) -> None:
         """Remove this consumer from the group when it holds no pending entry."""
-        o = self._o
+        o = self.options
         try:
-            mine = await self._redis.xpending_range(o.stream, o.group, "-", "+", 1, o.consumer)
+            mine = await client.xpending_range(o.stream, o.group, "-", "+", 1, o.consumer)
             if not mine:
-                await self._redis.xgroup_delconsumer(o.stream, o.group, o.consumer)
-        except RedisError as exc:
+                await client.xgroup_delconsumer(o.stream, o.group, o.consumer)
+        except (RedisError, OSError) as exc:
             self._log.warning("could not leave the consumer group", error=str(exc))
 
     # ------------------------------------------------------------ internals
 
     async def _read(self, start: bytes, count: int, block: int | None) -> list[Entry]:
-        o = self._o
+        o = self.options
         try:
             reply = await self._redis.xreadgroup(
                 o.group, o.consumer, {o.stream: start}, count=count, block=block
@@ -243,7 +240,7 @@ class RedisInbox:
             return []
         return stream_entries(reply)
 
-    async def _recover(self, limit: int) -> list[tuple[Entry, Delivery]]:
+    async def _recover(self, limit: int) -> list[Delivery]:
         assert self._recover_from is not None
         entries = await self._read(self._recover_from, limit, None)
         if not entries:
@@ -252,8 +249,8 @@ class RedisInbox:
         self._recover_from = entries[-1].id
         return await self._redelivered(entries)
 
-    async def _reclaim(self, limit: int) -> list[tuple[Entry, Delivery]]:
-        o = self._o
+    async def _reclaim(self, limit: int) -> list[Delivery]:
+        o = self.options
         idle = round(o.claim_idle * 1000)
         reply = await self._redis.xautoclaim(
             o.stream, o.group, o.consumer, idle, start_id=self._claim_cursor, count=limit
@@ -265,17 +262,17 @@ class RedisInbox:
         self._log.warning("reclaimed entries of a stalled consumer", count=len(entries))
         return await self._redelivered(entries)
 
-    async def _redelivered(self, entries: list[Entry]) -> list[tuple[Entry, Delivery]]:
+    async def _redelivered(self, entries: list[Entry]) -> list[Delivery]:
         """Entries that were delivered before (a consumer died): each delivery is an attempt."""
-        o, batch = self._o, []
+        o, batch = self.options, []
         for entry in entries:
             rows = await self._redis.xpending_range(o.stream, o.group, entry.id, entry.id, 1)
             times = int(rows[0]["times_delivered"]) if rows else 1
-            batch.append((entry, delivery_of(entry, times - 1)))
+            batch.append(delivery_of(entry, times - 1))
         return self._track(batch)
 
-    def _track(self, batch: list[tuple[Entry, Delivery]]) -> list[tuple[Entry, Delivery]]:
-        self._in_flight.update(entry.id for entry, _ in batch)
+    def _track(self, batch: list[Delivery]) -> list[Delivery]:
+        self._in_flight.update(delivery.message.id for delivery in batch)
         return batch
 
     def _dead_fields(self, entry: Entry, delivery: Delivery, decision: Decision) -> dict[Any, Any]:
@@ -286,7 +283,7 @@ class RedisInbox:
             b"attempts": b"%d" % delivery.attempt,
             b"status": status,
             b"source_id": entry.id,
-            b"consumer": self._o.consumer.encode(),
+            b"consumer": self.options.consumer.encode(),
             b"dead_at": b"%d" % _ms(),
         }
 
@@ -309,6 +306,7 @@ def delivery_of(entry: Entry, redelivered: int = 0) -> Delivery:
         attempt + redelivered,
         reply_to.decode("utf-8", "replace") if reply_to else None,
         correlation.decode("utf-8", "replace") if correlation is not None else None,
+        entry,
     )
 
 
@@ -320,3 +318,8 @@ def netstrings(fields: dict[bytes, bytes], **extra: bytes) -> bytes:
 
 def _ms() -> int:
     return int(time.time() * 1000)
+
+
+def source_from_url(url: str, *, settings: Settings, log: Log) -> RedisStreamSource:
+    """The source a ``redis://`` or ``rediss://`` URL names (see the module's doc)."""
+    return RedisStreamSource(url, settings=settings, log=log)

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from worker.adapters.envelope import decode_reply
+from worker.adapters.queue import decode_reply
 from worker.bench.httpload import Reply, ReplyProtocol, RequestTemplate, ResponseError
 
 _CRLF: Final = b"\r\n"

@@ -8,6 +8,9 @@ token then comes from that emulator's ``/_emulator/user-token`` and passes a wor
 ``--file`` publishes each line of a JSONL file unchanged (captured Lambda Function URL events or
 envelopes, already signed). With ``--wait-replies`` every message names a reply box and each
 reply is printed as one JSON line; the exit status is 1 when some did not come in time.
+
+The broker clients (the ``queues`` extra) are imported when a publisher opens, not with this
+module: the CLI builds its ``publish`` arguments without them.
 """
 
 from __future__ import annotations
@@ -19,19 +22,19 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError
-from redis.exceptions import RedisError
 
-from worker.adapters import rabbitmq, redis_streams
-from worker.adapters.envelope import HOOKS
-from worker.adapters.source import SourceUnavailable, redact_url
+from config.settings import SettingsError
+from worker.adapters.queue import HOOKS, SourceUnavailable, redact_url
 from worker.testing.events import sample_envelope
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 _CONCURRENCY = 64  # publishes awaiting their broker's confirmation at once
 
@@ -54,12 +57,18 @@ class Publisher(Protocol):
 
 
 def open_publisher(url: str) -> Publisher:
+    """The (not yet entered) publisher for ``url``; ``ValueError`` for a scheme that is not a
+    broker's, :class:`SettingsError` when the ``queues`` extra is missing."""
     scheme = urlsplit(url).scheme.lower()
-    if scheme in ("redis", "rediss"):
-        return RedisPublisher(url)
-    if scheme in ("amqp", "amqps"):
-        return RabbitPublisher(url)
-    raise ValueError(f"publish needs a broker URL (redis:// or amqp://), not {scheme!r}")
+    if scheme not in ("redis", "rediss", "amqp", "amqps"):
+        raise ValueError(f"publish needs a broker URL (redis:// or amqp://), not {scheme!r}")
+    try:
+        return RedisPublisher(url) if scheme.startswith("redis") else RabbitPublisher(url)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("redis", "aio_pika", "aiormq", "pamqp"):
+            raise
+        extra = "pip install 'biot-worker[queues]'"
+        raise SettingsError([f"--source: {scheme}:// needs the queues extra: {extra}"]) from None
 
 
 async def publish_all(
@@ -83,14 +92,20 @@ class RedisPublisher:
     """Adds entries to the stream of a source URL; replies come back on a stream of its own."""
 
     def __init__(self, url: str) -> None:
-        self.options, _ = redis_streams.RedisOptions.parse(url)
+        from worker.adapters.redis_streams import RedisOptions
+
+        self.options, _ = RedisOptions.parse(url)
         self._display = redact_url(url)
         self._box: str | None = None
         self._last = b"0"
         self._replies: deque[tuple[str | None, bytes]] = deque()
 
     async def __aenter__(self) -> RedisPublisher:
-        self._redis = redis_streams.connect(self.options.url, 16)
+        from redis.exceptions import RedisError
+
+        from worker.adapters.redis_streams import connect
+
+        self._redis: aioredis.Redis = connect(self.options.url, 16)
         try:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
@@ -118,10 +133,12 @@ class RedisPublisher:
         return self._box
 
     async def next_reply(self) -> tuple[str | None, bytes]:
+        from worker.adapters.redis_streams import stream_entries
+
         assert self._box is not None, "call reply_box() first"
         while not self._replies:
             answer = await self._redis.xread({self._box: self._last}, count=100, block=250)
-            for entry in redis_streams.stream_entries(answer):
+            for entry in stream_entries(answer):
                 self._last = entry.id
                 correlation = entry.fields.get(b"correlation_id")
                 response = entry.fields.get(b"response", b"")
@@ -133,15 +150,21 @@ class RabbitPublisher:
     """Publishes to the queue of a source URL; replies come back on an exclusive queue."""
 
     def __init__(self, url: str) -> None:
-        self.options, _ = rabbitmq.RabbitOptions.parse(url)
+        from worker.adapters.rabbitmq import RabbitOptions
+
+        self.options, _ = RabbitOptions.parse(url)
         self._display = redact_url(url)
         self._replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue(maxsize=10_000)
 
     async def __aenter__(self) -> RabbitPublisher:
-        self._connection = await rabbitmq.connect(self.options.url, self._display)
+        from aio_pika.exceptions import AMQPError
+
+        from worker.adapters.rabbitmq import connect, declare
+
+        self._connection: AbstractRobustConnection = await connect(self.options.url, self._display)
         try:
-            self._channel = await self._connection.channel()
-            await rabbitmq.declare(self._channel, self.options)
+            self._channel: AbstractChannel = await self._connection.channel()
+            await declare(self._channel, self.options)
         except AMQPError as exc:
             await self._connection.close()
             raise SourceUnavailable(f"{self._display}: {exc!r}") from exc
@@ -153,7 +176,9 @@ class RabbitPublisher:
     async def publish(
         self, body: bytes, *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
-        message = rabbitmq.envelope_message(body, reply_to=reply_to, correlation_id=correlation_id)
+        from worker.adapters.rabbitmq import envelope_message
+
+        message = envelope_message(body, reply_to=reply_to, correlation_id=correlation_id)
         await self._channel.default_exchange.publish(message, routing_key=self.options.queue)
 
     async def reply_box(self) -> str:
@@ -208,8 +233,11 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def publish_main(args: argparse.Namespace) -> int:
     try:
-        bodies = await _bodies(args)
         publisher = open_publisher(args.source)
+        bodies = await _bodies(args)
+    except SettingsError as exc:
+        sys.stderr.write(f"biot-worker publish: {exc.problems[0]}\n")
+        return 2
     except (ValueError, OSError, aiohttp.ClientError) as exc:
         sys.stderr.write(f"biot-worker publish: {exc}\n")
         return 2
