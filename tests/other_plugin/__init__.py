@@ -9,13 +9,14 @@ from __future__ import annotations
 from worker import Router
 
 from .hooks import (
+    CREATE_GENERIC_ENTITY,
     DEVICE_LOGS,
     hide_caregiver_email,
     log_device_change,
     require_serial_number,
 )
 
-__all__ = ["DEVICE_LOGS", "build_routes"]
+__all__ = ["CREATE_GENERIC_ENTITY", "DEVICE_LOGS", "build_routes"]
 
 
 def build_routes() -> Router:
@@ -24,5 +25,5 @@ def build_routes() -> Router:
     router.notification(log_device_change, entity="device", action="_create")
     router.notification(log_device_change, entity="device", action="_update")
     router.adapt_entity(hide_caregiver_email, entity="caregiver", order=5)
-    router.pre(require_serial_number, entity="generic-entity", order=2)
+    router.pre(require_serial_number, api_id=CREATE_GENERIC_ENTITY, order=2)
     return router

@@ -5,6 +5,7 @@ from __future__ import annotations
 from worker import AdaptEntityInterception, Block, Context, Notification, PreInterception
 
 DEVICE_LOGS = "/generic-entity/v1/generic-entities/templates/device_log"
+CREATE_GENERIC_ENTITY = "POST/generic-entity/v1/generic-entities/templates/{templateName}"
 HIDDEN = "hidden"
 
 
