@@ -1,7 +1,7 @@
 """Real worker processes (``python -m worker run --source URL``) for the queue process tests.
 
-Each worker talks to an in-process emulator over loopback HTTP and runs this module's routes
-(:func:`build_routes`, through ``WORKER_ROUTES``), not the example plugin: its notification
+Each worker talks to an in-process emulator over loopback HTTP and runs the project's test plugin
+(:mod:`tests.fixture_plugin`, through ``WORKER_ROUTES``), not the example one: its notification
 handler searches patients, so the emulator's call log says which events were handled, and how
 many times each (the trace id is unique per event).
 
@@ -22,14 +22,12 @@ from typing import Any
 
 import orjson
 
-from worker import Context, NonSpecific, Notification, Router
+from tests.fixture_plugin import PATIENTS, REFERENCE
 from worker.testing.emulator import Emulator
 from worker.testing.events import notification_body
 from worker.tracing import new_trace
 
 START_TIMEOUT = 30.0
-PATIENTS = "/organization/v1/users/patients"
-ROUTES = "tests.queue_workers:build_routes"
 # Runs the worker's CLI after asking Linux to SIGKILL it when its parent (the test) dies; it exits
 # at once if the parent is already gone.
 _LAUNCH = (
@@ -39,20 +37,6 @@ _LAUNCH = (
     "sys.argv[0] = 'worker'\n"
     "runpy.run_module('worker', run_name='__main__', alter_sys=True)\n"
 )
-
-
-async def search_patients(event: Notification, ctx: Context) -> None:
-    """The notification handler: one patient search, which the emulator records."""
-    await ctx.api.search(PATIENTS, limit=1)
-
-
-async def answer(event: NonSpecific, ctx: Context) -> dict[str, Any]:
-    return {"ok": True}
-
-
-def build_routes() -> Router:
-    """The routes of the workers these tests start (``WORKER_ROUTES``)."""
-    return Router().notification(search_patients, entity="*", action="*").nonspecific(answer)
 
 
 @dataclass
@@ -104,7 +88,7 @@ class Workers:
             "BIOT_SERVICE_USER_ID": emu.service_user_id,
             "BIOT_SERVICE_USER_SECRET_KEY": emu.service_user_secret,
             "BIOT_APP_NAME": "queue-process-test",
-            "WORKER_ROUTES": ROUTES,
+            "WORKER_ROUTES": REFERENCE,
             "QUEUE_TEST_PARENT": str(os.getpid()),
             **env,
         }

@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.fixture_plugin import PATIENTS
 from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import eventually
 from tests.queue_workers import (
-    PATIENTS,
     Workers,
     handled,
     signed_notifications,
