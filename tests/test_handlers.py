@@ -56,7 +56,7 @@ async def test_notification_handler_searches_patients_and_logs() -> None:
     event = notification_event("patient", "_create")
     await patient_changed(view_of(event, Notification), make_context(api=api, log=log))
     [call] = api.calls
-    assert call.search_request is not None and call.search_request["limit"] == 10
+    assert call.search_request["limit"] == 10
     assert log.find("patient notification handled")[0]["patients_total"] == 7
 
 

@@ -31,10 +31,10 @@ class ApiCall:
     allow_interception: bool = False
 
     @property
-    def search_request(self) -> dict[str, Any] | None:
-        """The ``searchRequest`` of a :meth:`FakeApi.search` call, else ``None``."""
+    def search_request(self) -> dict[str, Any]:
+        """The ``searchRequest`` of a :meth:`FakeApi.search` call (``{}`` for other calls)."""
         value = self.params.get("searchRequest")
-        return dict(value) if isinstance(value, Mapping) else None
+        return dict(value) if isinstance(value, Mapping) else {}
 
 
 class FakeApi:
@@ -85,7 +85,7 @@ class FakeApi:
         for method, pattern, answer in reversed(self._answers):
             if method == call.method and fnmatch.fnmatchcase(call.path, pattern):
                 return answer
-        if call.search_request is not None:
+        if call.search_request:
             request = call.search_request
             page = {"totalResults": 0, "page": request["page"], "limit": request["limit"]}
             return {"data": [], "metadata": {"page": page}}
