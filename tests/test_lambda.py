@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import TRACE_ID, TRACEPARENT, interceptor_body, settings_for
 from worker.adapters import lambda_
 from worker.events import PreInterception
-from worker.routing import Context, Router
+from worker.routing import Context, RouteError, Router
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 
 
@@ -173,3 +173,31 @@ def test_log_lines_are_written_before_the_invocation_returns(biot: BackgroundEmu
     assert answer["statusCode"] == 200
     handled = [r for r in written if r["message"] == "event handled"]
     assert handled and handled[0]["traceId"] == TRACE_ID
+
+
+def test_routes_come_from_worker_routes(biot: BackgroundEmulator) -> None:
+    settings = settings_for(
+        BIOT_BASE_URL=biot.url,
+        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
+        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
+        WORKER_LOG_LEVEL="WARNING",
+        WORKER_ROUTES="tests.other_plugin:build_routes",
+    )
+    runtime = lambda_.configure(settings)
+    try:
+        described = sorted(route.describe() for route in runtime.app.routes)
+    finally:
+        lambda_.shutdown()
+    assert "NOTIFICATION device/_create" in described
+    assert "ADAPT_ENTITY entity=caregiver order=5" in described
+
+
+def test_a_bad_worker_routes_is_a_one_line_route_error() -> None:
+    settings = settings_for(
+        BIOT_BASE_URL="http://127.0.0.1:9",
+        BIOT_SERVICE_USER_ID="id",
+        BIOT_SERVICE_USER_SECRET_KEY="secret",
+        WORKER_ROUTES="no_such_plugin:build_routes",
+    )
+    with pytest.raises(RouteError, match="no module named 'no_such_plugin'"):
+        lambda_.configure(settings)

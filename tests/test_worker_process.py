@@ -2,12 +2,15 @@
 
 These are the issue's acceptance checks: each hook type answered per the contract, one login
 for a burst, log lines that are JSON with the event's trace id and no secret, and SIGTERM
-during load losing no in-flight response.
+during load (twice, as an impatient orchestrator sends it) losing no in-flight response. The
+workers serve the project's own test plugin (``tests.fixture_plugin``); every process started
+here is killed and reaped if its test fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -19,6 +22,7 @@ import orjson
 import pytest
 
 from tests.conftest import TRACEPARENT, interceptor_body, notification_body
+from tests.fixture_plugin import ADAPT_MARK, POST_MARK, PRE_MARK, REFERENCE
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 
 START_TIMEOUT = 30.0
@@ -30,19 +34,62 @@ class WorkerProcess:
     url: str
     lines: list[bytes] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
+    _more: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def read_rest(self) -> None:
         assert self.process.stdout is not None
-        async for line in self.process.stdout:
-            self.lines.append(line)
+        try:
+            async for line in self.process.stdout:
+                self.lines.append(line)
+                self._more.set()
+        finally:
+            self._more.set()
+
+    async def wait_logged(self, message: str) -> None:
+        """Wait (bounded) until the worker has logged ``message``."""
+        async with asyncio.timeout(START_TIMEOUT):
+            while True:
+                self._more.clear()
+                if any(orjson.loads(line)["message"] == message for line in self.lines):
+                    return
+                assert self._reader is not None and not self._reader.done(), "worker ended"
+                await self._more.wait()
 
     def records(self) -> list[dict[str, object]]:
         return [orjson.loads(line) for line in self.lines]
 
 
+async def kill(process: asyncio.subprocess.Process) -> None:
+    """Kill and reap ``process`` unless it has ended (a failed or interrupted test)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def spawned(*argv: str, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m worker ARGV``, killed on the way out whatever happened."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        await kill(process)
+
+
 async def start_worker(emulator: Emulator, base_url: str, **env: str) -> WorkerProcess:
+    """A ``biot-worker run`` process once listening; killed if it does not get there."""
     environment = {
         **os.environ,
+        "WORKER_ROUTES": REFERENCE,
         "BIOT_BASE_URL": base_url,
         "BIOT_SERVICE_USER_ID": emulator.service_user_id,
         "BIOT_SERVICE_USER_SECRET_KEY": emulator.service_user_secret,
@@ -61,26 +108,34 @@ async def start_worker(emulator: Emulator, base_url: str, **env: str) -> WorkerP
     )
     assert process.stdout is not None
     lines: list[bytes] = []
-    async with asyncio.timeout(START_TIMEOUT):
-        async for line in process.stdout:
-            lines.append(line)
-            record = orjson.loads(line)
-            if record["message"] == "worker listening":
-                worker = WorkerProcess(process, str(record["url"]), lines)
-                worker._reader = asyncio.create_task(worker.read_rest())
-                return worker
-    stderr = await process.stderr.read() if process.stderr else b""
-    raise AssertionError(f"worker did not start: {stderr.decode()[-2000:]}")
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            async for line in process.stdout:
+                lines.append(line)
+                record = orjson.loads(line)
+                if record["message"] == "worker listening":
+                    worker = WorkerProcess(process, str(record["url"]), lines)
+                    worker._reader = asyncio.create_task(worker.read_rest())
+                    return worker
+        stderr = await process.stderr.read() if process.stderr else b""
+        raise AssertionError(f"worker did not start: {stderr.decode()[-2000:]}")
+    except BaseException:
+        await kill(process)
+        raise
 
 
 async def stop_worker(worker: WorkerProcess) -> int:
-    if worker.process.returncode is None:
-        worker.process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(START_TIMEOUT):
-        code = await worker.process.wait()
-        if worker._reader is not None:
-            await worker._reader
-    return code
+    """SIGTERM (unless it has ended) and the exit status; killed if it does not end in time."""
+    try:
+        if worker.process.returncode is None:
+            worker.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(START_TIMEOUT):
+            code = await worker.process.wait()
+            if worker._reader is not None:
+                await worker._reader
+        return code
+    finally:
+        await kill(worker.process)
 
 
 @pytest.fixture
@@ -176,8 +231,9 @@ async def test_log_lines_are_json_with_trace_and_no_secret(
     )
 
 
+@pytest.mark.parametrize("second", ["none", "at once", "while stopping"])
 async def test_sigterm_during_load_loses_no_in_flight_response(
-    emulator: tuple[Emulator, str],
+    emulator: tuple[Emulator, str], second: str
 ) -> None:
     emu, url = emulator
     # Every patients search takes 2 s, so all events are still in flight when SIGTERM arrives
@@ -185,21 +241,40 @@ async def test_sigterm_during_load_loses_no_in_flight_response(
     emu.faults.update({"latency": {"GET /organization/v1/users/patients": 2.0}})
     worker = await start_worker(emu, url, WORKER_SHUTDOWN_GRACE="10")
     events = 40
-    async with aiohttp.ClientSession() as http:
-        calls = [
-            asyncio.create_task(
-                post(http, worker.url, *signed(emu, "NOTIFICATION", notification_body(None)))
-            )
-            for _ in range(events)
-        ]
-        await _wait_in_flight(http, worker.url, events)
-        worker.process.send_signal(signal.SIGTERM)
-        results = await asyncio.gather(*calls)
-    assert [status for status, _ in results] == [200] * events
-    assert await stop_worker(worker) == 0
-    messages = [r["message"] for r in worker.records()]
+    try:
+        async with aiohttp.ClientSession() as http:
+            calls = [
+                asyncio.create_task(
+                    post(http, worker.url, *signed(emu, "NOTIFICATION", notification_body(None)))
+                )
+                for _ in range(events)
+            ]
+            await _wait_in_flight(http, worker.url, events)
+            # A second SIGTERM right after the first (as some orchestrators and impatient
+            # people send it) is logged and ignored: the stop stays graceful. Sent at once, the
+            # kernel may merge the two; sent once the stop has begun, it is always seen.
+            worker.process.send_signal(signal.SIGTERM)
+            if second == "at once":
+                worker.process.send_signal(signal.SIGTERM)
+            if second == "while stopping":
+                await worker.wait_logged("stopping")
+                worker.process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*calls)
+        assert [status for status, _ in results] == [200] * events
+        # stop_worker signals once more if the process is still closing its resources: a
+        # signal then must not kill it either (exit 143 was the defect).
+    finally:
+        code = await stop_worker(worker)
+    assert code == 0
+    records = worker.records()
+    messages = [r["message"] for r in records]
     assert messages.count("event handled") == events
     assert messages[-1] == "worker stopped; closing resources"
+    assert messages.count("stopping") == 1
+    ignored = [r for r in records if r["message"] == "already stopping; signal ignored"]
+    if second == "while stopping":
+        assert ignored and ignored[0]["signal"] == "SIGTERM"
+        assert messages.index(ignored[0]["message"]) < messages.index("event handled")
 
 
 async def _send_malformed_http(url: str) -> None:
@@ -221,93 +296,92 @@ async def _wait_in_flight(http: aiohttp.ClientSession, url: str, expected: int) 
     raise AssertionError("events never all reached the worker")
 
 
-async def test_main_command_runs_on_the_embedded_emulator() -> None:
-    """The README's main job: no BIOT_BASE_URL, so `run` brings its own BioT."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BIOT_", "WORKER_"))}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        "--port",
-        "0",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    url = api = ""
-    async with asyncio.timeout(START_TIMEOUT):
-        async for line in process.stdout:
-            record = orjson.loads(line)
-            if record["message"] == "worker listening":
-                url = str(record["url"])
-            if record["message"] == "embedded BioT emulator running":
-                api = str(record["emulator_url"])
-                break
-    assert url and api
-    async with aiohttp.ClientSession() as http:
-        headers = {"hooktype": "NONSPECIFIC"}
-        async with http.post(url, data=b"{}", headers=headers) as response:
-            assert response.status == 200
-            assert (await response.json())["patients"] == 3
-        # The routed hooks were subscribed: a user's PATCH runs PRE, ADAPT_ENTITY and POST.
-        async with http.post(api + "/_emulator/user-token") as response:
-            user = {"authorization": "Bearer " + (await response.json())["accessToken"]}
-        patients = api + "/organization/v1/users/patients"
-        async with http.get(patients, headers=user) as response:
-            patient_id = (await response.json())["data"][0]["_id"]
-        change = {"_name": {"firstName": "Ada", "lastName": "L"}}
-        async with http.patch(f"{patients}/{patient_id}", json=change, headers=user) as response:
-            name = (await response.json())["_name"]["firstName"]
-        assert name == "Ada LAMBDA MODIFIED LAMBDA LAMBDA MODIFIED"
-    process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(START_TIMEOUT):
-        _, stderr = await process.communicate()
-    assert process.returncode == 0
+def _without_biot_settings(**env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BIOT_", "WORKER_"))}
+    return {**clean, "WORKER_ROUTES": REFERENCE, **env}
+
+
+async def test_dev_runs_the_worker_on_the_embedded_emulator() -> None:
+    """The README's first command: dev brings its own BioT and subscribes the routes."""
+    async with spawned("dev", "--port", "0", env=_without_biot_settings()) as process:
+        assert process.stdout is not None and process.stderr is not None
+        url = api = ""
+        async with asyncio.timeout(START_TIMEOUT):
+            async for line in process.stdout:
+                record = orjson.loads(line)
+                if record["message"] == "worker listening":
+                    url = str(record["url"])
+                if record["message"] == "embedded BioT emulator running":
+                    api = str(record["emulator_url"])
+                    break
+        assert url and api
+        async with aiohttp.ClientSession() as http:
+            headers = {"hooktype": "NONSPECIFIC"}
+            async with http.post(url, data=b"{}", headers=headers) as response:
+                assert response.status == 200
+                assert (await response.json())["patients"] == 3
+            # The routes were subscribed: a user's PATCH runs PRE, ADAPT_ENTITY and POST.
+            async with http.post(api + "/_emulator/user-token") as response:
+                user = {"authorization": "Bearer " + (await response.json())["accessToken"]}
+            patients = api + "/organization/v1/users/patients"
+            async with http.get(patients, headers=user) as response:
+                patient_id = (await response.json())["data"][0]["_id"]
+            change = {"_name": {"firstName": "Ada", "lastName": "L"}}
+            async with http.patch(f"{patients}/{patient_id}", json=change, headers=user) as answer:
+                name = (await answer.json())["_name"]["firstName"]
+            assert name == "Ada" + PRE_MARK + ADAPT_MARK + POST_MARK
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(START_TIMEOUT):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0
     banner = stderr.decode()
-    assert "To trigger hooks" in banner and "PATCH" in banner
+    assert f"BioT emulator at {api}; worker at {url}. To trigger hooks:" in banner
+    # One line per registered route, derived from the routes (the fixture plugin has 6).
+    assert "  - NONSPECIFIC -> tests.fixture_plugin.count_patients: curl" in banner
+    assert banner.count("-> tests.fixture_plugin.") == 6
+
+
+async def test_run_without_base_url_refuses_to_start() -> None:
+    async with spawned("run", "--port", "0", env=_without_biot_settings()) as process:
+        async with asyncio.timeout(START_TIMEOUT):
+            stdout, stderr = await process.communicate()
+    assert process.returncode == 2 and stdout == b""
+    assert stderr.decode().splitlines() == [
+        "biot-worker run: BIOT_BASE_URL is not set; a production worker never talks to a fake "
+        "BioT. For local development use: biot-worker dev"
+    ]
 
 
 async def test_emulator_command_prints_how_to_use_it_and_serves() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "emulator",
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    printed: dict[str, str] = {}
-    async with asyncio.timeout(START_TIMEOUT):
-        async for raw in process.stdout:
-            line = raw.decode().strip()
-            if "=" in line and line.startswith("BIOT_"):
-                key, _, value = line.partition("=")
-                printed[key] = value.split()[0]
-            if line.startswith("admin API"):
-                break
-    assert set(printed) == {
-        "BIOT_BASE_URL",
-        "BIOT_SERVICE_USER_ID",
-        "BIOT_SERVICE_USER_SECRET_KEY",
-    }
-    login = {
-        "id": printed["BIOT_SERVICE_USER_ID"],
-        "secretKey": printed["BIOT_SERVICE_USER_SECRET_KEY"],
-    }
-    async with aiohttp.ClientSession() as http:
-        url = printed["BIOT_BASE_URL"] + "/ums/v2/services/accessToken"
-        async with http.post(url, json=login) as response:
-            assert response.status == 200
-            assert "accessToken" in await response.json()
-    process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(START_TIMEOUT):
-        await process.communicate()
-    assert process.returncode == 0
+    async with spawned("emulator", "--port", "0", env=dict(os.environ)) as process:
+        assert process.stdout is not None
+        printed: dict[str, str] = {}
+        async with asyncio.timeout(START_TIMEOUT):
+            async for raw in process.stdout:
+                line = raw.decode().strip()
+                if "=" in line and line.startswith("BIOT_"):
+                    key, _, value = line.partition("=")
+                    printed[key] = value.split()[0]
+                if line.startswith("admin API"):
+                    break
+        assert set(printed) == {
+            "BIOT_BASE_URL",
+            "BIOT_SERVICE_USER_ID",
+            "BIOT_SERVICE_USER_SECRET_KEY",
+        }
+        login = {
+            "id": printed["BIOT_SERVICE_USER_ID"],
+            "secretKey": printed["BIOT_SERVICE_USER_SECRET_KEY"],
+        }
+        async with aiohttp.ClientSession() as http:
+            url = printed["BIOT_BASE_URL"] + "/ums/v2/services/accessToken"
+            async with http.post(url, json=login) as response:
+                assert response.status == 200
+                assert "accessToken" in await response.json()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(START_TIMEOUT):
+            await process.communicate()
+        assert process.returncode == 0
 
 
 async def test_worker_runs_on_uvloop_when_asked(emulator: tuple[Emulator, str]) -> None:

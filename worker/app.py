@@ -29,6 +29,10 @@ from worker.version import __version__
 USER_AGENT = f"biot-worker/{__version__}"
 
 
+class StartupError(Exception):
+    """The worker cannot start (a port in use, an unreadable CA bundle); one line for the user."""
+
+
 class WorkerApp:
     def __init__(
         self,
@@ -44,7 +48,8 @@ class WorkerApp:
         if settings.biot.base_url is None:
             raise ValueError("WorkerApp needs settings.biot.base_url (the emulator provides one)")
         self.settings = settings
-        self._routes = routes
+        #: The plugin's routing table, as given.
+        self.routes = routes
         self._given_log = log
         self._stream = stream
         self._clock = clock
@@ -97,11 +102,14 @@ class WorkerApp:
             # aiohttp and asyncio log through stdlib logging: make those lines ours too.
             stack.enter_context(bridge_stdlib_logging(self.log))
         # The trust store (and a CA bundle) is read in a thread: the loop never blocks on it.
-        self._session = await open_session(
-            max_connections=worker.api_max_connections,
-            ca_bundle=worker.ca_bundle,
-            user_agent=USER_AGENT,
-        )
+        try:
+            self._session = await open_session(
+                max_connections=worker.api_max_connections,
+                ca_bundle=worker.ca_bundle,
+                user_agent=USER_AGENT,
+            )
+        except ValueError as exc:  # the CA bundle is missing or not PEM
+            raise StartupError(f"WORKER_CA_BUNDLE: {exc}") from exc
         stack.push_async_callback(self._session.close)
         self.tokens = await stack.enter_async_context(
             ServiceTokens(
@@ -124,7 +132,7 @@ class WorkerApp:
             log=self.log,
         )
         self.dispatcher = Dispatcher(
-            routes=self._routes,
+            routes=self.routes,
             api=self.api,
             log=self.log,
             settings=self.settings,

@@ -1,25 +1,67 @@
-"""The ``biot-worker`` command.
+"""The biot-worker command: argument parsing and one function per command.
 
-``run`` serves events over HTTP (against the embedded BioT emulator when ``BIOT_BASE_URL`` is
-unset), ``emulator`` runs BioT in a box alone, ``demo`` drives one event of each hook type
-through both, ``config`` prints the settings in effect. Settings come from the environment;
-every ``WORKER_*``/``BIOT_*`` variable also has a flag (``WORKER_MAX_IN_FLIGHT`` is
-``--max-in-flight``, ``BIOT_BASE_URL`` is ``--biot-base-url``), except the service secret, which
-is read from the environment only so it never shows in a process list.
+Each command function loads the settings and the plugin's routes before anything starts, then
+hands over to the runtime (:mod:`worker.runner`) or to a tool (:mod:`worker.testing`,
+:mod:`worker.bench`), which it imports only when that command runs. An error a user can cause
+(a bad setting, a broken plugin, a port in use, a missing extra) ends the command with one line
+on stderr and exit status 2; ``--debug`` or ``WORKER_LOG_LEVEL=DEBUG`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
 
-from config.settings import VARIABLES, Settings, SettingsError, defaults, load_settings
+from config.settings import (
+    SECRET_VARIABLES,
+    VARIABLES,
+    Settings,
+    SettingsError,
+    defaults,
+    load_settings,
+    replace_settings,
+)
+from worker.routing import RouteError, Router, load_routes
 from worker.version import __version__
+from worker.views import HookType
 
-SECRET_VARIABLES = frozenset({"BIOT_SERVICE_USER_SECRET_KEY"})
+DESCRIPTION = (
+    "Run BioT plugin handlers as a long-lived asyncio worker. "
+    "Start with 'biot-worker dev' (the worker against an embedded BioT emulator); "
+    "'biot-worker run' serves a real BioT and needs BIOT_BASE_URL. "
+    "Settings come from the environment; each also has a flag (WORKER_MAX_IN_FLIGHT is "
+    "--max-in-flight, BIOT_BASE_URL is --biot-base-url), except the service secret, which is "
+    "read from the environment only so that it never shows in a process list."
+)
+NO_BASE_URL = (
+    "BIOT_BASE_URL is not set; a production worker never talks to a fake BioT. "
+    "For local development use: biot-worker dev"
+)
+#: The optional extra that provides each module a command may need.
+EXTRAS = {
+    "redis": "queues",
+    "aio_pika": "queues",
+    "aiormq": "queues",
+    "requests": "bench",
+    "matplotlib": "bench",
+    "uvloop": "uvloop",
+    "aiologger": "aiologger",
+}
+QUEUE_SCHEMES = {"redis": "redis", "rediss": "redis", "amqp": "aio_pika", "amqps": "aio_pika"}
+
+
+class CommandError(Exception):
+    """A command cannot go on; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------- the parser
 
 
 def flag_for(variable: str) -> str:
@@ -27,11 +69,13 @@ def flag_for(variable: str) -> str:
     return "--" + name.lower().replace("_", "-")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def _add_setting_flags(
+    parser: argparse.ArgumentParser, *, skip: frozenset[str] = frozenset()
+) -> None:
     group = parser.add_argument_group("settings (each overrides its environment variable)")
     shown = defaults()
     for variable, meaning in VARIABLES.items():
-        if variable in SECRET_VARIABLES:
+        if variable in SECRET_VARIABLES or variable in skip:
             continue
         default = shown.get(variable)
         suffix = f" [{variable}; default {default}]" if default else f" [{variable}]"
@@ -48,48 +92,260 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(os.environ, overrides(args))
 
 
+def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defined here, not in worker.testing.publish, so that the parser imports no broker client.
+    add = parser.add_argument
+    add("--source", required=True, metavar="URL", help="redis://... or amqp://...")
+    hooks = [hook.value for hook in HookType]
+    add("--hook", action="append", choices=[*hooks, "all"], help="sample hook (repeatable)")
+    add("--count", type=int, default=1, help="samples of each hook [1]")
+    add("--file", type=Path, help="JSONL file of envelopes (instead of samples)")
+    add("--emulator", metavar="URL", help="sign samples with this emulator's key")
+    add("--wait-replies", action="store_true", help="wait for and print replies")
+    add("--timeout", type=float, default=30.0, help="seconds to wait [30]")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from worker.bench.cli import add_bench_arguments
     from worker.testing.emulator import add_cli_arguments as add_emulator_arguments
 
-    parser = argparse.ArgumentParser(prog="biot-worker", description=__doc__.split("\n\n")[0])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of a start-up error",
+    )
+    parser = argparse.ArgumentParser(prog="biot-worker", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"biot-worker {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="serve BioT events over HTTP")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[debug])
+
+    dev = command("dev", "run the worker against an embedded BioT emulator, for development")
+    _add_setting_flags(dev)
+    dev.add_argument("--source", metavar="URL", help="take events from this queue, not HTTP")
+    dev.add_argument(
+        "--tls", "--emulator-tls", action="store_true", help="serve the emulator over HTTPS"
+    )
+
+    run = command("run", "serve a real BioT (needs BIOT_BASE_URL)")
     _add_setting_flags(run)
     run.add_argument(
         "--source",
         metavar="URL",
-        help="take events from a queue (redis://HOST:PORT/DB?stream=..., amqp://USER:PASS@HOST/"
-        "?queue=...) instead of HTTP",
-    )
-    run.add_argument(
-        "--emulator-tls",
-        action="store_true",
-        help="with the embedded emulator: serve its API over HTTPS (trusting its own CA)",
+        help="take events from a queue (redis://HOST:PORT/DB?stream=..., "
+        "amqp://USER:PASS@HOST/?queue=...) instead of HTTP (the queues extra)",
     )
 
-    emulator = commands.add_parser("emulator", help="run BioT in a box alone")
+    emulator = command("emulator", "run BioT in a box alone")
     emulator.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     emulator.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     add_emulator_arguments(emulator)
 
-    demo = commands.add_parser("demo", help="one event of each hook through emulator and worker")
-    demo.add_argument("--tls", action="store_true", help="emulator on HTTPS")
+    demo = command("demo", "send each routed hook an event and show what its handler did")
+    demo.add_argument("--port", type=int, default=0, help="the worker's port (0: any free port)")
+    demo.add_argument("--tls", action="store_true", help="serve the emulator over HTTPS")
+    _add_setting_flags(demo, skip=frozenset({"WORKER_PORT"}))
 
-    publish = commands.add_parser("publish", help="put events on a queue (samples or a file)")
-    from worker.testing.publish import add_publish_arguments
+    publish = command("publish", "put events on a queue, samples or a file (the queues extra)")
+    _add_publish_arguments(publish)
 
-    add_publish_arguments(publish)
-
-    bench = commands.add_parser("bench", help="measure interceptor latency side by side")
-    from worker.bench.cli import add_bench_arguments
-
+    bench = command("bench", "measure interceptor latency side by side (the bench extra)")
     add_bench_arguments(bench)
 
-    config = commands.add_parser("config", help="check the settings and print them")
+    config = command("config", "check the settings and the routes, and print them")
     _add_setting_flags(config)
     return parser
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise
+        if _debug(args):
+            _print_traceback(exc)
+        sys.stderr.write(f"biot-worker {args.command}: {message}\n")
+        return 2
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message for an error a user can cause and fix, or ``None`` for a bug."""
+    from worker.app import StartupError
+
+    if isinstance(exc, SettingsError):
+        if len(exc.problems) == 1:
+            return f"invalid setting: {exc.problems[0]}"
+        return str(exc)
+    if isinstance(exc, RouteError | StartupError | CommandError):
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        module = (exc.name or "").partition(".")[0]
+        if module in EXTRAS:
+            return _needs_extra(module)
+    return None
+
+
+def _needs_extra(module: str) -> str:
+    extra = EXTRAS[module]
+    install = f"pip install 'biot-worker[{extra}]'"
+    return f"needs the {extra} extra ({module} is not installed): {install}"
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise CommandError(f"{what} {_needs_extra(module)}")
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    level = getattr(args, "WORKER_LOG_LEVEL", None) or os.environ.get("WORKER_LOG_LEVEL", "")
+    return bool(getattr(args, "debug", False)) or level.strip().upper() == "DEBUG"
+
+
+def _print_traceback(exc: BaseException) -> None:
+    # load_routes cuts the plugin's own error off its one-line message: show that one too.
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and exc.__suppress_context__:
+        traceback.print_exception(cause, file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker import runner
+
+    settings = settings_from(args)
+    if settings.biot.base_url is None:
+        raise CommandError(NO_BASE_URL)
+    _check_source(args.source)
+    routes = plugin_routes(settings)
+    if args.source is not None:
+        _run(settings, runner.run_queue(settings, routes, args.source))
+    else:
+        _run(settings, runner.run_http(settings, routes))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from worker.testing.dev import run_dev
+
+    settings = settings_from(args)
+    _check_source(args.source)
+    routes = plugin_routes(settings)
+    if settings.biot.base_url is not None:
+        sys.stderr.write(
+            "biot-worker dev: BIOT_BASE_URL is ignored: dev always runs against its own "
+            "emulator (biot-worker run serves a real BioT)\n"
+        )
+    _run(settings, run_dev(settings, routes, source=args.source, tls=args.tls))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.testing.demo import demo
+
+    settings = replace_settings(settings_from(args), worker_port=args.port)
+    routes = plugin_routes(settings)
+    return _run(settings, demo(settings, routes, tls=args.tls))
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from worker.testing.dev import emulator
+
+    return asyncio.run(emulator(args))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    for module in ("redis", "aio_pika"):
+        _require(module, "publish")
+    from worker.testing.publish import publish_main
+
+    return asyncio.run(publish_main(args))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from worker.bench.cli import bench_main
+
+    return bench_main(args)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    routes = plugin_routes(settings)
+    lines = [f"{settings}", f"routes ({len(routes)}, from WORKER_ROUTES={settings.worker.routes}):"]
+    lines += [f"  {route.describe()} -> {route.handler_name}" for route in routes]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "dev": cmd_dev,
+    "demo": cmd_demo,
+    "emulator": cmd_emulator,
+    "publish": cmd_publish,
+    "bench": cmd_bench,
+    "config": cmd_config,
+}
+
+
+def plugin_routes(settings: Settings) -> Router:
+    """The plugin's routes, loaded before anything starts so that a broken plugin costs nothing.
+
+    The working directory is importable, as with ``python -m``: a plugin beside the project
+    loads whichever way the command was started.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return load_routes(settings.worker.routes)
+
+
+def _check_source(url: str | None) -> None:
+    """Refuse a queue URL of an unknown scheme, or one whose extra is missing, before starting."""
+    if url is None:
+        return
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        raise CommandError("--source: memory:// is in-process only (tests use MemorySource)")
+    if scheme not in QUEUE_SCHEMES:
+        raise CommandError(
+            f"--source: unknown queue URL scheme {scheme!r} (use redis://, rediss://, amqp:// "
+            "or amqps://)"
+        )
+    _require(QUEUE_SCHEMES[scheme], f"--source {scheme}://")
+
+
+def _run(settings: Settings, main: Coroutine[Any, Any, Any]) -> int:
+    """Run ``main`` on the configured event loop; 0 unless it returns a status of its own."""
+    try:
+        factory = loop_factory(settings.worker.event_loop)
+        _check_log_backend(settings)
+    except BaseException:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        status = runner.run(main)
+    return status if isinstance(status, int) else 0
+
+
+def _check_log_backend(settings: Settings) -> None:
+    if settings.worker.log_backend == "aiologger" and importlib.util.find_spec("aiologger") is None:
+        install = "pip install 'biot-worker[aiologger]'"
+        raise SettingsError([f"WORKER_LOG_BACKEND: aiologger is not installed ({install})"])
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -104,44 +360,6 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         ) from None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _dispatch_command(args)
-    except SettingsError as exc:
-        sys.stderr.write(f"biot-worker: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-def _dispatch_command(args: argparse.Namespace) -> int:
-    from worker.testing import dev as commands
-
-    if args.command == "run":
-        settings = settings_from(args)
-        with asyncio.Runner(loop_factory=loop_factory(settings.worker.event_loop)) as runner:
-            return runner.run(
-                commands.run(settings, emulator_tls=args.emulator_tls, source=args.source)
-            )
-    if args.command == "publish":
-        from worker.testing.publish import publish_main
-
-        return asyncio.run(publish_main(args))
-    if args.command == "bench":
-        from worker.bench.cli import bench_main
-
-        return bench_main(args)
-    if args.command == "emulator":
-        return asyncio.run(commands.emulator(args))
-    if args.command == "demo":
-        from worker.testing.demo import demo
-
-        return asyncio.run(demo(tls=args.tls))
-    sys.stdout.write(f"{settings_from(args)}\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,72 +1,140 @@
-"""The long-lived process: signals, the HTTP adapter, and an orderly shutdown.
+"""The long-lived process: the two run loops (HTTP and queue), signals, an orderly shutdown.
 
-Signals only set an event. On SIGTERM/SIGINT the listening socket closes, in-flight events get
-``WORKER_SHUTDOWN_GRACE`` seconds to finish, then the dispatcher's resources close in reverse
-order of opening (client session, token refresher, log).
+:func:`run_http` serves events over HTTP, :func:`run_queue` takes them from a queue; both run
+until ``stop`` is set. Without a ``stop`` of the caller's, SIGTERM and SIGINT set one (see
+:class:`StopSignals`). On stop, intake stops, in-flight events get ``WORKER_SHUTDOWN_GRACE``
+seconds to finish, then the dispatcher's resources close in reverse order of opening (client
+session, token refresher, log).
+
+This is runtime: it needs a real BioT (``settings.biot.base_url``) and imports no tool (the
+emulator, the benchmark, the CLI); ``biot-worker dev`` wraps these functions with settings
+pointed at an embedded emulator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, TextIO
 from urllib.parse import urlsplit
 
 from config.settings import Settings, SettingsError
 from worker.adapters.http import HttpAdapter, serve
-from worker.adapters.source import SourceUnavailable, open_source, redact_url
-from worker.app import WorkerApp
+from worker.app import StartupError, WorkerApp
+from worker.logs import Log
 from worker.routing import Router
 
+__all__ = ["StartupError", "StopSignals", "run_http", "run_queue", "stop_on_signals"]
+
 Started = Callable[[WorkerApp, str], None]
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
-    """SIGTERM and SIGINT set ``stop``; returns a function that removes the handlers."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+class StopSignals:
+    """SIGTERM and SIGINT set ``stop``; one arriving while stopping is logged and ignored.
 
-    def remove() -> None:
-        for sig in signals:
+    The first signal starts the graceful stop, which ``WORKER_SHUTDOWN_GRACE`` bounds; every
+    later one only logs ``already stopping`` (an orchestrator that sends SIGTERM twice must not
+    kill in-flight events; the grace period, not a third signal, is the bound). Once a signal
+    was received the process is ending: :meth:`close` leaves both signals ignored rather than
+    restoring the default action, so one arriving while resources close cannot kill the process
+    with status 143. Without a signal received, :meth:`close` restores the previous handlers.
+    """
+
+    def __init__(self, stop: asyncio.Event, log: Log | None = None) -> None:
+        self.stop = stop
+        self.log = log
+        self.received = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
+            if self.received:
+                signal.signal(sig, signal.SIG_IGN)
 
-    return remove
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.received += 1
+        if self.received == 1 and not self.stop.is_set():
+            if self.log is not None:
+                self.log.info("stopping", signal=sig.name)
+            self.stop.set()
+        elif self.log is not None:
+            self.log.warning("already stopping; signal ignored", signal=sig.name)
 
 
-async def run_worker(
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event, log: Log | None = None) -> Iterator[StopSignals]:
+    """:class:`StopSignals` installed for the duration of the block."""
+    signals = StopSignals(stop, log)
+    signals.install()
+    try:
+        yield signals
+    finally:
+        signals.close()
+
+
+@contextlib.contextmanager
+def _signals_unless_given(stop: asyncio.Event | None, log: Log) -> Iterator[asyncio.Event]:
+    if stop is not None:
+        yield stop
+        return
+    own = asyncio.Event()
+    with stop_on_signals(own, log):
+        yield own
+
+
+async def run_http(
     settings: Settings,
     routes: Router,
     *,
-    stop: asyncio.Event,
+    stop: asyncio.Event | None = None,
     started: Started | None = None,
     stream: TextIO | BinaryIO | None = None,
 ) -> None:
-    """Serve events over HTTP until ``stop`` is set; ``started(app, url)`` once listening.
+    """Serve events over HTTP until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None).
 
-    ``stream`` is where log lines go (default stdout).
+    ``started(app, url)`` is called once listening; ``stream`` is where log lines go (default
+    stdout). A port in use or an unreadable CA bundle raises :class:`StartupError`.
     """
     async with WorkerApp(settings, routes, stream=stream) as app:
-        worker = settings.worker
-        adapter = HttpAdapter(
-            app.dispatcher,
-            max_in_flight=worker.max_in_flight,
-            max_body_bytes=worker.max_body_bytes,
-            ready=app.ready,
-            log=app.log,
-        )
+        with _signals_unless_given(stop, app.log) as stopping:
+            await _serve_http(app, stopping, started)
+        app.log.info("worker stopped; closing resources")
 
-        def on_listening(port: int) -> None:
-            url = f"http://{_url_host(worker.host)}:{port}"
-            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-            app.log.info(
-                "worker listening", url=url, base_url=settings.biot.base_url, event_loop=loop
-            )
-            if started is not None:
-                started(app, url)
 
+async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | None) -> None:
+    settings, worker = app.settings, app.settings.worker
+    adapter = HttpAdapter(
+        app.dispatcher,
+        max_in_flight=worker.max_in_flight,
+        max_body_bytes=worker.max_body_bytes,
+        ready=app.ready,
+        log=app.log,
+    )
+    listening = False
+
+    def on_listening(port: int) -> None:
+        nonlocal listening
+        listening = True
+        url = f"http://{_url_host(worker.host)}:{port}"
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        app.log.info("worker listening", url=url, base_url=settings.biot.base_url, event_loop=loop)
+        if started is not None:
+            started(app, url)
+
+    try:
         await serve(
             adapter,
             host=worker.host,
@@ -75,7 +143,17 @@ async def run_worker(
             grace=worker.shutdown_grace,
             started=on_listening,
         )
-        app.log.info("worker stopped; closing resources")
+    except OSError as exc:
+        if listening:
+            raise
+        raise StartupError(_listen_problem(worker.host, worker.port, exc)) from exc
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: the port is in use (WORKER_PORT, --port)"
+    reason = exc.strerror or str(exc)
+    return f"cannot listen on {host}:{port}: {reason} (WORKER_HOST, WORKER_PORT)"
 
 
 def _url_host(host: str) -> str:
@@ -84,39 +162,40 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def run_queue(settings: Settings, routes: Router, url: str, *, stop: asyncio.Event) -> None:
-    """``biot-worker run --source URL``: serve the queue until ``stop`` (SIGTERM/SIGINT).
+async def run_queue(
+    settings: Settings,
+    routes: Router,
+    url: str,
+    *,
+    stop: asyncio.Event | None = None,
+    stream: TextIO | BinaryIO | None = None,
+    fields: dict[str, str] | None = None,
+) -> None:
+    """Serve the queue at ``url`` until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None).
 
-    Without ``BIOT_BASE_URL`` the worker talks to an embedded emulator, as ``run`` does.
+    A bad URL raises :class:`SettingsError`; a broker that cannot be reached at start logs
+    ``cannot open the queue`` and raises ``SystemExit(1)``. ``fields`` are added to the
+    ``worker consuming`` log line.
     """
+    # The queue seam (and through it a broker client) is imported only when a queue is used.
+    from worker.adapters import queue
+
     if urlsplit(url).scheme.lower() == "memory":
         raise SettingsError(["--source: memory:// is in-process only (see MemorySource)"])
-    if settings.biot.base_url is None:
-        from worker.testing.dev import embedded_emulator
-
-        async with embedded_emulator(settings) as (_, server, pointed):
-            await _serve_queue(pointed, routes, url, stop, emulator_url=server.url)
-        return
-    await _serve_queue(settings, routes, url, stop)
-
-
-async def _serve_queue(
-    settings: Settings, routes: Router, url: str, stop: asyncio.Event, emulator_url: str = ""
-) -> None:
-    async with WorkerApp(settings, routes) as app:
+    async with WorkerApp(settings, routes, stream=stream) as app:
         try:
-            source = open_source(url, settings, app.log)
+            source = queue.open_source(url, settings, app.log)
         except ValueError as exc:
             raise SettingsError([f"--source: {exc}"]) from None
-        try:
-            await source.__aenter__()
-        except SourceUnavailable as exc:
-            app.log.error("cannot open the queue", source=redact_url(url), error=str(exc))
-            raise SystemExit(1) from None
-        try:
-            fields = {"emulator_url": emulator_url} if emulator_url else {}
-            app.log.info("worker consuming", source=redact_url(url), **fields)
-            await source.serve(app.dispatcher.handle, stop=stop)
-        finally:
-            await source.__aexit__(None, None, None)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(source)
+            except queue.SourceUnavailable as exc:
+                app.log.error("cannot open the queue", source=queue.redact_url(url), error=str(exc))
+                raise SystemExit(1) from None
+            app.log.info("worker consuming", source=queue.redact_url(url), **(fields or {}))
+            with _signals_unless_given(stop, app.log) as stopping:
+                await queue.consume(
+                    source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log
+                )
         app.log.info("worker stopped; closing resources")

@@ -2,9 +2,10 @@
 
 Deploy the worker as a BioT-managed Lambda (``handler: worker.adapters.lambda_.handler``) and
 the same handlers run unchanged. The first invocation of a container builds one event loop and
-one :class:`~worker.app.WorkerApp` (settings from the environment, routes from
-:func:`handlers.build_routes`); warm invocations reuse the loop, the HTTP session, the service
-token and the key cache, which is where a long-lived runtime wins over BioT's sample plugin.
+one :class:`~worker.app.WorkerApp` (settings from the environment, routes from the
+``module:function`` named by ``WORKER_ROUTES``); warm invocations reuse the loop, the HTTP
+session, the service token and the key cache, which is where a long-lived runtime wins over
+BioT's sample plugin.
 
 The answer is a Function URL response (``statusCode``, ``headers``, ``body`` as a JSON string).
 A scheduler event (no ``headers``, no ``body``) is dispatched as NONSPECIFIC with the whole
@@ -23,7 +24,7 @@ from worker.app import WorkerApp
 from worker.errors import WorkerError
 from worker.events import Event, event_from_envelope
 from worker.responses import Response, error_response
-from worker.routing import Router
+from worker.routing import Router, load_routes
 from worker.tracing import trace_from_headers
 
 # Leave this much of Lambda's remaining time to serialise and return the answer.
@@ -94,12 +95,6 @@ def _deadline(now: float, context: LambdaContext | None) -> float | None:
 _runtime: LambdaRuntime | None = None
 
 
-def _default_routes() -> Router:
-    from handlers import build_routes
-
-    return build_routes()
-
-
 def configure(
     settings: Settings | None = None,
     routes: Callable[[], Router] | Router | None = None,
@@ -107,15 +102,17 @@ def configure(
 ) -> LambdaRuntime:
     """Build the container's runtime (first invocation does this with the environment).
 
-    ``stream`` is where log lines go (default stdout, which Lambda sends to CloudWatch).
+    ``routes`` defaults to the plugin named by ``WORKER_ROUTES``; ``stream`` is where log lines
+    go (default stdout, which Lambda sends to CloudWatch).
     """
     global _runtime
     shutdown()
     if settings is None:
         settings = load_settings(os.environ)
     if routes is None:
-        routes = _default_routes
-    router = routes() if callable(routes) else routes
+        router = load_routes(settings.worker.routes)
+    else:
+        router = routes() if callable(routes) else routes
     _runtime = LambdaRuntime(settings, router, stream)
     return _runtime
 

@@ -25,11 +25,9 @@ from typing import Any
 
 import orjson
 
-from worker.bench import chart
-from worker.bench.orchestrate import Bench
+# Only the plan (plain data) is imported here, so that building the CLI's parser loads no load
+# client, broker client or chart library; the rest is imported when a benchmark runs.
 from worker.bench.plan import FULL, QUICK, SCENARIOS, VARIANTS, Plan
-from worker.bench.report import aggregate, log_backends, targets
-from worker.bench.table import render
 
 
 def _csv(kind: type, choices: Any = None) -> Any:
@@ -134,6 +132,8 @@ def bench_main(args: argparse.Namespace) -> int:
         sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
         sys.stderr.flush()
 
+    from worker.bench.table import render
+
     try:
         raw, pinning = asyncio.run(_measure(plan, run_dir, progress))
     except (RuntimeError, OSError) as exc:
@@ -150,6 +150,8 @@ def bench_main(args: argparse.Namespace) -> int:
 
 
 async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, Any], str]:
+    from worker.bench.orchestrate import Bench
+
     async with Bench(plan, run_dir, progress) as bench:
         pinning = "targets CPU0, emulators + load CPU1" if bench.cpus else "off"
         if bench.spinners:
@@ -158,6 +160,8 @@ async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, 
 
 
 def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) -> dict[str, Any]:
+    from worker.bench.report import aggregate, log_backends, targets
+
     rows = aggregate(raw["points"], raw["samples"])
     memory = raw.get("memory")
     return {
@@ -205,6 +209,8 @@ def write_outputs(
     progress(f"wrote {json_path}")
     if args.no_chart:
         return
+    from worker.bench import chart
+
     if not chart.available():
         progress("no chart: matplotlib is not installed (pip install 'biot-worker[bench]')")
         return
