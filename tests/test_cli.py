@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests import other_plugin
 from tests.fixture_plugin import REFERENCE
 from worker.cli import NO_BASE_URL, build_parser
 from worker.routing import Router
@@ -369,3 +370,18 @@ def test_publish_and_bench_arguments_are_parsed_without_their_extras() -> None:
     )
     args = build_parser().parse_args(["bench", "--quick", "--scenarios", "a,b"])
     assert (args.quick, args.scenarios) == (True, ("a", "b"))
+
+
+def test_demo_exercises_the_routes_of_worker_routes() -> None:
+    done = worker("demo", "--port", "0", WORKER_ROUTES="tests.other_plugin:build_routes")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.splitlines()
+    assert out[0].startswith("biot-worker demo: the worker at http://127.0.0.1:")
+    described = {line.split(" -> ")[0] for line in out if " -> tests.other_plugin." in line}
+    assert described == {route.describe() for route in other_plugin.build_routes()}
+    # What each handler did is read from its answer and the emulator's call log.
+    assert "changed entities[0]._email: null -> 'hidden'" in done.stdout
+    assert "answered 422 SERIAL_NUMBER_REQUIRED" in done.stdout
+    assert (
+        "called POST /generic-entity/v1/generic-entities/templates/device_log -> 201" in done.stdout
+    )
