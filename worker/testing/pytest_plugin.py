@@ -1,5 +1,8 @@
 """The test kit as a pytest plugin: ``pytest_plugins = ["worker.testing.pytest_plugin"]``.
 
+Needs pytest and pytest-asyncio (the ``dev`` extra); the async tests using ``biot`` run under
+pytest-asyncio (``asyncio_mode = auto``, or ``@pytest.mark.asyncio`` on each).
+
 Fixtures:
 
 - ``biot_routes``: the :class:`~worker.Router` the ``biot`` fixture serves; by default the
