@@ -65,6 +65,8 @@ class StopSignals:
                 signal.signal(sig, signal.SIG_IGN)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self._loop is None:
+            return  # delivered just before close(): the process is past its stop already
         self.received += 1
         if self.received == 1 and not self.stop.is_set():
             if self.log is not None:
