@@ -112,6 +112,18 @@ def test_routes_are_data_with_their_order() -> None:
         "NONSPECIFIC",
     ]
     assert routes[0].handler_name == "tests.test_routing.first"
+    assert [r.subscribable for r in routes] == [True, True, True, False]
+
+
+def test_only_what_biot_can_subscribe_is_subscribable() -> None:
+    router = (
+        Router()
+        .pre(first, entity="patient")
+        .post(first, api_id=API_ID)
+        .adapt_entity(first, api_id=API_ID)
+        .notification(first, entity="*", action="_create")
+    )
+    assert [r.subscribable for r in router] == [False, True, False, False]
 
 
 def test_notification_lookup_prefers_the_most_specific_route() -> None:

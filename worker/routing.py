@@ -109,8 +109,15 @@ class Route:
 
     @property
     def subscribable(self) -> bool:
-        """Whether BioT can subscribe this route (wildcard notifications cannot be)."""
-        return WILDCARD not in (self.entity, self.action)
+        """Whether BioT can subscribe this route: notifications without a wildcard, PRE and
+        POST by ``apiId``, ADAPT_ENTITY by entity name (BioT's subscription API takes no other)."""
+        if self.hook is HookType.NOTIFICATION:
+            return WILDCARD not in (self.entity, self.action)
+        if self.hook is HookType.INTERCEPTOR_POST_ENTITY:
+            return self.entity is not None
+        if self.hook.is_interceptor:
+            return self.api_id is not None
+        return False
 
     def describe(self) -> str:
         """One line, e.g. ``PRE_REQUEST apiId=PATCH/... order=1``."""
