@@ -16,7 +16,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from config.settings import SettingsError
+from config.settings import SettingsError, load_settings
 from tests.queue_helpers import FakeLog, queue_settings, require_broker, serving
 from worker.adapters.memory import MemorySource
 from worker.adapters.queue import (
@@ -36,6 +36,7 @@ from worker.adapters.queue import (
 )
 from worker.adapters.rabbitmq import RabbitOptions, RabbitSource
 from worker.adapters.redis_streams import Entry, RedisOptions, delivery_of, netstrings
+from worker.cli import build_parser
 from worker.client import BiotApi
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, PayloadTooLarge, TransientApiError
@@ -43,8 +44,9 @@ from worker.events import HookType, NonSpecific
 from worker.responses import Response
 from worker.routing import Context, Router
 from worker.runner import run_queue
+from worker.testing.dev import run_dev
 from worker.testing.events import sample_envelope
-from worker.testing.publish import add_publish_arguments, publish_main, read_envelopes
+from worker.testing.publish import publish_main, read_envelopes
 from worker.tracing import new_trace, parse_traceparent
 
 
@@ -158,9 +160,7 @@ async def test_run_queue_exits_when_the_broker_is_unreachable(
 
 
 def publish_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_publish_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["publish", *argv])
 
 
 async def test_publish_refuses_bad_input_and_reports_an_unreachable_broker(
@@ -276,11 +276,10 @@ def test_a_missing_queues_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyP
 
 def test_publish_is_importable_and_refuses_clearly_without_the_queues_extra() -> None:
     probe = (
-        "import argparse, sys\n"
+        "import sys\n"
         "for name in ('redis', 'aio_pika', 'aiormq'): sys.modules[name] = None\n"
         "from config.settings import SettingsError\n"
-        "from worker.testing.publish import add_publish_arguments, open_publisher\n"
-        "add_publish_arguments(argparse.ArgumentParser())\n"
+        "from worker.testing.publish import open_publisher\n"
         "for url in ('redis://127.0.0.1/0', 'amqp://h/'):\n"
         "    try:\n"
         "        open_publisher(url)\n"
@@ -346,3 +345,14 @@ async def test_a_bad_message_has_one_trace_for_its_reply_and_its_lines() -> None
     [(_, trace)] = [line for line in log.traced if line[0] == "event dead-lettered"]
     answered = parse_traceparent(decode_reply(reply.body)["headers"]["traceparent"])
     assert answered is not None and trace == answered.trace_id
+
+
+async def test_dev_with_a_source_points_the_queue_worker_at_the_embedded_emulator(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = "redis://127.0.0.1:1/0"  # nothing listens: the start fails after the emulator is up
+    with pytest.raises(SystemExit):
+        await run_dev(load_settings({}), Router(), source=url, stop=asyncio.Event())
+    captured = capsys.readouterr()
+    assert '"message":"cannot open the queue"' in captured.out
+    assert "BioT emulator at http://127.0.0.1:" in captured.err

@@ -187,6 +187,8 @@ async def run_queue(
     async with WorkerApp(settings, routes, stream=stream) as app:
         try:
             source = queue.open_source(url, settings, app.log)
+        except SettingsError:
+            raise
         except ValueError as exc:
             raise SettingsError([f"--source: {exc}"]) from None
         async with contextlib.AsyncExitStack() as stack:

@@ -219,18 +219,6 @@ def read_envelopes(path: Path) -> list[bytes]:
     return bodies
 
 
-def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, metavar="URL", help="redis://... or amqp://...")
-    parser.add_argument(
-        "--hook", action="append", choices=[*HOOKS, "all"], help="sample hook (repeatable)"
-    )
-    parser.add_argument("--count", type=int, default=1, help="samples of each hook [1]")
-    parser.add_argument("--file", type=Path, help="JSONL file of envelopes (instead of samples)")
-    parser.add_argument("--emulator", metavar="URL", help="sign samples with this emulator's key")
-    parser.add_argument("--wait-replies", action="store_true", help="wait for and print replies")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait [30]")
-
-
 async def publish_main(args: argparse.Namespace) -> int:
     try:
         publisher = open_publisher(args.source)
