@@ -1,15 +1,16 @@
 """Prove that the project's tests do not depend on the example plugin.
 
 Copies the repository (tracked and untracked, non-ignored files) to a temporary directory,
-deletes ``handlers/`` and ``tests/test_handlers.py`` there (a plugin team replaces both), puts
+deletes ``handlers/`` there (with the example's own tests, as a plugin team does), puts
 ``tests/other_plugin`` in their place as the package ``other_plugin``, sets
-``WORKER_ROUTES=other_plugin:build_routes`` and runs ``python -m pytest -q`` in the copy with
-this interpreter, the copy first on ``PYTHONPATH``. An editable install of this repository
-would still find the original ``handlers`` package, so the copy's interpreter is given a
-``sitecustomize`` that makes importing ``handlers`` fail, as it would in a real swap.
+``WORKER_ROUTES=other_plugin:build_routes`` and runs ``./dev test`` (ruff, mypy --strict,
+pytest) in the copy with this checkout's ``.venv``, the copy first on ``PYTHONPATH``. An
+editable install of this repository would still find the original ``handlers`` package, so the
+copy's interpreter is given a ``sitecustomize`` that makes importing ``handlers`` fail, as it
+would in a real swap.
 
 Usage: ``python scripts/check_swapped_plugin.py [--keep] [pytest args...]``; exits with
-pytest's status (non-zero if any test fails or the swap itself is wrong).
+``./dev test``'s status (non-zero if any test fails or the swap itself is wrong).
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ def make_copy(root: Path, target: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, destination)
     shutil.rmtree(target / "handlers", ignore_errors=True)
-    (target / "tests" / "test_handlers.py").unlink(missing_ok=True)
     shutil.copytree(target / "tests" / "other_plugin", target / PLUGIN)
 
 
@@ -98,8 +98,11 @@ def main(argv: list[str]) -> int:
         if checked.returncode != 0:
             sys.stderr.write("check_swapped_plugin: the swap itself is wrong\n")
             return 1
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
-        sys.stderr.write(f"check_swapped_plugin: {' '.join(command[1:])} in {copy}\n")
+        # The copy runs the README's test command (ruff, mypy --strict, pytest) with this
+        # checkout's environment, so the swapped plugin is linted and type-checked as well.
+        (copy / ".venv").symlink_to(ROOT / ".venv", target_is_directory=True)
+        command = ["bash", "dev", "test", "-q", "-p", "no:cacheprovider", *pytest_args]
+        sys.stderr.write(f"check_swapped_plugin: {' '.join(command)} in {copy}\n")
         return subprocess.run(command, cwd=copy, env=env, check=False).returncode  # noqa: S603
     finally:
         if keep:

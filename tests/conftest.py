@@ -22,8 +22,6 @@ from worker.testing.events import (
 )
 from worker.testing.kit import kit_settings
 
-pytest_plugins = ["worker.testing.pytest_plugin"]
-
 __all__ = [
     "TRACEPARENT",
     "TRACE_ID",
@@ -55,5 +53,6 @@ def fixture_routes() -> Router:
 
 
 def settings_for(**env: str) -> Settings:
-    """Settings of a test worker (``test-plugin`` in ``test``) with ``env`` on top."""
-    return kit_settings(**env)
+    """Settings of a test worker (``test-plugin`` in ``test``, serving the project's test plugin)
+    with ``env`` on top."""
+    return kit_settings(**{"WORKER_ROUTES": fixture_plugin.REFERENCE, **env})

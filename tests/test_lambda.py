@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import TRACE_ID, TRACEPARENT, interceptor_body, settings_for
+from tests.fixture_plugin import PRE_MARK
 from worker.adapters import lambda_
 from worker.events import PreInterception
 from worker.routing import Context, RouteError, Router
@@ -97,7 +98,7 @@ def test_pre_interceptor_envelope(biot: BackgroundEmulator, runtime: lambda_.Lam
     assert answer["statusCode"] == 200
     assert TRACE_ID in answer["headers"]["traceparent"]
     body = orjson.loads(answer["body"])
-    assert body["request"]["body"]["_name"]["firstName"] == "Ada LAMBDA MODIFIED"
+    assert body["request"]["body"]["_name"]["firstName"] == "Ada" + PRE_MARK
 
 
 def test_warm_invocations_reuse_loop_session_and_token(

@@ -1,4 +1,4 @@
-"""Tests of the example plugin in ``handlers/``: replace this file together with it.
+"""Tests of the example plugin: they live in its package, so replacing ``handlers/`` replaces them.
 
 Only the test kit (:mod:`worker.testing`) and the plugin API are used here, the way a plugin
 team tests its own handlers: a handler called directly with ``make_context``, one event through
@@ -18,7 +18,7 @@ from aioresponses import aioresponses
 from handlers import PATCH_PATIENT, build_routes
 from handlers.interceptor_pre import mark_request
 from handlers.notification import patient_changed
-from worker import Notification, PreInterception
+from worker import Notification, PreInterception, Router
 from worker.client import BiotClient
 from worker.logs import CapturingLog
 from worker.testing import (
@@ -40,6 +40,12 @@ PATIENTS = "/organization/v1/users/patients"
 BASE = "https://api.example.test"
 PAGE = {"data": [], "metadata": {"page": {"totalResults": 7, "page": 0, "limit": 10}}}
 ADA = {"_name": {"firstName": "Ada", "lastName": "Lovelace"}}
+
+
+@pytest.fixture
+def biot_routes() -> Router:
+    """The ``biot`` fixture serves this plugin, whatever ``WORKER_ROUTES`` says."""
+    return build_routes()
 
 
 # ---------------------------------------------------------------- a handler called directly
