@@ -187,7 +187,7 @@ def layout_paths() -> list[str]:
     paths: list[str] = []
     for row in rows[2:]:
         first_cell = row.split("|")[1]
-        paths += [part.strip("`") for part in first_cell.split() if part.startswith("`")]
+        paths += re.findall(r"`([^`]+)`", first_cell)
     return paths
 
 
