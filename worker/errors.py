@@ -25,6 +25,9 @@ from typing import Any
 
 
 class WorkerError(Exception):
+    """A failure the worker answers with BioT's error envelope: ``status``, ``code``, ``details``;
+    ``transient`` ones may succeed when the same event is tried again."""
+
     status: int = 500
     code: str = "INTERNAL_SERVER_ERROR"
     transient: bool = False
@@ -86,12 +89,16 @@ class Block(WorkerError):
 
 
 class DeadlineExceeded(WorkerError):
+    """The handler was still running at its hook's deadline and was cancelled (504)."""
+
     status = 504
     code = "DEADLINE_EXCEEDED"
     transient = True
 
 
 class Overloaded(WorkerError):
+    """More events arrived than ``WORKER_MAX_IN_FLIGHT`` allows (503 with ``Retry-After``)."""
+
     status = 503
     code = "OVERLOADED"
     transient = True
@@ -129,13 +136,17 @@ def _api_details(status: int | None, method: str, url: str, body: Any) -> dict[s
 
 
 class TransientApiError(ApiError):
+    """BioT answered 429/502/503/504, timed out or could not be reached: worth trying again."""
+
     transient = True
 
 
 class ApiAuthError(ApiError):
-    pass
+    """BioT answered 401 (after one token refresh) or 403: the service user may not do this."""
 
 
 class LoginError(ApiError):
+    """The service user could not log in (wrong credentials or BioT's login unavailable)."""
+
     code = "LOGIN_FAILED"
     transient = True

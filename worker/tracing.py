@@ -23,6 +23,8 @@ _ZERO_SPAN = "0" * 16
 
 @dataclass(frozen=True, slots=True)
 class TraceContext:
+    """A W3C trace context: the event's ``trace_id`` (in every log line and outgoing call)."""
+
     trace_id: str
     span_id: str
     flags: str = "01"

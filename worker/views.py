@@ -18,6 +18,8 @@ from worker.errors import EventError
 
 
 class HookType(StrEnum):
+    """The ``hooktype`` header's values: which kind of call the platform makes."""
+
     NOTIFICATION = "NOTIFICATION"
     INTERCEPTOR_PRE = "INTERCEPTOR_PRE"
     INTERCEPTOR_POST = "INTERCEPTOR_POST"
@@ -156,17 +158,21 @@ class Interception:
 
 @dataclass(slots=True)
 class PreInterception(Interception):
-    pass
+    """PRE_REQUEST: change ``request`` in place (or raise ``Block``); BioT then handles it."""
 
 
 @dataclass(slots=True)
 class PostInterception(Interception):
+    """POST_REQUEST: change ``body`` (or assign it) and ``status`` before BioT answers."""
+
     body: Any = None
     status: StatusCode = field(default_factory=lambda: StatusCode("200 OK", 200))
 
 
 @dataclass(slots=True)
 class AdaptEntityInterception(Interception):
+    """ADAPT_ENTITY: change the dicts of ``entities`` before BioT returns them."""
+
     entities: list[Any] = field(default_factory=list)
     status: StatusCode = field(default_factory=lambda: StatusCode("200 OK", 200))
 
