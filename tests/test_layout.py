@@ -194,7 +194,12 @@ def layout_paths() -> list[str]:
 def test_every_path_in_the_layout_table_exists() -> None:
     paths = layout_paths()
     assert paths, "the Project layout table lists no path"
-    missing = [path for path in paths if not (ROOT / path.rstrip("/")).exists()]
+    # handlers/ is the example plugin, which a plugin team deletes: its row may outlive it.
+    missing = [
+        path
+        for path in paths
+        if path.rstrip("/") != "handlers" and not (ROOT / path.rstrip("/")).exists()
+    ]
     assert missing == []
 
 
