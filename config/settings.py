@@ -463,3 +463,21 @@ def _as_text(value: object) -> str:
     if value is None:
         return ""
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def shown(settings: Settings) -> dict[str, str]:
+    """Each variable's value in effect as text, for ``biot-worker config``: a secret shows only
+    whether it is set, a public key only its length, an unset value ``(not set)``."""
+    groups: dict[str, object] = {"biot": settings.biot, "worker": settings.worker}
+    values: dict[str, str] = {}
+    for s in SETTINGS:
+        value = getattr(groups[s.section], s.field)
+        if value is None or value == "":
+            values[s.variable] = "(not set)"
+        elif s.secret:
+            values[s.variable] = "(set, hidden)"
+        elif s.variable == "BIOT_PUBLIC_KEY":
+            values[s.variable] = f"(set, {len(str(value))} characters)"
+        else:
+            values[s.variable] = _as_text(value)
+    return values

@@ -111,12 +111,32 @@ def test_config_works_without_extras_and_lists_the_routes(base_install: Path) ->
     done = worker("config", paths=(base_install,))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("Settings(")
-    assert f"from WORKER_ROUTES={REFERENCE}" in lines[1]
-    routes = lines[2:]
+    [header] = [i for i, line in enumerate(lines) if line.startswith("routes (")]
+    assert lines[0] == "settings:"
+    values = dict(line.split(None, 1) for line in lines[1:header])
+    assert values["BIOT_BASE_URL"] == "(not set)"
+    assert values["WORKER_ROUTES"] == REFERENCE
+    assert values["WORKER_PORT"] == "8080"
+    assert f"from WORKER_ROUTES={REFERENCE}" in lines[header]
+    routes = lines[header + 1 :]
     assert "  NOTIFICATION patient/_create -> tests.fixture_plugin.on_patient" in routes
     assert any(r.startswith("  PRE_REQUEST apiId=PATCH/") and "order=1" in r for r in routes)
     assert routes[-1] == "  NONSPECIFIC -> tests.fixture_plugin.count_patients"
+
+
+def test_config_shows_whether_a_secret_is_set_never_its_value() -> None:
+    secret = "s3cr3t-never-printed"
+    done = worker(
+        "config",
+        BIOT_BASE_URL="https://biot.example.test",
+        BIOT_SERVICE_USER_ID="svc",
+        BIOT_SERVICE_USER_SECRET_KEY=secret,
+    )
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout
+    values = dict(line.split(None, 1) for line in done.stdout.splitlines()[1:] if "  " in line)
+    assert values["BIOT_SERVICE_USER_SECRET_KEY"] == "(set, hidden)"
+    assert values["BIOT_BASE_URL"] == "https://biot.example.test"
 
 
 def test_run_without_base_url_refuses_and_names_dev(base_install: Path) -> None:

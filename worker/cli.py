@@ -27,6 +27,7 @@ from config.settings import (
     defaults,
     load_settings,
     replace_settings,
+    shown,
 )
 from worker.routing import RouteError, Router, load_routes
 from worker.version import __version__
@@ -285,7 +286,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     routes = plugin_routes(settings)
-    lines = [f"{settings}", f"routes ({len(routes)}, from WORKER_ROUTES={settings.worker.routes}):"]
+    values = shown(settings)
+    width = max(map(len, values))
+    lines = ["settings:", *(f"  {name:<{width}}  {value}" for name, value in values.items())]
+    lines.append(f"routes ({len(routes)}, from WORKER_ROUTES={settings.worker.routes}):")
     lines += [f"  {route.describe()} -> {route.handler_name}" for route in routes]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
