@@ -1,8 +1,8 @@
 """A lean Redis client for the load generator of scenario (e) (raw RESP2 over ``asyncio.Protocol``).
 
-Why not redis-py: measured here, its asyncio client costs about 180 µs of CPU a command, so
-the two commands of one event would cost the load generator more than the worker spends on it
-(the reason :mod:`.httpload` exists for HTTP). This client sends both commands of an event in one
+Why not redis-py: its asyncio client costs more CPU a command than the worker spends on an
+event, so the load generator would measure itself (the reason :mod:`.httpload` exists for
+HTTP). This client sends both commands of an event in one
 write and parses only RESP2 replies (simple strings, errors, integers, bulk strings, arrays).
 
 One :class:`RedisChannel` is one sender with one event in flight, as one keep-alive HTTP
