@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import orjson
@@ -511,3 +512,44 @@ async def test_outcome_says_whether_a_failure_is_transient(keys: KeyPair) -> Non
     assert refused.response.status == 400
     passed = await make_dispatcher(keys, Router())[0].handle(good)
     assert passed.error is None and not passed.transient
+
+
+# ---------------------------------------------------------------- what a handler can reach
+
+
+def _reachable_text(view: Any, ctx: Context) -> str:
+    """Everything a handler can read from its view and its context's data, as text (fields
+    left out of a ``repr`` included)."""
+    fields = [getattr(view, f.name) for f in dataclasses.fields(view)]
+    settings = [getattr(ctx.settings.biot, f.name) for f in dataclasses.fields(ctx.settings.biot)]
+    return repr((fields, settings, ctx.settings.worker, ctx.trace, ctx.attempt))
+
+
+@pytest.mark.parametrize("hook", ["NOTIFICATION", "INTERCEPTOR_PRE", "NONSPECIFIC"])
+async def test_a_handler_never_sees_the_platform_jwt_or_the_service_secret(
+    keys: KeyPair, hook: str
+) -> None:
+    seen: list[str] = []
+
+    async def look(view: Any, ctx: Context) -> None:
+        seen.append(_reachable_text(view, ctx))
+
+    routes = Router()
+    if hook == "NOTIFICATION":
+        routes.notification(look, entity="patient", action="_create")
+        token = notification_token(keys)
+        event = make_event(hook, notification_body(token))
+    elif hook == "INTERCEPTOR_PRE":
+        routes.pre(look, entity="patient")
+        token = interceptor_token(keys)
+        event = make_event(hook, interceptor_body(hook), token=token)
+    else:
+        routes.nonspecific(look)
+        token = keys.sign(scopes=[])
+        event = make_event(hook, {"jwt": token, "job": "nightly"}, token=token)
+    dispatcher, _ = make_dispatcher(keys, routes)
+    response = await dispatcher.dispatch(event)
+    assert response.status == 200
+    [text] = seen
+    assert token not in text
+    assert "s3cr3t-service-key" not in text

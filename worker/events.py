@@ -187,6 +187,9 @@ def view_for(event: Event, payload: Any) -> View:
         return notification_view(payload)
     if event.hook.is_interceptor:
         return interception_view(event.hook, payload)
-    # The platform's JWT stays with the dispatcher: handlers never see it.
+    # The platform's JWT (a header, or a body's "jwt") stays with the dispatcher: handlers
+    # never see it.
     headers = {k: v for k, v in event.headers.items() if k != "authorization"}
+    if isinstance(payload, dict) and "jwt" in payload:
+        payload = {k: v for k, v in payload.items() if k != "jwt"}
     return NonSpecific(payload, headers)
