@@ -231,7 +231,7 @@ async def test_log_lines_are_json_with_trace_and_no_secret(
     )
 
 
-@pytest.mark.parametrize("second", ["none", "at once", "while stopping"])
+@pytest.mark.parametrize("second", ["none", "at once", "while stopping", "until it exits"])
 async def test_sigterm_during_load_loses_no_in_flight_response(
     emulator: tuple[Emulator, str], second: str
 ) -> None:
@@ -259,7 +259,10 @@ async def test_sigterm_during_load_loses_no_in_flight_response(
             if second == "while stopping":
                 await worker.wait_logged("stopping")
                 worker.process.send_signal(signal.SIGTERM)
+            flood = asyncio.create_task(_signal_until_exit(worker)) if second[0] == "u" else None
             results = await asyncio.gather(*calls)
+            if flood is not None:
+                await flood  # signals kept coming while it closed its resources and exited
         assert [status for status, _ in results] == [200] * events
         # stop_worker signals once more if the process is still closing its resources: a
         # signal then must not kill it either (exit 143 was the defect).
@@ -275,6 +278,17 @@ async def test_sigterm_during_load_loses_no_in_flight_response(
     if second == "while stopping":
         assert ignored and ignored[0]["signal"] == "SIGTERM"
         assert messages.index(ignored[0]["message"]) < messages.index("event handled")
+
+
+async def _signal_until_exit(worker: WorkerProcess) -> None:
+    """SIGTERM every half millisecond until the process has exited (at most 20 s)."""
+    async with asyncio.timeout(20):
+        while worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.0005):
+                    await worker.process.wait()
 
 
 async def _send_malformed_http(url: str) -> None:

@@ -59,10 +59,17 @@ class StopSignals:
         loop, self._loop = self._loop, None
         if loop is None:
             return
-        for sig in _SIGNALS:
-            loop.remove_signal_handler(sig)
-            if self.received:
-                signal.signal(sig, signal.SIG_IGN)
+        # Removing a handler restores the default action (kill) until SIG_IGN is set: with the
+        # signals blocked meanwhile, one arriving in between stays pending and, once ignored,
+        # is discarded instead of ending the process with status 143.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+                if self.received:
+                    signal.signal(sig, signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._loop is None:
