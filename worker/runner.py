@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import errno
 import signal
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TextIO
 from urllib.parse import urlsplit
 
@@ -34,14 +36,17 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """SIGTERM and SIGINT set ``stop``; one arriving while stopping is logged and ignored.
+    """SIGTERM and SIGINT set ``stop``; one arriving while stopping is ignored.
 
-    The first signal starts the graceful stop, which ``WORKER_SHUTDOWN_GRACE`` bounds; every
-    later one only logs ``already stopping`` (an orchestrator that sends SIGTERM twice must not
-    kill in-flight events; the grace period, not a third signal, is the bound). Once a signal
-    was received the process is ending: :meth:`close` leaves both signals ignored rather than
-    restoring the default action, so one arriving while resources close cannot kill the process
-    with status 143. Without a signal received, :meth:`close` restores the previous handlers.
+    The first signal starts the graceful stop, which ``WORKER_SHUTDOWN_GRACE`` bounds; later
+    ones are ignored, the first of them logged as ``already stopping`` (an orchestrator that
+    sends SIGTERM twice must not kill in-flight events; the grace period, not a third signal,
+    is the bound). Once a signal was received the process is ending: :meth:`close` leaves both
+    signals ignored rather than restoring the default action, so one arriving while resources
+    close cannot kill the process with status 143. Removing the loop's handlers passes through
+    the default action, so :meth:`close` does it with the signals blocked; the worker's other
+    threads block them for good (see :func:`_signals_to_the_main_thread`). Without a signal
+    received, :meth:`close` restores the previous handlers.
     """
 
     def __init__(self, stop: asyncio.Event, log: Log | None = None) -> None:
@@ -79,7 +84,8 @@ class StopSignals:
             if self.log is not None:
                 self.log.info("stopping", signal=sig.name)
             self.stop.set()
-        elif self.log is not None:
+        elif self.received == 2 and self.log is not None:
+            # Logged once: a stream of signals must not become a stream of log lines.
             self.log.warning("already stopping; signal ignored", signal=sig.name)
 
 
@@ -104,6 +110,18 @@ def _signals_unless_given(stop: asyncio.Event | None, log: Log) -> Iterator[asyn
         yield own
 
 
+def _signals_to_the_main_thread() -> None:
+    """Make the default executor's threads block SIGTERM and SIGINT, as the log's thread does:
+    a signal then always reaches the main thread, where :class:`StopSignals` decides."""
+    if threading.current_thread() is threading.main_thread():
+        executor = ThreadPoolExecutor(thread_name_prefix="biot-worker", initializer=_block_signals)
+        asyncio.get_running_loop().set_default_executor(executor)
+
+
+def _block_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
 async def run_http(
     settings: Settings,
     routes: Router,
@@ -117,6 +135,8 @@ async def run_http(
     ``started(app, url)`` is called once listening; ``stream`` is where log lines go (default
     stdout). A port in use or an unreadable CA bundle raises :class:`StartupError`.
     """
+    if stop is None:
+        _signals_to_the_main_thread()
     async with WorkerApp(settings, routes, stream=stream) as app:
         with _signals_unless_given(stop, app.log) as stopping:
             await _serve_http(app, stopping, started)
@@ -191,6 +211,8 @@ async def run_queue(
 
     if urlsplit(url).scheme.lower() == "memory":
         raise SettingsError(["--source: memory:// is in-process only (see MemorySource)"])
+    if stop is None:
+        _signals_to_the_main_thread()
     async with WorkerApp(settings, routes, stream=stream) as app:
         try:
             source = queue.open_source(url, settings, app.log)

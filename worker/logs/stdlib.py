@@ -20,6 +20,7 @@ import asyncio
 import logging
 import logging.handlers
 import queue
+import signal
 import threading
 import time
 from typing import Any, Final, cast
@@ -89,6 +90,7 @@ class _FlushMarker(_LineRecord):
 
 
 _MAX_BATCH: Final = 512
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 # How long lines logged on the loop wait before they are handed to the writer thread.
 _HANDOVER_DELAY: Final = 0.01
 
@@ -164,7 +166,13 @@ class StdlibLog(Backend):
             self._started = True
             self._loop = asyncio.get_running_loop()
             self._loop_thread = threading.get_ident()
-            self._listener.start()
+            # The listener thread inherits this mask: SIGTERM and SIGINT stay the main thread's,
+            # so the worker's stop decides what a signal does, not whichever thread gets it.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                self._listener.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     async def _stop(self) -> None:
         self._handover()
