@@ -113,7 +113,7 @@ class WorkerApp:
         stack.push_async_callback(self._session.close)
         self.tokens = await stack.enter_async_context(
             ServiceTokens(
-                self._login,
+                self._service_login(),
                 refresh_margin=worker.token_refresh_margin,
                 clock=self._clock,
                 log=self.log,
@@ -162,25 +162,16 @@ class WorkerApp:
             log=self.log,
         )
 
-    async def _login(self) -> AccessToken:
+    def _service_login(self) -> ServiceLogin:
         biot = self.settings.biot
-        if biot.service_user_id is None or biot.service_user_secret is None:
-            raise LoginError("BIOT_SERVICE_USER_ID and BIOT_SERVICE_USER_SECRET_KEY are not set")
         assert self._session is not None
-        value, expiration = await service_login(
+        return ServiceLogin(
             self._session,
             self._base_url,
             biot.service_user_id,
             biot.service_user_secret,
             timeout=self.settings.worker.api_timeout,
-            user_agent=USER_AGENT,
         )
-        try:
-            # The JWT's own exp is whole seconds while accessTokenExpiration has milliseconds:
-            # trust the earlier of the two, or BioT may refuse a token we still think valid.
-            return AccessToken(value, math.floor(parse_expiration(expiration)))
-        except ValueError:
-            raise LoginError("login answered an unreadable accessTokenExpiration") from None
 
     async def _fetch_keys(self) -> PublicKeys:
         assert self._session is not None
@@ -204,3 +195,46 @@ class WorkerApp:
             raise
         except Exception as exc:  # translate anything unexpected at this boundary
             raise LoginError(f"service token not obtainable: {type(exc).__name__}") from None
+
+
+class ServiceLogin:
+    """The service user's login, holding only what it needs: the token cache calls it, and
+    through the BioT client a handler could reach it, so it must not lead to the settings."""
+
+    __slots__ = ("_base_url", "_secret", "_session", "_timeout", "_user_id")
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        user_id: str | None,
+        secret: str | None,
+        *,
+        timeout: float,
+    ) -> None:
+        self._session = session
+        self._base_url = base_url
+        self._user_id = user_id
+        self._secret = secret
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"ServiceLogin({self._base_url!r}, user={self._user_id!r})"
+
+    async def __call__(self) -> AccessToken:
+        if self._user_id is None or self._secret is None:
+            raise LoginError("BIOT_SERVICE_USER_ID and BIOT_SERVICE_USER_SECRET_KEY are not set")
+        value, expiration = await service_login(
+            self._session,
+            self._base_url,
+            self._user_id,
+            self._secret,
+            timeout=self._timeout,
+            user_agent=USER_AGENT,
+        )
+        try:
+            # The JWT's own exp is whole seconds while accessTokenExpiration has milliseconds:
+            # trust the earlier of the two, or BioT may refuse a token we still think valid.
+            return AccessToken(value, math.floor(parse_expiration(expiration)))
+        except ValueError:
+            raise LoginError("login answered an unreadable accessTokenExpiration") from None
