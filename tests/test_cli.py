@@ -405,3 +405,13 @@ def test_demo_exercises_the_routes_of_worker_routes() -> None:
     assert (
         "called POST /generic-entity/v1/generic-entities/templates/device_log -> 201" in done.stdout
     )
+
+
+def test_demo_sends_the_nonspecific_route_an_event_too() -> None:
+    done = worker("demo", WORKER_ROUTES="tests.fixture_plugin:build_routes")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    at = lines.index("NONSPECIFIC -> tests.fixture_plugin.count_patients")
+    assert '200, p50' in lines[at + 1]
+    assert 'answered {"patients":3' in lines[at + 1]
+    assert "not exercised" not in done.stdout

@@ -23,7 +23,7 @@ import orjson
 
 from config.settings import Settings
 from worker.app import WorkerApp
-from worker.routing import Route, Router
+from worker.routing import WILDCARD, Route, Router
 from worker.runner import run_http
 from worker.testing.dev import embedded_emulator, subscribe_routes
 from worker.testing.emulator import Emulator
@@ -122,8 +122,8 @@ class _Sender:
 
     async def exercise(self, route: Route) -> Outcome:
         name = f"{route.describe()} -> {route.handler_name}"
-        if not route.subscribable:
-            did = "not exercised: a wildcard route (BioT cannot subscribe it)"
+        if WILDCARD in (route.entity, route.action):
+            did = "not exercised: a wildcard route (no one event stands for it)"
             return Outcome(name, None, did, [])
         payload = _payload(route, self._entity(route))
         latencies: list[float] = []
