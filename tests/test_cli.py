@@ -415,3 +415,15 @@ def test_demo_sends_the_nonspecific_route_an_event_too() -> None:
     assert '200, p50' in lines[at + 1]
     assert 'answered {"patients":3' in lines[at + 1]
     assert "not exercised" not in done.stdout
+
+
+def test_run_and_config_import_no_tool() -> None:
+    code = (
+        "import sys\n"
+        "from worker.cli import main\n"
+        "for argv in (['run'], ['config']):\n"
+        "    main(argv)\n"
+        "tools = ('worker.testing', 'worker.bench')\n"
+        "print('TOOLS', sorted(m for m in sys.modules if m.startswith(tools)))\n"
+    )
+    assert python(code).splitlines()[-1] == "TOOLS []"

@@ -106,9 +106,13 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     add("--timeout", type=float, default=30.0, help="seconds to wait [30]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from worker.bench.cli import add_bench_arguments
-    from worker.testing.emulator import add_cli_arguments as add_emulator_arguments
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, the tools' own flags (the emulator's, the benchmark's) are
+    defined only when their command is the one given, so ``run`` imports neither tool."""
+    given = next((arg for arg in argv if not arg.startswith("-")), None) if argv else None
+
+    def wanted(name: str) -> bool:
+        return argv is None or given == name
 
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
@@ -144,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = command("emulator", "run BioT in a box alone")
     emulator.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     emulator.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    add_emulator_arguments(emulator)
+    if wanted("emulator"):
+        from worker.testing.emulator import add_cli_arguments as add_emulator_arguments
+
+        add_emulator_arguments(emulator)
 
     demo = command("demo", "send each routed hook an event and show what its handler did")
     demo.add_argument("--port", type=int, default=0, help="the worker's port (0: any free port)")
@@ -155,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish_arguments(publish)
 
     bench = command("bench", "measure interceptor latency side by side (the bench extra)")
-    add_bench_arguments(bench)
+    if wanted("bench"):
+        from worker.bench.cli import add_bench_arguments
+
+        add_bench_arguments(bench)
 
     config = command("config", "check the settings and the routes, and print them")
     _add_setting_flags(config)
@@ -166,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
