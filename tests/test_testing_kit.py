@@ -268,10 +268,15 @@ async def test_emulated_biot_stops_the_emulator_when_the_worker_cannot_start() -
     assert running.emulator.base_url is None
 
 
-async def test_the_biot_fixture_subscribes_the_installed_plugin(
-    biot: EmulatedBiot, biot_routes: Router
+@pytest.fixture
+def routes_named_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_ROUTES", "tests.fixture_plugin:build_routes")
+
+
+async def test_the_biot_fixture_subscribes_the_plugin_worker_routes_names(
+    routes_named_by_env: None, biot: EmulatedBiot, biot_routes: Router
 ) -> None:
-    """Whatever plugin WORKER_ROUTES names (the examples, or another one swapped in)."""
+    """The plugin WORKER_ROUTES names (here the project's test plugin, never the examples)."""
     notifications = [r for r in biot_routes if r.hook is HookType.NOTIFICATION and r.subscribable]
     # BioT subscribes PRE and POST by apiId, ADAPT_ENTITY by entity name.
     interceptors = [
@@ -282,6 +287,7 @@ async def test_the_biot_fixture_subscribes_the_installed_plugin(
     ]
     subscriptions = biot.emulator.subscriptions
     assert biot.routes is biot_routes and len(biot_routes) > 0
+    assert {r.handler_name.rpartition(".")[0] for r in biot_routes} == {"tests.fixture_plugin"}
     assert len(subscriptions.notifications()) == len(notifications)
     assert len(subscriptions.interceptions()) == len(interceptors)
     assert {s.endpoint for s in subscriptions.interceptions()} <= {biot.worker_url}
