@@ -202,3 +202,39 @@ def test_a_bad_worker_routes_is_a_one_line_route_error() -> None:
     )
     with pytest.raises(RouteError, match="no module named 'no_such_plugin'"):
         lambda_.configure(settings)
+
+
+def test_a_scheduler_event_is_not_warned_about_as_a_missing_hooktype(
+    biot: BackgroundEmulator,
+) -> None:
+    settings = settings_for(
+        BIOT_BASE_URL=biot.url,
+        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
+        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
+    )
+    stream = io.BytesIO()
+    lambda_.configure(settings, stream=stream)
+    try:
+        scheduled = {"version": "0", "detail-type": "Scheduled Event", "source": "aws.events"}
+        assert lambda_.handler(scheduled, FakeContext())["statusCode"] == 200
+        messages = [orjson.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    finally:
+        lambda_.shutdown()
+    assert "event handled" in messages
+    assert not [m for m in messages if "hooktype" in m]
+
+
+def test_a_runtime_that_fails_to_start_closes_its_loop(tmp_path: Any) -> None:
+    settings = settings_for(WORKER_CA_BUNDLE=str(tmp_path / "missing.pem"))
+    loops: list[asyncio.AbstractEventLoop] = []
+    real_new_event_loop = asyncio.new_event_loop
+
+    def recording() -> asyncio.AbstractEventLoop:
+        loops.append(real_new_event_loop())
+        return loops[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "new_event_loop", recording)
+        with pytest.raises(Exception, match="CA bundle"):
+            lambda_.LambdaRuntime(settings, Router())
+    assert len(loops) == 1 and loops[0].is_closed()

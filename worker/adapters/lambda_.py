@@ -43,7 +43,11 @@ class LambdaRuntime:
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self.app = WorkerApp(settings, routes, stream=stream)
-        self.loop.run_until_complete(self.app.__aenter__())
+        try:
+            self.loop.run_until_complete(self.app.__aenter__())
+        except BaseException:
+            self.loop.close()  # a failed start leaves no loop (and its selector) behind
+            raise
 
     def invoke(self, event: Any, context: LambdaContext | None) -> dict[str, Any]:
         response = self.loop.run_until_complete(self._handle_and_flush(event, context))
@@ -73,7 +77,8 @@ class LambdaRuntime:
 
     def _event(self, raw: Any, received_at: float, deadline: float | None) -> Event:
         if isinstance(raw, Mapping) and "headers" not in raw and "body" not in raw:
-            raw = {"headers": {}, "body": dict(raw)}  # a scheduler event
+            # A scheduler event: NONSPECIFIC by design, not a call that lost its hooktype.
+            raw = {"headers": {"hooktype": "NONSPECIFIC"}, "body": dict(raw)}
         max_body = self.app.settings.worker.max_body_bytes
         return event_from_envelope(
             raw, received_at=received_at, max_body_bytes=max_body, deadline=deadline
