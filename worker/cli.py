@@ -199,7 +199,7 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, SettingsError):
         if len(exc.problems) == 1:
             return f"invalid setting: {exc.problems[0]}"
-        return str(exc)
+        return f"{len(exc.problems)} invalid settings: " + "; ".join(exc.problems)
     if isinstance(exc, RouteError | StartupError | CommandError):
         return str(exc)
     if isinstance(exc, ModuleNotFoundError):
@@ -257,9 +257,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     _check_source(args.source)
     routes = plugin_routes(settings)
-    if settings.biot.base_url is not None:
+    ignored = [
+        name
+        for name, value in (
+            ("BIOT_BASE_URL", settings.biot.base_url),
+            ("WORKER_CA_BUNDLE", settings.worker.ca_bundle),
+        )
+        if value is not None
+    ]
+    if ignored:
         sys.stderr.write(
-            "biot-worker dev: BIOT_BASE_URL is ignored: dev always runs against its own "
+            f"biot-worker dev: {' and '.join(ignored)} ignored: dev always runs against its own "
             "emulator (biot-worker run serves a real BioT)\n"
         )
     _run(settings, run_dev(settings, routes, source=args.source, tls=args.tls))
@@ -295,8 +303,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from worker.app import StartupError
+    from worker.client import make_ssl_context
+
     settings = settings_from(args)
     routes = plugin_routes(settings)
+    if settings.worker.ca_bundle is not None:
+        try:  # what run would refuse at start, config refuses too
+            make_ssl_context(settings.worker.ca_bundle)
+        except ValueError as exc:
+            raise StartupError(f"WORKER_CA_BUNDLE: {exc}") from None
     values = shown(settings)
     width = max(map(len, values))
     lines = ["settings:", *(f"  {name:<{width}}  {value}" for name, value in values.items())]
