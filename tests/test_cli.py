@@ -153,6 +153,7 @@ def test_run_without_base_url_refuses_and_names_dev(base_install: Path) -> None:
         (("run", "--source", "amqp://127.0.0.1:1/"), {"BIOT_BASE_URL": "http://x"}, "queues"),
         (("dev",), {"WORKER_EVENT_LOOP": "uvloop"}, "uvloop"),
         (("dev",), {"WORKER_LOG_BACKEND": "aiologger"}, "aiologger"),
+        (("bench", "--quick", "--scenarios", "a"), {}, "bench"),
     ],
 )
 def test_a_command_that_needs_an_extra_names_it(

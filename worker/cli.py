@@ -209,15 +209,15 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
-def _needs_extra(module: str) -> str:
-    extra = EXTRAS[module]
+def _needs_extra(module: str, extra: str | None = None) -> str:
+    extra = extra or EXTRAS[module]
     install = f"pip install 'biot-worker[{extra}]'"
     return f"needs the {extra} extra ({module} is not installed): {install}"
 
 
-def _require(module: str, what: str) -> None:
+def _require(module: str, what: str, extra: str | None = None) -> None:
     if importlib.util.find_spec(module) is None:
-        raise CommandError(f"{what} {_needs_extra(module)}")
+        raise CommandError(f"{what} {_needs_extra(module, extra)}")
 
 
 def _debug(args: argparse.Namespace) -> bool:
@@ -297,6 +297,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    for module in ("requests", "matplotlib", "redis"):
+        _require(module, "bench", "bench")
     from worker.bench.cli import bench_main
 
     return bench_main(args)
