@@ -4,7 +4,7 @@ Replace this package with your plugin (or point ``WORKER_ROUTES`` at another
 ``module:function``). A handler is ``async def handler(view, ctx)``: ``view`` is the event's typed
 view, ``ctx`` a :class:`worker.Context` (``ctx.api``, ``ctx.log``, ``ctx.trace``,
 ``ctx.remaining()``). :func:`build_routes` is the explicit table of which handler answers what;
-it is also what ``biot-worker dev`` subscribes to the emulator. ``tests/test_handlers.py`` tests
+it is also what ``biot-worker dev`` subscribes to the emulator. ``handlers/test_handlers.py`` tests
 these examples: replace it along with them.
 """
 

@@ -20,9 +20,9 @@ from handlers.interceptor_pre import mark_request
 from handlers.notification import patient_changed
 from worker import Notification, PreInterception, Router
 from worker.client import BiotClient
-from worker.logs import CapturingLog
 from worker.testing import (
     TRACE_ID,
+    CapturingLog,
     EmulatedBiot,
     FakeApi,
     adapt_entity_event,

@@ -9,7 +9,8 @@
 - events of every hook, signed as BioT signs them: :func:`notification_event`,
   :func:`pre_event`, :func:`post_event`, :func:`adapt_entity_event`, :func:`nonspecific_event`;
 - a handler's ``ctx`` and view for calling it directly: :func:`make_context` (with
-  :class:`FakeApi` recording what the handler asked of BioT) and :func:`view_of`;
+  :class:`FakeApi` recording what the handler asked of BioT and :class:`CapturingLog` what it
+  logged) and :func:`view_of`;
 - one event through a router in one call: :func:`run_event`;
 - BioT in a box with a worker in front: :func:`emulated_biot`, and the ``biot`` pytest fixture
   of :mod:`worker.testing.pytest_plugin`.
@@ -17,6 +18,7 @@
 The runtime never imports this package.
 """
 
+from worker.logs import CapturingLog
 from worker.testing.biot import EmulatedBiot, EmulatorSigner, emulated_biot
 from worker.testing.events import (
     INTERCEPTION_SCOPE,
@@ -44,6 +46,7 @@ __all__ = [
     "TRACEPARENT",
     "TRACE_ID",
     "ApiCall",
+    "CapturingLog",
     "EmulatedBiot",
     "EmulatorSigner",
     "FakeApi",
