@@ -30,8 +30,9 @@ from tests.queue_helpers import (
     require_broker,
     serving,
 )
+from worker.adapters import open_source
 from worker.adapters.memory import DeadLetter, MemorySource
-from worker.adapters.queue import Source, open_source, retry_policy
+from worker.adapters.queue import Source, retry_policy
 from worker.adapters.rabbitmq import RabbitSource, retry_delays_ms
 from worker.testing.publish import RabbitPublisher, RedisPublisher
 

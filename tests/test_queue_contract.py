@@ -217,3 +217,30 @@ async def test_replies_go_to_reply_to_with_the_correlation_id(make: Make) -> Non
     # A retried event answers once, with the outcome of its last attempt.
     assert decoded["c-3"]["statusCode"] == 200
     assert [c.attempt for c in handle.calls if c.key == "flaky"] == [1, 2]
+
+
+async def test_a_retried_message_keeps_one_trace_and_dead_letters_as_published(make: Make) -> None:
+    """A message without a trace header gets one trace when first parsed; its retries carry it
+    (a ``traceparent`` added to the re-queued envelope), so every line about it, over all its
+    deliveries, has one trace id; the dead letter is the envelope as it was published."""
+    harness, log = make(retry_delay="0.05", max_attempts="3"), FakeLog()
+    handle, body = ScriptedHandle(), message("untraced", transient=99)
+    assert orjson.loads(body)["headers"] == {"hooktype": "NONSPECIFIC"}  # no trace header
+    async with serve(harness, handle, queue_settings(), log):
+        await harness.publish(body)
+        await handle.wait_calls(3)
+
+        async def dead() -> bool:
+            return len(await harness.dead_letters()) == 1
+
+        await eventually(dead, "the dead letter")
+    [letter] = await harness.dead_letters()
+    assert letter.body == body  # byte for byte: nothing added shows in the dead letter
+    assert letter.reason.endswith("(gave up after 3 attempts)")
+    [trace_id] = {call.event.trace.trace_id for call in handle.calls}
+    assert [c.attempt for c in handle.calls] == [1, 2, 3]
+    assert "traceparent" not in handle.calls[0].event.headers
+    assert [orjson.loads(c.event.body) for c in handle.calls] == [orjson.loads(body)["body"]] * 3
+    about = [(m, t) for m, t in log.traced if m in ("event will be retried", "event dead-lettered")]
+    assert about == [("event will be retried", trace_id)] * 2 + [("event dead-lettered", trace_id)]
+    assert {t for _, t in log.traced if t is not None} == {trace_id}

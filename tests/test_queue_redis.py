@@ -123,6 +123,10 @@ async def test_a_retry_waits_in_the_sorted_set_then_comes_back(made: list[RedisH
     assert b"10:last_error" in member
     assert b"CALL_TO_API_FAILED: BioT answered 503" in member
     assert [c.attempt for c in handle.calls] == [1, 2]
+    # The envelope had no trace: the parked one carries the trace its first delivery had.
+    traceparent = handle.calls[0].event.trace.traceparent
+    assert b'"traceparent":"%s"' % traceparent.encode() in member
+    assert handle.calls[1].event.headers["traceparent"] == traceparent
     assert await harness.redis.zcard(retry_key) == 0
 
 

@@ -16,8 +16,10 @@ from typing import Any, cast
 import orjson
 import pytest
 
+import worker.adapters
 from config.settings import SettingsError, load_settings
 from tests.queue_helpers import FakeLog, queue_settings, require_broker, serving
+from worker.adapters import open_source
 from worker.adapters.memory import MemorySource
 from worker.adapters.queue import (
     HOOKS,
@@ -27,10 +29,11 @@ from worker.adapters.queue import (
     Verdict,
     decode_reply,
     encode_reply,
-    open_source,
     parse_envelope,
+    published_envelope,
     pump,
     redact_url,
+    retry_envelope,
     retry_policy,
     split_url,
 )
@@ -116,6 +119,44 @@ def test_envelopes_are_checked_before_dispatch() -> None:
         parse_envelope(Delivery(b"[1]"), received_at=0.0, max_body_bytes=100)
     with pytest.raises(PayloadTooLarge):
         parse_envelope(Delivery(b" " * 65_737), received_at=0.0, max_body_bytes=100)
+
+
+UNTRACED = [
+    b'{"headers":{"hooktype":"NONSPECIFIC"},"body":{"key":"a"}}',
+    # Whitespace kept; a body string and a nested object that mention headers; empty headers.
+    b' {\n "body" : "{\\"headers\\": {}}" ,\n "headers" : { } ,"x":[{"headers":{}}]}\n',
+    # A key written with an escape, twice: the last one is the envelope's headers.
+    b'{"headers":{"a":"1"},"h\\u0065aders":{"b":"2"} ,"body":"\\u00e9"}',
+    # Trace headers that name no usable trace: a new one each time, unless one is added.
+    b'{"headers":{"TraceParent":"garbage","x-b3-traceid":"zz"},"body":null}',
+]
+
+
+@pytest.mark.parametrize("raw", UNTRACED)
+def test_a_retry_adds_the_trace_and_the_dead_letter_takes_it_out(raw: bytes) -> None:
+    first = parse_envelope(Delivery(raw), received_at=0.0, max_body_bytes=1000)
+    retried = retry_envelope(raw, first.trace, first.headers)
+    assert retried is not None
+    again = parse_envelope(Delivery(retried, 2), received_at=0.0, max_body_bytes=1000)
+    assert again.trace.trace_id == first.trace.trace_id
+    assert again.headers["traceparent"] == first.trace.traceparent
+    assert {**again.headers, "traceparent": "-"} == {**first.headers, "traceparent": "-"}
+    assert again.body == first.body
+    # Already carrying it: re-queued as it is, and dead-lettered as published.
+    assert retry_envelope(retried, again.trace, again.headers) is None
+    assert published_envelope(Delivery(retried, 3)) == raw
+    assert published_envelope(Delivery(raw, 3)) is None
+
+
+def test_a_message_naming_its_trace_is_retried_as_it_is() -> None:
+    for headers in ({"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+                    {"X-B3-TraceId": "c" * 16}, {"trace-id": "d" * 32}):  # fmt: skip
+        raw = orjson.dumps({"headers": headers, "body": {}})
+        event = parse_envelope(Delivery(raw), received_at=0.0, max_body_bytes=1000)
+        assert retry_envelope(raw, event.trace, event.headers) is None
+    # Not what a retry writes (the marker without the added header next to it): left alone.
+    forged = b'{"headers":{"traceparent":"x"},"x-biot-added":"traceparent","body":{}}'
+    assert published_envelope(Delivery(forged, 2)) is None
 
 
 def test_replies_are_function_url_responses() -> None:
@@ -266,6 +307,7 @@ def test_a_missing_queues_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyP
                                 ("aio_pika", "rabbitmq", "amqp://h/")):  # fmt: skip
         monkeypatch.setitem(sys.modules, client, None)  # as if it were not installed
         monkeypatch.delitem(sys.modules, f"worker.adapters.{module}", raising=False)
+        monkeypatch.delattr(worker.adapters, module, raising=False)  # as if never imported
         with pytest.raises(SettingsError) as refused:
             open_source(url, queue_settings(), FakeLog())
         scheme = url.split(":")[0]
@@ -297,9 +339,9 @@ def test_publish_is_importable_and_refuses_clearly_without_the_queues_extra() ->
     ]
 
 
-async def test_a_message_without_traceparent_has_one_trace_per_delivery() -> None:
-    """Retried, then dead-lettered: each delivery's lines (the dispatcher's, the retry, the dead
-    letter) and the reply carry one trace id, the one the event was built with."""
+async def test_a_message_without_traceparent_has_one_trace_over_its_deliveries() -> None:
+    """Retried, then dead-lettered: every delivery's lines (the dispatcher's, the retry, the dead
+    letter) and the reply carry one trace id, the one made up when the event was first built."""
 
     async def unavailable(event: NonSpecific, ctx: Context) -> dict[str, Any]:
         raise TransientApiError("BioT answered 503", status=503)
@@ -315,20 +357,20 @@ async def test_a_message_without_traceparent_has_one_trace_per_delivery() -> Non
             reply = await source.next_reply("box")
     about = ("event failed", "event will be retried", "event dead-lettered")
     lines = [(message, trace) for message, trace in log.traced if message in about]
-    first, second = lines[0][1], lines[2][1]
+    trace = lines[0][1]
+    assert trace is not None
     assert lines == [
-        ("event failed", first),
-        ("event will be retried", first),
-        ("event failed", second),
-        ("event dead-lettered", second),
+        ("event failed", trace),
+        ("event will be retried", trace),
+        ("event failed", trace),
+        ("event dead-lettered", trace),
     ]
-    assert first is not None and second is not None and first != second
     answered = parse_traceparent(decode_reply(reply.body)["headers"]["traceparent"])
-    assert answered is not None and answered.trace_id == second
-    assert {trace for _, trace in log.traced} <= {None, first, second}
-    assert [letter.reason for letter in source.dead_letters] == [
-        "CALL_TO_API_FAILED: BioT answered 503 (gave up after 2 attempts)"
-    ]
+    assert answered is not None and answered.trace_id == trace
+    assert {trace for _, trace in log.traced} <= {None, trace}
+    [letter] = source.dead_letters
+    assert letter.reason == "CALL_TO_API_FAILED: BioT answered 503 (gave up after 2 attempts)"
+    assert letter.body == orjson.dumps(envelope)  # as published
 
 
 async def test_a_bad_message_has_one_trace_for_its_reply_and_its_lines() -> None:

@@ -207,7 +207,7 @@ async def run_queue(
     ``worker consuming`` log line.
     """
     # The queue seam (and through it a broker client) is imported only when a queue is used.
-    from worker.adapters import queue
+    from worker.adapters import open_source, queue
 
     if urlsplit(url).scheme.lower() == "memory":
         raise SettingsError(["--source: memory:// is in-process only (see MemorySource)"])
@@ -215,7 +215,7 @@ async def run_queue(
         _signals_to_the_main_thread()
     async with WorkerApp(settings, routes, stream=stream) as app:
         try:
-            source = queue.open_source(url, settings, app.log)
+            source = open_source(url, settings, app.log)
         except SettingsError:
             raise
         except ValueError as exc:

@@ -17,7 +17,7 @@ the last ``capacity`` replies of each of the last ``capacity`` ``reply_to`` name
         async with asyncio.timeout(5):
             reply = await source.next_reply("me")
 
-URL form (for :func:`~worker.adapters.queue.open_source`):
+URL form (for :func:`~worker.adapters.open_source`):
 ``memory://?capacity=1024&max_attempts=5&retry_delay=1&retry_max_delay=60``.
 """
 
@@ -186,14 +186,17 @@ class MemorySource:
             self._reply(delivery.reply_to, Reply(delivery.correlation_id, decision.reply))
         if decision.verdict is Verdict.RETRY:
             message.attempt = delivery.attempt + 1
+            if decision.envelope is not None:
+                message.body = decision.envelope
             due = _now() + decision.delay
             heapq.heappush(self._delayed, (due, next(self._order), message))
             return
         if decision.verdict is Verdict.DEAD:
             if len(self.dead_letters) == self.dead_letters.maxlen:
                 self._log.warning("memory dead letters full; dropping the oldest")
+            body = message.body if decision.envelope is None else decision.envelope
             self.dead_letters.append(
-                DeadLetter(message.body, decision.reason, delivery.attempt, decision.status)
+                DeadLetter(body, decision.reason, delivery.attempt, decision.status)
             )
         self._release()
 

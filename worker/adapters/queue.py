@@ -14,15 +14,17 @@ declares, exit closes) with three methods: :meth:`~Source.receive` up to ``limit
   seconds, settles them, and cancels the rest, which stay unacknowledged and come back.
   Delivery is therefore **at least once**: a crash between handling and settling means a
   duplicate;
-- :func:`open_source` (a URL to a source) and :func:`consume` (serve it until ``stop``) are what
-  the runner calls.
+- :func:`consume` (serve a source until ``stop``) is what the runner calls, with a source from
+  :func:`worker.adapters.open_source` (a URL to a source; it imports the broker's module, which
+  imports this one, so it lives where no broker imports it).
 
 Decisions (:class:`Verdict`):
 
 - **ack**: handled. This includes an interceptor's :class:`~worker.errors.Block`, which is its
   answer, not a failure.
 - **retry**: a transient failure (timeout, 5xx from BioT, login outage) before the last attempt;
-  the source re-queues the message after ``delay`` with ``attempt + 1``.
+  the source re-queues the message (``envelope`` when set, see below) after ``delay`` with
+  ``attempt + 1``.
 - **dead**: a permanent failure (bad JWT, malformed or oversized envelope, a handler's bug), the
   last attempt of a transient one, or a message delivered more than ``max_attempts`` times
   without being settled (a consumer crashing on it). ``reason`` says why.
@@ -34,13 +36,16 @@ decision; nothing is sent for a retry. The reply is a Function URL response
 One message, one trace: a message that parses carries its trace in ``event.trace`` (read once,
 where the event is built), and every log line about it (the dispatcher's, a retry, a dead
 letter, a failed settle) and its reply carry that trace; a message that does not parse gets one
-trace, used for its error reply and its log lines alike.
+trace, used for its error reply and its log lines alike. A retry keeps the trace: when the
+envelope names none (no usable ``traceparent``, ``x-b3-traceid`` or ``trace-id``), the one made
+up for it is added to the re-queued envelope (:func:`retry_envelope`), and taken out again of
+its dead letter, which holds the envelope as published (:func:`published_envelope`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -49,7 +54,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from config.settings import Settings, SettingsError
+from config.settings import Settings
 from worker.dispatch import Outcome
 from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
 from worker.events import Event, HookType, event_from_envelope, lower_headers
@@ -65,17 +70,6 @@ RETRY_PARAMS = ("max_attempts", "retry_delay", "retry_max_delay")
 # An envelope is JSON text around the body (escaping can double it): refuse to parse beyond this.
 _ENVELOPE_SLACK = 65_536
 _RECEIVE_BACKOFF = (0.1, 5.0)  # first and largest pause after the broker failed a receive
-# Broker modules by URL scheme. They are named, not imported: each implements the seam defined
-# here, so importing one from this module would be a cycle, and the seam would load every broker
-# client. Each module has ``source_from_url(url, *, settings, log) -> Source``.
-_BROKERS = {
-    "redis": "redis_streams",
-    "rediss": "redis_streams",
-    "amqp": "rabbitmq",
-    "amqps": "rabbitmq",
-    "memory": "memory",
-}
-_CLIENTS = ("redis", "aio_pika", "aiormq", "pamqp")  # the queues extra's packages
 
 
 class SourceUnavailable(Exception):
@@ -116,6 +110,10 @@ class Decision:
     delay: float = 0.0  # seconds before the retry
     status: int | None = None  # the response status, when there was one
     trace: TraceContext | None = field(default=None, compare=False)  # the message's, for logs
+    # What to re-queue (retry) or dead-letter (dead) in place of the delivered body; None: the
+    # delivered body. Set only off the success path: a retry's envelope with the message's
+    # trace added, a dead letter's envelope as published (see :func:`retry_envelope`).
+    envelope: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +223,95 @@ def _headers_of(raw: bytes) -> Mapping[str, str]:
         return {}
 
 
+# ---------------------------------------------------------------- one trace across retries
+# A message without a usable trace header gets a trace made up where its event is built. So
+# that its next delivery is handled under that trace, not another made-up one, the envelope
+# re-queued for a retry is the delivered one, byte for byte, with ``"traceparent":"..."`` added
+# as the last member of its headers object and the marker ``"x-biot-added":"traceparent"`` as
+# the top-level member right after that object (an event ignores it). A dead letter drops both
+# again, so it holds the envelope as published. Both are found in the raw bytes (never by
+# re-serialising the JSON), and only on the retry and dead-letter paths.
+
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:]', re.DOTALL)  # strings, {}[]:
+_ADDED_MARK = b',"x-biot-added":"traceparent"'
+_ADDED_HEADER = re.compile(rb'(,?)"traceparent":"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"\Z')
+_OPEN, _QUOTE, _COLON = b"{[", ord('"'), ord(":")
+
+
+def _headers_span(raw: bytes) -> tuple[int, int] | None:
+    """The offsets of the ``{`` and ``}`` of the envelope's headers object in ``raw`` (a JSON
+    object): the last top-level ``headers`` member's, the one a JSON parser keeps."""
+    depth, start, key_at, keyed = 0, -1, -1, False
+    found: tuple[int, int] | None = None
+    for token in _TOKENS.finditer(raw):
+        at = token.start()
+        kind = raw[at]
+        if kind == _QUOTE:
+            if depth == 1:
+                key_at, keyed = at, False  # a key, or a value (then no colon follows)
+        elif kind == _COLON:
+            if depth == 1:
+                keyed = _is_headers_key(raw, key_at, at)
+        elif kind in _OPEN:
+            depth += 1
+            if depth == 2:
+                start = at if keyed and kind == _OPEN[0] else -1
+                keyed = False
+        else:
+            if depth == 2 and start >= 0:
+                found, start = (start, at), -1
+            depth -= 1
+    return found
+
+
+def _is_headers_key(raw: bytes, at: int, colon: int) -> bool:
+    key = raw[at:colon].rstrip()  # a short slice: a key, then whitespace before the colon
+    if key == b'"headers"':
+        return True
+    if b"\\" not in key or len(key) > 64:
+        return False
+    try:
+        return bool(orjson.loads(key) == "headers")  # written with escapes
+    except orjson.JSONDecodeError:
+        return False
+
+
+def retry_envelope(
+    raw: bytes, trace: TraceContext, headers: Mapping[str, str] | None
+) -> bytes | None:
+    """The envelope to re-queue for a retry of ``raw``, whose event has ``headers`` (lower-case)
+    and ``trace``: ``raw`` with ``trace`` added as its ``traceparent``, when its headers carry
+    no usable trace; ``None`` (re-queue ``raw`` as it is) when they do or ``raw`` has no
+    headers object."""
+    if headers is None or trace_from_headers(headers).trace_id == trace.trace_id:
+        return None  # the headers name the trace: the next delivery finds the same one
+    span = _headers_span(raw)
+    if span is None:
+        return None
+    start, end = span
+    comma = b"," if raw[start + 1 : end].strip() else b""
+    member = b'"traceparent":"%s"' % trace.traceparent.encode()
+    return b"".join((raw[:end], comma, member, b"}", _ADDED_MARK, raw[end + 1 :]))
+
+
+def published_envelope(delivery: Delivery) -> bytes | None:
+    """The envelope of ``delivery`` as published, when a retry added a trace to it (see
+    :func:`retry_envelope`); ``None`` when the delivered body is the published one."""
+    raw = delivery.body
+    if delivery.attempt < 2 or _ADDED_MARK not in raw:
+        return None
+    span = _headers_span(raw)
+    if span is None:
+        return None
+    start, end = span
+    added = _ADDED_HEADER.search(raw, start + 1, end)
+    if added is None or not raw.startswith(_ADDED_MARK, end + 1):
+        return None
+    if not added.group(1) and raw[start + 1 : added.start()].strip():
+        return None  # not what retry_envelope writes
+    return b"".join((raw[: added.start()], b"}", raw[end + 1 + len(_ADDED_MARK) :]))
+
+
 class Processor:
     """Decode, dispatch and judge one delivery; never raises (except ``CancelledError``).
 
@@ -256,18 +343,24 @@ class Processor:
                 )
             event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
         except WorkerError as exc:
-            return self._judge(delivery, self._refusal(delivery, exc))
+            return self._refusal(delivery, exc)
         outcome = await self._handle(event)
-        return self._judge(delivery, (outcome, event.trace))
+        return self._judge(delivery, outcome, event.trace, event.headers)
 
-    def _refusal(self, delivery: Delivery, exc: WorkerError) -> tuple[Outcome, TraceContext]:
-        """The error outcome of a message that never became an event, and its one trace."""
+    def _refusal(self, delivery: Delivery, exc: WorkerError) -> Decision:
+        """The decision on a message that never became an event, under its one trace."""
         too_large = _too_large(delivery.body, self._max_body)
         trace = trace_from_headers({} if too_large else _headers_of(delivery.body))
-        return Outcome(error_response(exc, trace, self._errors), exc), trace
+        return self._judge(delivery, Outcome(error_response(exc, trace, self._errors), exc), trace)
 
-    def _judge(self, delivery: Delivery, judged: tuple[Outcome, TraceContext]) -> Decision:
-        (outcome, trace), attempt = judged, delivery.attempt
+    def _judge(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        trace: TraceContext,
+        headers: Mapping[str, str] | None = None,
+    ) -> Decision:
+        attempt = delivery.attempt
         response, error = outcome.response, outcome.error
         reply = encode_reply(response) if delivery.reply_to else None
         if error is None or isinstance(error, Block):
@@ -278,11 +371,13 @@ class Processor:
             if outcome.transient and attempt < self._policy.max_attempts:
                 delay = self._policy.delay_for(attempt)
                 self._log.warning("event will be retried", reason=reason, attempt=attempt)
-                return Decision(Verdict.RETRY, None, reason, delay, response.status, trace)
+                body = retry_envelope(delivery.body, trace, headers)
+                return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, body)
             if outcome.transient:
                 reason += f" (gave up after {attempt} attempts)"
             self._log.error("event dead-lettered", reason=reason, attempts=attempt)
-            return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace)
+            return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
+                            envelope=published_envelope(delivery))  # fmt: skip
         finally:
             current_trace.reset(token)
 
@@ -346,7 +441,8 @@ class _Pump:
             decision = await self._process(delivery)
         except Exception as exc:  # a bug of ours: keep the message, in the dead letters
             self._log.exception("processing a queue message failed")
-            decision = Decision(Verdict.DEAD, reason=f"WORKER_ERROR: {type(exc).__name__}")
+            reason = f"WORKER_ERROR: {type(exc).__name__}"
+            decision = Decision(Verdict.DEAD, reason=reason, envelope=published_envelope(delivery))
         try:
             await self._source.settle(delivery, decision)
         except Exception as exc:
@@ -425,29 +521,6 @@ async def consume(
 
 
 # ---------------------------------------------------------------- URLs
-
-
-def open_source(url: str, settings: Settings, log: Log) -> Source:
-    """The (not yet entered) source for ``url``: ``redis://``/``rediss://`` (Redis Streams),
-    ``amqp://``/``amqps://`` (RabbitMQ) or ``memory://`` (in-process).
-
-    ``ValueError`` for an unknown scheme or a bad parameter; :class:`SettingsError` when the
-    broker's client library (the ``queues`` extra) is not installed. The broker's module is
-    imported here, on first use, so a worker that serves HTTP never loads a broker client.
-    """
-    scheme = urlsplit(url).scheme.lower()
-    name = _BROKERS.get(scheme)
-    if name is None:
-        raise ValueError(f"unknown queue URL scheme {scheme!r} (redis://, amqp:// or memory://)")
-    try:
-        module = importlib.import_module(f"{__package__}.{name}")
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in _CLIENTS:
-            raise
-        extra = "pip install 'biot-worker[queues]'"
-        raise SettingsError([f"--source: {scheme}:// needs the queues extra: {extra}"]) from None
-    source: Source = module.source_from_url(url, settings=settings, log=log)
-    return source
 
 
 def split_url(url: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:

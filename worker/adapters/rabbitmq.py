@@ -14,9 +14,10 @@ Topology, declared idempotently by the worker and by ``publish``:
 
 A message's body is the envelope; ``reply_to`` and ``correlation_id`` are its properties;
 the ``x-biot-attempt`` header counts attempts (1 when absent). Settling: the reply (default
-exchange, routing key ``reply_to``, same ``correlation_id``), then a copy to the retry queue of
-its delay (``attempt + 1``, ``x-biot-last-error``) or to ``QUEUE.dlx`` (``x-biot-reason``,
-``x-biot-attempts``, ``x-biot-status``), each confirmed by the broker, then the ack.
+exchange, routing key ``reply_to``, same ``correlation_id``), then a copy (its body the
+decision's ``envelope`` when set) to the retry queue of its delay (``attempt + 1``,
+``x-biot-last-error``) or to ``QUEUE.dlx`` (``x-biot-reason``, ``x-biot-attempts``,
+``x-biot-status``), each confirmed by the broker, then the ack.
 A message delivered again after a consumer died (``redelivered``) is first re-published with
 ``attempt + 1`` and acked, so one that keeps killing its consumer ends in the dead letters.
 """
@@ -213,12 +214,14 @@ class RabbitSource:
             headers = {ATTEMPT: delivery.attempt + 1, "x-biot-last-error": decision.reason}
             o = self.options
             retry = o.retry_queue(_ms(decision.delay)) if decision.delay else o.queue
-            await self._channel.default_exchange.publish(copy(message, headers), retry)
+            body = decision.envelope
+            await self._channel.default_exchange.publish(copy(message, headers, body), retry)
         elif decision.verdict is Verdict.DEAD:
             headers = {"x-biot-reason": decision.reason, "x-biot-attempts": delivery.attempt}
             if decision.status is not None:
                 headers["x-biot-status"] = decision.status
-            await self._exchange.publish(copy(message, headers), self.options.queue)
+            body = decision.envelope
+            await self._exchange.publish(copy(message, headers, body), self.options.queue)
 
     async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
         attempt = delivery_of(message).attempt + 1
@@ -237,11 +240,14 @@ async def _nack(message: AbstractIncomingMessage) -> None:
         await message.nack(requeue=True)
 
 
-def copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """``message`` to publish again, persistent, with ``headers`` added (broker ones dropped)."""
+def copy(
+    message: AbstractIncomingMessage, headers: dict[str, Any], body: bytes | None = None
+) -> aio_pika.Message:
+    """``message`` to publish again, persistent, with ``headers`` added (broker ones dropped),
+    its body replaced by ``body`` when given."""
     kept = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
     return aio_pika.Message(
-        message.body,
+        message.body if body is None else body,
         headers={**kept, **headers},
         content_type=message.content_type,
         content_encoding=message.content_encoding,

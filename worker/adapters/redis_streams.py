@@ -11,7 +11,8 @@ Entry fields: ``envelope`` (required), ``reply_to`` (a stream), ``correlation_id
 response}``, expiring after an hour), then ``XACK`` + ``XDEL`` and, for a retry, the entry with
 ``attempt + 1`` and ``last_error`` into the sorted set ``STREAM:retry`` (due time as score; a Lua
 script moves due entries back), for a dead letter an ``XADD`` to the dead-letter stream adding
-``reason``, ``attempts``, ``status``, ``source_id``, ``consumer``, ``dead_at`` (ms).
+``reason``, ``attempts``, ``status``, ``source_id``, ``consumer``, ``dead_at`` (ms). Either
+carries the decision's ``envelope``, when it has one, in place of the entry's.
 
 A dead consumer's pending entries are taken over with ``XAUTOCLAIM`` once idle ``claim_idle``
 seconds (keep it above the longest handler deadline, or a slow event is handled twice); each
@@ -197,6 +198,8 @@ class RedisStreamSource:
             pipe.expire(delivery.reply_to, REPLY_TTL)
         if decision.verdict is Verdict.RETRY:
             fields = {**entry.fields, b"attempt": b"%d" % (delivery.attempt + 1)}
+            if decision.envelope is not None:
+                fields[b"envelope"] = decision.envelope
             fields[b"last_error"] = decision.reason.encode()
             due = _ms() + round(decision.delay * 1000)
             pipe.zadd(o.retry_key, {netstrings(fields, retried_from=entry.id): due})
@@ -277,8 +280,10 @@ class RedisStreamSource:
 
     def _dead_fields(self, entry: Entry, delivery: Delivery, decision: Decision) -> dict[Any, Any]:
         status = b"" if decision.status is None else b"%d" % decision.status
+        envelope = {} if decision.envelope is None else {b"envelope": decision.envelope}
         return {
             **entry.fields,
+            **envelope,
             b"reason": decision.reason.encode(),
             b"attempts": b"%d" % delivery.attempt,
             b"status": status,
