@@ -86,6 +86,8 @@ class WorkerSettings(_Section):
     port: int = 8080
     max_in_flight: int = 256
     max_body_bytes: int = 1_048_576
+    body_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
     deadline_notification: float = 30.0
     deadline_interceptor: float = 2.5
     deadline_nonspecific: float = 30.0
@@ -291,6 +293,16 @@ SETTINGS: Final[tuple[Setting[Any], ...]] = (
     Setting(
         "WORKER_MAX_BODY_BYTES", "worker", "max_body_bytes", _int,
         "largest event body accepted; larger answers 413",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_BODY_TIMEOUT", "worker", "body_timeout", _float,
+        "seconds a client may take to send an event's body; slower answers 408",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_KEEPALIVE_TIMEOUT", "worker", "keepalive_timeout", _float,
+        "seconds an idle connection (or one still sending headers) stays open",
         check=_positive,
     ),
     Setting(

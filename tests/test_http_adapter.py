@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -35,6 +36,8 @@ async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
         max_in_flight: int = 16,
         max_body_bytes: int = 64 * 1024,
         ready: Callable[[], Awaitable[None]] = _ready,
+        body_timeout: float = 10.0,
+        keepalive_timeout: float = 75.0,
     ) -> TestServer:
         dispatcher, log = make_dispatcher(keys, routes)
         adapter = HttpAdapter(
@@ -43,9 +46,10 @@ async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
             max_body_bytes=max_body_bytes,
             ready=ready,
             log=log,
+            body_timeout=body_timeout,
         )
         server = TestServer(adapter.application(), host="127.0.0.1")
-        await server.start_server()
+        await server.start_server(keepalive_timeout=keepalive_timeout)
         servers.append(server)
         return server
 
@@ -171,3 +175,93 @@ async def test_health_and_readiness(serve: Serve) -> None:
         async with http.get(failing.make_url("/readyz")) as response:
             assert response.status == 503
             assert (await response.json())["code"] == "LOGIN_FAILED"
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response: its head and its body (by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
+SLOW_BODY = (
+    b"POST /plugin/hooks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 200\r\n\r\n{"patients": '
+)
+
+
+async def test_slow_bodies_hold_no_slot_and_get_408(serve: Serve) -> None:
+    """More slow-body connections than slots: genuine events still answer 2xx while the slow
+    ones stall; each slow one then gets 408 in BioT's shape and its connection is closed."""
+    body_timeout = 1.5
+    server = await serve(max_in_flight=4, body_timeout=body_timeout)
+    assert server.port is not None
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    answers: list[asyncio.Task[tuple[bytes, bytes]]] = []
+    try:
+        async with asyncio.timeout(15), ClientSession() as http:
+            for round_ in range(3):
+                for _ in range(4):  # 12 slow connections in all, three times the slots
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    streams.append((reader, writer))
+                    writer.write(SLOW_BODY)
+                    await writer.drain()
+                    answers.append(asyncio.create_task(_read_response(reader)))
+                for _ in range(3):  # genuine events interleaved with the stalled ones
+                    async with http.post(server.make_url("/plugin/hooks"), data=b"{}") as resp:
+                        assert resp.status == 200, round_
+                        assert (await resp.json())["patients"] == 3
+            assert not any(answer.done() for answer in answers), "a slow body was answered early"
+            async with http.get(server.make_url("/healthz")) as resp:
+                assert (await resp.json())["inFlight"] == 0
+            for answer in answers:
+                head, payload = await answer
+                assert head.startswith(b"HTTP/1.1 408 "), head
+                assert b"\r\nconnection: close" in head.lower()
+                error = orjson.loads(payload)
+                assert error["code"] == "REQUEST_TIMEOUT"
+                assert set(error) == {
+                    "code", "message", "serviceName", "traceId", "environment", "details"
+                }
+    finally:
+        for answer in answers:
+            answer.cancel()
+        for _, writer in streams:
+            writer.close()
+        await asyncio.gather(*answers, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="silent"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nhooktype: NOTI", id="slowloris-headers"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", id="idle-after-a-request"),
+    ],
+)
+async def test_idle_connection_is_closed_after_keepalive_timeout(
+    serve: Serve, sent: bytes
+) -> None:
+    server = await serve(keepalive_timeout=0.5)
+    assert server.port is not None
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        opened = loop.time()
+        writer.write(sent)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # returns once the server closes the connection
+        assert loop.time() - opened >= 0.4
+        if sent.endswith(b"\r\n\r\n"):
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        else:
+            assert answer == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -151,6 +151,7 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
         max_body_bytes=worker.max_body_bytes,
         ready=app.ready,
         log=app.log,
+        body_timeout=worker.body_timeout,
     )
     listening = False
 
@@ -171,6 +172,7 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
             stop=stop,
             grace=worker.shutdown_grace,
             started=on_listening,
+            keepalive_timeout=worker.keepalive_timeout,
         )
     except OSError as exc:
         if listening:
