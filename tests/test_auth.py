@@ -266,6 +266,8 @@ async def test_tampered_payload_is_refused(make: Callable[..., Harness], keys: K
         ("a.b.c", "malformed token"),
         ("...", "malformed token"),
         ("é.a.b", "malformed token"),
+        ("\udcff\udcfe.a.b", "malformed token"),  # header bytes that were not UTF-8
+        ("eyJh\udcc3.eyJ\udcff.sig", "malformed token"),
     ],
 )
 async def test_garbage_tokens(make: Callable[..., Harness], token: str, reason: str) -> None:

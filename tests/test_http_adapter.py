@@ -265,3 +265,40 @@ async def test_idle_connection_is_closed_after_keepalive_timeout(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        pytest.param(b"authorization: Bearer \xff\xfe.\xc3(.x", "JWT_ERROR", id="bearer-bad-utf8"),
+        pytest.param(b"authorization: Bearer ab\x01cd.ef.gh", "JWT_ERROR", id="bearer-control"),
+        pytest.param(b"authorization: Bearer \xc3\xa9t\xc3\xa9.a.b", "JWT_ERROR", id="bearer-utf8"),
+        pytest.param(b"hooktype: INTERCEPTOR_\xff\xfePRE", None, id="hooktype-bad-utf8"),
+        pytest.param(b"hooktype: NOTIF\x01ICATION", None, id="hooktype-control"),
+    ],
+)
+async def test_bad_bytes_in_headers_answer_4xx_in_biot_shape(
+    serve: Serve, header: bytes, code: str | None
+) -> None:
+    server = await serve()
+    body = b'{"metadata": {}}'
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nhooktype: INTERCEPTOR_PRE\r\n" + header + b"\r\n"
+        if header.startswith(b"authorization")
+        else b"POST / HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+    )
+    request += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    async with asyncio.timeout(10):
+        answer = await _raw_exchange(server, request, eof=False)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b"\x01" in header:  # aiohttp's parser refuses control characters: its plain 400
+        assert status.endswith(b" 400 Bad Request"), head
+        return
+    if code is None:  # an unknown hook type is handled as NONSPECIFIC
+        assert not status.startswith(b"HTTP/1.1 5"), head
+        return
+    assert status.startswith(b"HTTP/1.1 400 "), head
+    error = orjson.loads(payload)
+    assert error["code"] == code
+    assert set(error) == {"code", "message", "serviceName", "traceId", "environment", "details"}

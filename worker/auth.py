@@ -262,6 +262,8 @@ class JwtVerifier:
                 continue
             except jwt.PyJWTError as exc:
                 raise AuthError(_reason(exc)) from None
+            except UnicodeError:  # lone surrogates: header bytes that were not UTF-8
+                raise AuthError("malformed token") from None
             return self._check_exp(claims)
         raise _SignatureFailed("signature verification failed")
 

@@ -164,6 +164,8 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("authorization header is not a Bearer token")
+    if not token.isascii():  # a JWT is base64url and dots; this also stops undecodable bytes
+        raise AuthError("the Bearer token is not ASCII")
     return token.strip()
 
 
