@@ -225,7 +225,12 @@ async def test_slow_bodies_hold_no_slot_and_get_408(serve: Serve) -> None:
                 error = orjson.loads(payload)
                 assert error["code"] == "REQUEST_TIMEOUT"
                 assert set(error) == {
-                    "code", "message", "serviceName", "traceId", "environment", "details"
+                    "code",
+                    "message",
+                    "serviceName",
+                    "traceId",
+                    "environment",
+                    "details",
                 }
     finally:
         for answer in answers:
@@ -243,9 +248,7 @@ async def test_slow_bodies_hold_no_slot_and_get_408(serve: Serve) -> None:
         pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", id="idle-after-a-request"),
     ],
 )
-async def test_idle_connection_is_closed_after_keepalive_timeout(
-    serve: Serve, sent: bytes
-) -> None:
+async def test_idle_connection_is_closed_after_keepalive_timeout(serve: Serve, sent: bytes) -> None:
     server = await serve(keepalive_timeout=0.5)
     assert server.port is not None
     loop = asyncio.get_running_loop()

@@ -426,3 +426,56 @@ def test_uvloop_missing_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
     with pytest.raises(SettingsError, match="uvloop is not installed"):
         loop_factory("uvloop")
+
+
+async def test_slow_bodies_idle_sockets_and_bad_bytes_leave_events_answered(
+    emulator: tuple[Emulator, str],
+) -> None:
+    """``run`` wires WORKER_BODY_TIMEOUT and WORKER_KEEPALIVE_TIMEOUT: slow bodies hold no slot
+    and get 408, an idle socket is closed, undecodable bytes after Bearer answer 400 and are
+    logged."""
+    emu, url = emulator
+    worker = await start_worker(
+        emu, url, WORKER_MAX_IN_FLIGHT="2", WORKER_BODY_TIMEOUT="1", WORKER_KEEPALIVE_TIMEOUT="1"
+    )
+    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
+    streams: list[asyncio.StreamWriter] = []
+    try:
+        async with asyncio.timeout(START_TIMEOUT), aiohttp.ClientSession() as http:
+            slow = []
+            for _ in range(4):  # twice the slots
+                reader, writer = await asyncio.open_connection(host, int(port))
+                streams.append(writer)
+                writer.write(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a": ')
+                await writer.drain()
+                slow.append(asyncio.create_task(reader.readuntil(b"\r\n\r\n")))
+            idle_reader, idle_writer = await asyncio.open_connection(host, int(port))
+            streams.append(idle_writer)
+            event = signed(emu, "INTERCEPTOR_PRE", interceptor_body("INTERCEPTOR_PRE"))
+            status, _ = await post(http, worker.url, *event)
+            assert status == 200
+            assert not any(task.done() for task in slow)
+            for task in slow:
+                assert (await task).startswith(b"HTTP/1.1 408 ")
+            assert await idle_reader.read() == b""  # closed by the keep-alive timeout
+
+            reader, writer = await asyncio.open_connection(host, int(port))
+            streams.append(writer)
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: x\r\nhooktype: INTERCEPTOR_PRE\r\n"
+                b"authorization: Bearer \xff\xfe.\xc3(.x\r\ntraceparent: "
+                + TRACEPARENT.encode()
+                + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            )
+            answer = await reader.read()
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            assert b'"JWT_ERROR"' in answer
+            while True:  # the log line is written (bounded by the timeout above)
+                worker._more.clear()
+                if any(r.get("code") == "JWT_ERROR" for r in worker.records()):
+                    break
+                await worker._more.wait()
+    finally:
+        for writer in streams:
+            writer.close()
+        await stop_worker(worker)
