@@ -431,13 +431,15 @@ async def test_a_hanging_server_fails_within_the_event_deadline(
     upstream.replies.append(upstream.hang)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    reset = current_deadline.set(started + 0.05)
+    # Long enough for the request to reach the server on a loaded machine (it must be seen
+    # once); the bound only proves the call did not wait for the hanging server.
+    reset = current_deadline.set(started + 0.3)
     try:
         with pytest.raises(TransientApiError):
             await client.get("/x")
     finally:
         current_deadline.reset(reset)
-    assert loop.time() - started < 0.5
+    assert loop.time() - started < 5
     assert sleep.delays == []  # no time left for a retry
     assert len(upstream.seen) == 1
 
