@@ -254,7 +254,8 @@ def dumps_line(record: dict[str, Any]) -> bytes:
 
     A field JSON cannot hold (an int beyond 64 bits, a tuple as a dict key) becomes its ``str``;
     text UTF-8 cannot hold (a lone surrogate, as in a header decoded with ``surrogateescape``)
-    is written with ``?`` in its place. Only a record that fails pays for either.
+    is written escaped: the byte it stood for as ``\\xff``, another surrogate as ``\\udfff``.
+    Only a record that fails pays for either.
     """
     try:
         return orjson.dumps(record, default=_default, option=_OPTIONS)
@@ -303,5 +304,11 @@ def _without_surrogates(value: Any, depth: int) -> Any:
 
 
 def _utf8(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode (lone surrogates) replaced by ``?``."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped, so a log line shows
+    which bytes a client sent: ``surrogateescape``'s stand-ins as ``\\xNN``, others as
+    ``\\uNNNN``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes a header really carried
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
