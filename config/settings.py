@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 Section = Literal["biot", "worker"]
@@ -479,7 +480,8 @@ def _as_text(value: object) -> str:
 
 def shown(settings: Settings) -> dict[str, str]:
     """Each variable's value in effect as text, for ``biot-worker config``: a secret shows only
-    whether it is set, a public key only its length, an unset value ``(not set)``."""
+    whether it is set, a public key only its length, a URL no password, an unset value
+    ``(not set)``."""
     groups: dict[str, object] = {"biot": settings.biot, "worker": settings.worker}
     values: dict[str, str] = {}
     for s in SETTINGS:
@@ -490,6 +492,16 @@ def shown(settings: Settings) -> dict[str, str]:
             values[s.variable] = "(set, hidden)"
         elif s.variable == "BIOT_PUBLIC_KEY":
             values[s.variable] = f"(set, {len(str(value))} characters)"
+        elif s.variable == "BIOT_BASE_URL":
+            values[s.variable] = _without_password(str(value))
         else:
             values[s.variable] = _as_text(value)
     return values
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -430,3 +430,15 @@ def test_run_and_config_import_no_tool() -> None:
         "print('TOOLS', sorted(m for m in sys.modules if m.startswith(tools)))\n"
     )
     assert python(code).splitlines()[-1] == "TOOLS []"
+
+
+def test_config_hides_a_password_inside_the_base_url() -> None:
+    done = worker(
+        "config",
+        BIOT_BASE_URL="https://svc:pa55w0rd@biot.example.test/api",
+        BIOT_SERVICE_USER_ID="svc",
+        BIOT_SERVICE_USER_SECRET_KEY="secret",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pa55w0rd" not in done.stdout
+    assert "https://svc:***@biot.example.test/api" in done.stdout
