@@ -172,8 +172,8 @@ def closed_port() -> int:
 
 def test_biot_client_is_the_biot_api_handlers_see(client: BiotClient) -> None:
     api: BiotApi = client  # structural: mypy checks every method's signature here
-    public = {name for name in vars(BiotClient) if not name.startswith("_")}
-    assert public == {name for name in vars(BiotApi) if not name.startswith("_")}
+    public = {name for name in dir(BiotClient) if not name.startswith("_")}
+    assert public == {name for name in dir(BiotApi) if not name.startswith("_")}
     assert api is client
 
 

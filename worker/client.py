@@ -189,7 +189,104 @@ class _Call:
     trace: TraceContext
 
 
-class BiotClient:
+class ApiMethods:
+    """The verbs and the searches of :class:`BiotApi` on top of one ``request``: what the real
+    client and a test's stand-in (``worker.testing.FakeApi``) share, so both page alike."""
+
+    #: Pages :meth:`iter_search` may fetch before it stops with an error (``None``: no bound).
+    _max_search_pages: int | None = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        allow_interception: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - the signature of BiotApi.request
+    ) -> Any:
+        """See :meth:`BiotApi.request`."""
+        raise NotImplementedError
+
+    def _url_of(self, path: str) -> str:
+        """How an error names the URL of ``path``."""
+        return path
+
+    async def get(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.get`."""
+        return await self.request("GET", path, **options)
+
+    async def post(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.post`."""
+        return await self.request("POST", path, **options)
+
+    async def put(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.put`."""
+        return await self.request("PUT", path, **options)
+
+    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.patch`."""
+        return await self.request("PATCH", path, **options)
+
+    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> Any:
+        """See :meth:`BiotApi.delete`."""
+        return await self.request("DELETE", path, **options)
+
+    async def search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        page: int = 0,
+        limit: int = 30,
+        free_text: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> dict[str, Any]:
+        """See :meth:`BiotApi.search`; caller ``params`` are sent beside ``searchRequest``."""
+        search_request: dict[str, Any] = {"filter": dict(filter or {}), "page": page,
+                                          "limit": limit}
+        if sort:
+            search_request["sort"] = [dict(item) for item in sort]
+        if free_text:
+            search_request["freeTextSearch"] = free_text
+        options["params"] = {**(options.get("params") or {}), "searchRequest": search_request}
+        answer = await self.request("GET", path, **options)
+        if not isinstance(answer, dict):
+            raise ApiError("search answer is not a JSON object", method="GET",
+                           url=self._url_of(path))
+        return answer
+
+    async def iter_search(
+        self,
+        path: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        sort: list[Mapping[str, Any]] | None = None,
+        limit: int = 30,
+        free_text: str | None = None,
+        max_pages: int | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> AsyncIterator[dict[str, Any]]:
+        """See :meth:`BiotApi.iter_search`; stops at an empty page or once ``totalResults`` met."""
+        page, bound = 0, self._max_search_pages
+        while max_pages is None or page < max_pages:
+            if bound is not None and page >= bound:
+                name = type(self).__name__
+                raise RuntimeError(f"{name}.iter_search({path}): more than {bound} pages")
+            answer = await self.search(path, filter=filter, sort=sort, page=page, limit=limit,
+                                       free_text=free_text, **options)
+            data = answer.get("data") or []
+            for entity in data:
+                yield entity
+            if not data or _is_last_page(answer, page, limit, len(data)):
+                return
+            page += 1
+
+
+class BiotClient(ApiMethods):
     """Calls BioT's API with the service token, the current trace and the retry policy above."""
 
     def __init__(
@@ -244,73 +341,8 @@ class BiotClient:
         reply = await self._send(call)
         return _decode(reply, call.method, call.url)
 
-    async def get(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """See :meth:`BiotApi.get`."""
-        return await self.request("GET", path, **options)
-
-    async def post(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """See :meth:`BiotApi.post`."""
-        return await self.request("POST", path, **options)
-
-    async def put(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """See :meth:`BiotApi.put`."""
-        return await self.request("PUT", path, **options)
-
-    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """See :meth:`BiotApi.patch`."""
-        return await self.request("PATCH", path, **options)
-
-    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """See :meth:`BiotApi.delete`."""
-        return await self.request("DELETE", path, **options)
-
-    async def search(
-        self,
-        path: str,
-        *,
-        filter: Mapping[str, Any] | None = None,
-        sort: list[Mapping[str, Any]] | None = None,
-        page: int = 0,
-        limit: int = 30,
-        free_text: str | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> dict[str, Any]:
-        """See :meth:`BiotApi.search`; caller ``params`` are sent beside ``searchRequest``."""
-        search_request: dict[str, Any] = {"filter": dict(filter or {}), "page": page,
-                                          "limit": limit}
-        if sort:
-            search_request["sort"] = [dict(item) for item in sort]
-        if free_text:
-            search_request["freeTextSearch"] = free_text
-        options["params"] = {**(options.get("params") or {}), "searchRequest": search_request}
-        answer = await self.request("GET", path, **options)
-        if not isinstance(answer, dict):
-            raise ApiError("search answer is not a JSON object", method="GET",
-                           url=_public_url(_join_url(self._base_url, path)))
-        return answer
-
-    async def iter_search(
-        self,
-        path: str,
-        *,
-        filter: Mapping[str, Any] | None = None,
-        sort: list[Mapping[str, Any]] | None = None,
-        limit: int = 30,
-        free_text: str | None = None,
-        max_pages: int | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> AsyncIterator[dict[str, Any]]:
-        """See :meth:`BiotApi.iter_search`; stops at an empty page or once ``totalResults`` met."""
-        page = 0
-        while max_pages is None or page < max_pages:
-            answer = await self.search(path, filter=filter, sort=sort, page=page, limit=limit,
-                                       free_text=free_text, **options)
-            data = answer.get("data") or []
-            for entity in data:
-                yield entity
-            if not data or _is_last_page(answer, page, limit, len(data)):
-                return
-            page += 1
+    def _url_of(self, path: str) -> str:
+        return _public_url(_join_url(self._base_url, path))
 
     async def _send(self, call: _Call) -> _Reply:
         """Attempts until a 2xx, applying the 401 refresh and the retry policy."""

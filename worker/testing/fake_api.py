@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Unpack
+from typing import Any
 
-from worker.client import RequestOptions
+from worker.client import ApiMethods
 from worker.errors import ApiError
 
-_PAGE_LIMIT = 1000
 #: An answer: a JSON value, an exception to raise, or a function of the call giving either.
 Answer = Any | BaseException | Callable[["ApiCall"], Any]
 
@@ -37,13 +36,17 @@ class ApiCall:
         return dict(value) if isinstance(value, Mapping) else {}
 
 
-class FakeApi:
+class FakeApi(ApiMethods):
     """Answers each call with the answer configured for its method and path, and records it.
 
     Paths may be patterns (``fnmatch``: ``/organization/v1/users/patients/*``); the latest
     matching answer wins. An unconfigured search answers an empty page; any other unconfigured
-    call raises :class:`worker.ApiError` with upstream status 404, as BioT would.
+    call raises :class:`worker.ApiError` with upstream status 404, as BioT would. The verbs and
+    searches are the real client's (:class:`worker.client.ApiMethods`), so a handler pages
+    alike; ``iter_search`` over more than 1000 pages (an answer that never ends) is an error.
     """
+
+    _max_search_pages = 1000
 
     def __init__(self) -> None:
         self.calls: list[ApiCall] = []
@@ -92,75 +95,3 @@ class FakeApi:
         body = {"code": "NOT_FOUND", "message": "not configured in FakeApi"}
         message = f"BioT answered 404 to {call.method} {call.path}"
         return ApiError(message, status=404, method=call.method, url=call.path, body=body)
-
-    async def get(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """``request("GET", path)``."""
-        return await self.request("GET", path, **options)
-
-    async def post(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """``request("POST", path)``."""
-        return await self.request("POST", path, **options)
-
-    async def put(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """``request("PUT", path)``."""
-        return await self.request("PUT", path, **options)
-
-    async def patch(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """``request("PATCH", path)``."""
-        return await self.request("PATCH", path, **options)
-
-    async def delete(self, path: str, **options: Unpack[RequestOptions]) -> Any:
-        """``request("DELETE", path)``."""
-        return await self.request("DELETE", path, **options)
-
-    async def search(
-        self,
-        path: str,
-        *,
-        filter: Mapping[str, Any] | None = None,
-        sort: list[Mapping[str, Any]] | None = None,
-        page: int = 0,
-        limit: int = 30,
-        free_text: str | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> dict[str, Any]:
-        """A ``GET path`` with ``searchRequest`` in its params, as the real client sends it."""
-        search: dict[str, Any] = {"filter": dict(filter or {}), "page": page, "limit": limit}
-        if sort:
-            search["sort"] = [dict(item) for item in sort]
-        if free_text:
-            search["freeTextSearch"] = free_text
-        options["params"] = {**(options.get("params") or {}), "searchRequest": search}
-        answer = await self.request("GET", path, **options)
-        if not isinstance(answer, dict):
-            raise ApiError("search answer is not a JSON object", method="GET", url=path)
-        return answer
-
-    async def iter_search(
-        self,
-        path: str,
-        *,
-        filter: Mapping[str, Any] | None = None,
-        sort: list[Mapping[str, Any]] | None = None,
-        limit: int = 30,
-        free_text: str | None = None,
-        max_pages: int | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every entity of the pages :meth:`search` answers, until an empty or short page or
-        ``totalResults``; more than 1000 pages is an error (an answer that never ends)."""
-        page = 0
-        while max_pages is None or page < max_pages:
-            if page >= _PAGE_LIMIT:
-                raise RuntimeError(f"FakeApi.iter_search({path}): more than {_PAGE_LIMIT} pages")
-            answer = await self.search(
-                path, filter=filter, sort=sort, page=page, limit=limit, free_text=free_text,
-                **options,
-            )  # fmt: skip
-            data = answer.get("data") or []
-            for item in data:
-                yield item
-            total = answer.get("metadata", {}).get("page", {}).get("totalResults")
-            if len(data) < limit or (isinstance(total, int) and (page + 1) * limit >= total):
-                return
-            page += 1
