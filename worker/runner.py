@@ -29,7 +29,14 @@ from worker.app import StartupError, WorkerApp
 from worker.logs import Log
 from worker.routing import Router
 
-__all__ = ["StartupError", "StopSignals", "run_http", "run_queue", "stop_on_signals"]
+__all__ = [
+    "StartupError",
+    "StopSignals",
+    "http_adapter",
+    "run_http",
+    "run_queue",
+    "stop_on_signals",
+]
 
 Started = Callable[[WorkerApp, str], None]
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -143,9 +150,10 @@ async def run_http(
         app.log.info("worker stopped; closing resources")
 
 
-async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | None) -> None:
-    settings, worker = app.settings, app.settings.worker
-    adapter = HttpAdapter(
+def http_adapter(app: WorkerApp) -> HttpAdapter:
+    """The HTTP adapter in front of ``app``'s dispatcher, bounded by its settings."""
+    worker = app.settings.worker
+    return HttpAdapter(
         app.dispatcher,
         max_in_flight=worker.max_in_flight,
         max_body_bytes=worker.max_body_bytes,
@@ -153,6 +161,11 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
         log=app.log,
         body_timeout=worker.body_timeout,
     )
+
+
+async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | None) -> None:
+    settings, worker = app.settings, app.settings.worker
+    adapter = http_adapter(app)
     listening = False
 
     def on_listening(port: int) -> None:

@@ -125,6 +125,18 @@ def _to_web(response: Response) -> web.Response:
     return web.Response(status=response.status, body=response.body, headers=response.headers)
 
 
+def app_runner(adapter: HttpAdapter, *, grace: float, keepalive_timeout: float) -> web.AppRunner:
+    """aiohttp's runner of ``adapter`` (not set up): in-flight events get ``grace`` seconds at
+    cleanup, a connection idle (or still sending its headers) for ``keepalive_timeout`` closes."""
+    return web.AppRunner(
+        adapter.application(),
+        shutdown_timeout=grace,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=keepalive_timeout,
+    )
+
+
 async def serve(
     adapter: HttpAdapter,
     *,
@@ -138,13 +150,7 @@ async def serve(
     """Serve until ``stop`` is set, then drain in-flight events for up to ``grace`` seconds.
 
     A connection idle (or still sending its headers) for ``keepalive_timeout`` is closed."""
-    runner = web.AppRunner(
-        adapter.application(),
-        shutdown_timeout=grace,
-        access_log=None,
-        handle_signals=False,
-        keepalive_timeout=keepalive_timeout,
-    )
+    runner = app_runner(adapter, grace=grace, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -19,12 +19,13 @@ import aiohttp
 from aiohttp import web
 
 from config.settings import Settings
-from worker.adapters.http import HttpAdapter
+from worker.adapters.http import app_runner
 from worker.app import WorkerApp
 from worker.events import Event
 from worker.logs import CapturingLog
 from worker.responses import Response
 from worker.routing import Router
+from worker.runner import http_adapter
 from worker.testing.dev import subscribe_routes
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.testing.kit import kit_settings
@@ -137,17 +138,9 @@ class EmulatedBiot:
 
     @staticmethod
     async def _serve_worker(stack: AsyncExitStack, app: WorkerApp) -> str:
-        worker = app.settings.worker
-        adapter = HttpAdapter(
-            app.dispatcher,
-            max_in_flight=worker.max_in_flight,
-            max_body_bytes=worker.max_body_bytes,
-            ready=app.ready,
-            log=app.log,
-        )
-        runner = web.AppRunner(
-            adapter.application(), handle_signals=False, access_log=None, shutdown_timeout=2.0
-        )
+        # The same adapter and runner as biot-worker run, on a free loopback port.
+        keepalive = app.settings.worker.keepalive_timeout
+        runner = app_runner(http_adapter(app), grace=2.0, keepalive_timeout=keepalive)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, "127.0.0.1", 0)
