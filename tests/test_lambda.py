@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from config.settings import Settings
 from tests.conftest import TRACE_ID, TRACEPARENT, interceptor_body, settings_for
 from tests.fixture_plugin import PRE_MARK
 from worker.adapters import lambda_
@@ -62,14 +63,19 @@ class FakeContext:
         return self.remaining_ms
 
 
-@pytest.fixture
-def runtime(biot: BackgroundEmulator) -> Iterator[lambda_.LambdaRuntime]:
-    settings = settings_for(
+def settings_against(biot: BackgroundEmulator, **env: str) -> Settings:
+    """Test settings pointed at ``biot``, with ``env`` on top."""
+    return settings_for(
         BIOT_BASE_URL=biot.url,
         BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
         BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
-        WORKER_LOG_LEVEL="WARNING",
+        **env,
     )
+
+
+@pytest.fixture
+def runtime(biot: BackgroundEmulator) -> Iterator[lambda_.LambdaRuntime]:
+    settings = settings_against(biot, WORKER_LOG_LEVEL="WARNING")
     yield lambda_.configure(settings)
     lambda_.shutdown()
 
@@ -140,12 +146,7 @@ def test_lambda_remaining_time_bounds_the_handler(
     async def slow(view: PreInterception, ctx: Context) -> None:
         await asyncio.Event().wait()
 
-    settings = settings_for(
-        BIOT_BASE_URL=biot.url,
-        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
-        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
-        WORKER_LOG_LEVEL="ERROR",
-    )
+    settings = settings_against(biot, WORKER_LOG_LEVEL="ERROR")
     lambda_.configure(settings, Router().pre(slow, entity="patient"))
     try:
         token = biot.emulator.sign_token(scopes=["PLUGIN_INTERCEPTOR"])
@@ -159,11 +160,7 @@ def test_lambda_remaining_time_bounds_the_handler(
 
 def test_log_lines_are_written_before_the_invocation_returns(biot: BackgroundEmulator) -> None:
     # A frozen container runs no timer: the event's line must be out when handler() returns.
-    settings = settings_for(
-        BIOT_BASE_URL=biot.url,
-        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
-        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
-    )
+    settings = settings_against(biot)
     stream = io.BytesIO()
     lambda_.configure(settings, stream=stream)
     try:
@@ -177,12 +174,8 @@ def test_log_lines_are_written_before_the_invocation_returns(biot: BackgroundEmu
 
 
 def test_routes_come_from_worker_routes(biot: BackgroundEmulator) -> None:
-    settings = settings_for(
-        BIOT_BASE_URL=biot.url,
-        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
-        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
-        WORKER_LOG_LEVEL="WARNING",
-        WORKER_ROUTES="tests.other_plugin:build_routes",
+    settings = settings_against(
+        biot, WORKER_LOG_LEVEL="WARNING", WORKER_ROUTES="tests.other_plugin:build_routes"
     )
     runtime = lambda_.configure(settings)
     try:
@@ -207,11 +200,7 @@ def test_a_bad_worker_routes_is_a_one_line_route_error() -> None:
 def test_a_scheduler_event_is_not_warned_about_as_a_missing_hooktype(
     biot: BackgroundEmulator,
 ) -> None:
-    settings = settings_for(
-        BIOT_BASE_URL=biot.url,
-        BIOT_SERVICE_USER_ID=biot.emulator.service_user_id,
-        BIOT_SERVICE_USER_SECRET_KEY=biot.emulator.service_user_secret,
-    )
+    settings = settings_against(biot)
     stream = io.BytesIO()
     lambda_.configure(settings, stream=stream)
     try:
