@@ -89,6 +89,10 @@ class WorkerSettings(_Section):
     max_body_bytes: int = 1_048_576
     body_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    header_timeout: float = 10.0
+    max_connections: int = 1000
+    health_port: int | None = None
+    broker_timeout: float = 10.0
     deadline_notification: float = 30.0
     deadline_interceptor: float = 2.5
     deadline_nonspecific: float = 30.0
@@ -220,6 +224,14 @@ def _port_number(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"must be between 0 and 65535, got {value}"
 
 
+def _opt_int(raw: str) -> int | None:
+    return int(raw) if raw.strip() else None
+
+
+def _opt_port_number(value: int | None) -> str | None:
+    return None if value is None else _port_number(value)
+
+
 def _describe(exc: ValueError) -> str:
     text = str(exc)
     if text.startswith("invalid literal") or text.startswith("could not convert"):
@@ -303,7 +315,28 @@ SETTINGS: Final[tuple[Setting[Any], ...]] = (
     ),
     Setting(
         "WORKER_KEEPALIVE_TIMEOUT", "worker", "keepalive_timeout", _float,
-        "seconds an idle connection (or one still sending headers) stays open",
+        "seconds an idle keep-alive connection stays open",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_HEADER_TIMEOUT", "worker", "header_timeout", _float,
+        "seconds a client may take to send a request's headers; slower is disconnected",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_MAX_CONNECTIONS", "worker", "max_connections", _int,
+        "open HTTP connections at most (capped by the file descriptor limit); "
+        "past it the longest-idle one is closed",
+        check=_positive,
+    ),
+    Setting(
+        "WORKER_HEALTH_PORT", "worker", "health_port", _opt_int,
+        "port a queue worker serves /healthz and /readyz on (unset: WORKER_PORT)",
+        check=_opt_port_number,
+    ),
+    Setting(
+        "WORKER_BROKER_TIMEOUT", "worker", "broker_timeout", _float,
+        "seconds one broker operation (read, ack, publish, connect) may take",
         check=_positive,
     ),
     Setting(

@@ -44,6 +44,7 @@ from worker.client import BiotApi
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, PayloadTooLarge, TransientApiError
 from worker.events import HookType, NonSpecific
+from worker.logs import Throttle, describe
 from worker.responses import Response
 from worker.routing import Context, Router
 from worker.runner import run_queue
@@ -254,7 +255,7 @@ class FlakySource:
             self.receive_failures -= 1
             raise ConnectionError("broker went away")
         batch, self.messages = self.messages[:limit], self.messages[limit:]
-        return [Delivery(body) for body in batch]
+        return [Delivery(body, ref=body.decode()) for body in batch]
 
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
         if self.settle_failures:
@@ -279,16 +280,68 @@ async def test_pump_survives_broker_errors_and_dead_letters_a_crashing_process()
 
     async with asyncio.timeout(10):
         await pump(inbox, process, stop=stop, max_in_flight=1, grace=1.0, log=log)
-    assert log.find("receiving from the queue failed") == [
-        {"error": "ConnectionError('broker went away')"}
+    assert log.find("receiving from the queue failed; trying again") == [
+        {"error": "ConnectionError: broker went away", "retry_in": 0.1}
     ]
     unsettled = "settling a queue message failed; the broker will deliver it again"
     [failed] = log.find(unsettled)
-    assert failed["verdict"] == "ack"
+    assert failed == {"error": "ConnectionError: broker went away", "ref": "a", "verdict": "ack"}
     assert (unsettled, traces[b"a"].trace_id) in log.traced  # under the message's trace
     assert inbox.settled == [(b"b", Verdict.ACK), (b"c", Verdict.DEAD)]
-    assert log.find("processing a queue message failed") == [{}]
+    assert log.find("processing a queue message failed") == [{"ref": "c"}]
     assert inbox.halted
+
+
+class StuckSource(FlakySource):
+    """A broker connection that died silently: every settle waits for ever."""
+
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_settle_stuck_on_a_dead_connection_frees_its_slot_after_broker_timeout() -> (
+    None
+):
+    inbox, log, stop = StuckSource([b"a", b"b", b"c"]), FakeLog(), asyncio.Event()
+    inbox.receive_failures = 0
+    seen: list[bytes] = []
+
+    async def process(delivery: Delivery) -> Decision:
+        seen.append(delivery.body)
+        if len(seen) == 3:
+            stop.set()
+        return Decision(Verdict.ACK)
+
+    async with asyncio.timeout(10):  # one slot: b and c need a's slot back
+        await pump(inbox, process, stop=stop, max_in_flight=1, grace=1.0, log=log, op_timeout=0.05)
+    assert seen == [b"a", b"b", b"c"]
+    failed = log.find("settling a queue message failed; the broker will deliver it again")
+    assert [line["ref"] for line in failed] == ["a"]  # b, c: the same error, within a second
+    assert failed[0]["error"] == "TimeoutError"
+
+
+def test_a_throttle_writes_a_repeating_fault_once_per_interval_with_the_count_held_back() -> None:
+    now = [0.0]
+    log = FakeLog()
+    throttle = Throttle(log, interval=1.0, clock=lambda: now[0])
+    written = []
+    for step in range(25):  # 2.5 s of a fault every 0.1 s, and another one once
+        now[0] = step / 10
+        written.append(throttle.warning("receive failed", key="refused", error="refused"))
+    assert throttle.warning("receive failed", key="timeout", error="timeout")
+    assert log.find("receive failed") == [
+        {"error": "refused"},
+        {"error": "refused", "suppressed": 9},
+        {"error": "refused", "suppressed": 9},
+        {"error": "timeout"},
+    ]
+    assert written.count(True) == 3
+
+
+def test_describe_keeps_the_message_that_repr_of_some_errors_drops() -> None:
+    assert describe(ConnectionError("refused")) == "ConnectionError: refused"
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(ValueError("x" * 500), limit=20) == "ValueError: xxxxx..."
 
 
 def test_a_missing_broker_skips_outside_ci_and_fails_under_ci(

@@ -58,7 +58,7 @@ from config.settings import Settings
 from worker.dispatch import Outcome
 from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
 from worker.events import Event, HookType, event_from_envelope, lower_headers
-from worker.logs import Log
+from worker.logs import Log, Throttle, describe
 from worker.responses import ErrorContext, Response, error_response
 from worker.tracing import TraceContext, current_trace, trace_from_headers
 
@@ -69,7 +69,7 @@ HOOKS = tuple(hook.value for hook in HookType)
 RETRY_PARAMS = ("max_attempts", "retry_delay", "retry_max_delay")
 # An envelope is JSON text around the body (escaping can double it): refuse to parse beyond this.
 _ENVELOPE_SLACK = 65_536
-_RECEIVE_BACKOFF = (0.1, 5.0)  # first and largest pause after the broker failed a receive
+_RECEIVE_BACKOFF = (0.1, 2.0)  # first and largest pause after the broker failed a receive
 
 
 class SourceUnavailable(Exception):
@@ -84,7 +84,8 @@ class Delivery:
     """One message as a broker handed it over.
 
     ``message`` is the broker's own handle (a stream entry, an AMQP message), given back to
-    :meth:`Source.settle`; nothing else reads it.
+    :meth:`Source.settle`; nothing else reads it. ``ref`` names the message in log lines (a
+    stream entry id, a delivery tag).
     """
 
     body: bytes
@@ -92,6 +93,7 @@ class Delivery:
     reply_to: str | None = None
     correlation_id: str | None = None
     message: Any = field(default=None, compare=False, repr=False)
+    ref: str = field(default="", compare=False)
 
 
 class Verdict(StrEnum):
@@ -155,12 +157,16 @@ class Source(Protocol):
     ) -> None: ...
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
-        """Up to ``limit`` messages, waiting at most a short poll interval; ``[]`` if none."""
+        """Up to ``limit`` messages, waiting at most a short poll interval; ``[]`` if none.
+
+        Raises when the broker fails; the next call reconnects (and recreates what the source
+        needs) by itself, so the caller only waits a bounded backoff and calls again."""
         ...
 
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
         """Reply, then ack, re-queue for a retry, or dead-letter the delivery per ``decision``;
-        acknowledged only once the outcome is durable."""
+        acknowledged only once the outcome is durable. Raises when that could not be done: the
+        message is then not acknowledged and the broker delivers it again."""
         ...
 
     async def halt(self) -> None:
@@ -370,12 +376,16 @@ class Processor:
         try:
             if outcome.transient and attempt < self._policy.max_attempts:
                 delay = self._policy.delay_for(attempt)
-                self._log.warning("event will be retried", reason=reason, attempt=attempt)
+                self._log.warning(
+                    "event will be retried", reason=reason, attempt=attempt, ref=delivery.ref
+                )
                 body = retry_envelope(delivery.body, trace, headers)
                 return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, body)
             if outcome.transient:
                 reason += f" (gave up after {attempt} attempts)"
-            self._log.error("event dead-lettered", reason=reason, attempts=attempt)
+            self._log.error(
+                "event dead-lettered", reason=reason, attempts=attempt, ref=delivery.ref
+            )
             return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
                             envelope=published_envelope(delivery))  # fmt: skip
         finally:
@@ -387,11 +397,17 @@ class Processor:
 
 class _Pump:
     def __init__(
-        self, source: Source, process: Callable[[Delivery], Awaitable[Decision]], log: Log
+        self,
+        source: Source,
+        process: Callable[[Delivery], Awaitable[Decision]],
+        log: Log,
+        op_timeout: float,
     ) -> None:
         self._source = source
         self._process = process
         self._log = log
+        self._throttle = Throttle(log)
+        self._op_timeout = op_timeout
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
 
@@ -418,9 +434,14 @@ class _Pump:
                 await self._wake.wait()
                 continue
             try:
-                batch = await self._source.receive(free)
+                async with asyncio.timeout(self._op_timeout):
+                    batch = await self._source.receive(free)
             except Exception as exc:  # broker trouble: keep the worker alive and try again
-                self._log.warning("receiving from the queue failed", error=repr(exc)[:300])
+                error = describe(exc)
+                self._throttle.warning(
+                    "receiving from the queue failed; trying again", key=error, error=error,
+                    retry_in=pause,
+                )  # fmt: skip
                 await wait_or_stop(stop, pause)
                 pause = min(_RECEIVE_BACKOFF[1], pause * 2)
                 continue
@@ -440,17 +461,22 @@ class _Pump:
         try:
             decision = await self._process(delivery)
         except Exception as exc:  # a bug of ours: keep the message, in the dead letters
-            self._log.exception("processing a queue message failed")
+            self._log.exception("processing a queue message failed", ref=delivery.ref)
             reason = f"WORKER_ERROR: {type(exc).__name__}"
             decision = Decision(Verdict.DEAD, reason=reason, envelope=published_envelope(delivery))
         try:
-            await self._source.settle(delivery, decision)
+            # Bounded whatever the source does: a dead connection must not hold the slot.
+            async with asyncio.timeout(self._op_timeout):
+                await self._source.settle(delivery, decision)
         except Exception as exc:
             token = current_trace.set(decision.trace)
-            self._log.error(
+            error = describe(exc)
+            self._throttle.error(
                 "settling a queue message failed; the broker will deliver it again",
+                key=error,
+                error=error,
+                ref=delivery.ref,
                 verdict=decision.verdict.value,
-                error=repr(exc)[:300],
             )
             current_trace.reset(token)
 
@@ -482,10 +508,15 @@ async def pump(
     max_in_flight: int,
     grace: float,
     log: Log,
+    op_timeout: float = 10.0,
 ) -> None:
     """Receive from ``source``, process at most ``max_in_flight`` at once, settle each; drain on
-    ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled)."""
-    await _Pump(source, process, log).run(stop=stop, max_in_flight=max_in_flight, grace=grace)
+    ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled). One receive and
+    one settle may take ``op_timeout`` seconds at most (then it counts as failed).
+
+    Repeated identical failures (the broker is down) are logged at most once a second each."""
+    pumping = _Pump(source, process, log, op_timeout)
+    await pumping.run(stop=stop, max_in_flight=max_in_flight, grace=grace)
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
@@ -517,6 +548,7 @@ async def consume(
         max_in_flight=worker.max_in_flight,
         grace=worker.shutdown_grace,
         log=log,
+        op_timeout=worker.broker_timeout,
     )
 
 

@@ -266,7 +266,8 @@ def delivery_of(message: AbstractIncomingMessage) -> Delivery:
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
-    return Delivery(message.body, attempt, message.reply_to, message.correlation_id, message)
+    ref = f"{message.delivery_tag}" if message.delivery_tag is not None else ""
+    return Delivery(message.body, attempt, message.reply_to, message.correlation_id, message, ref)
 
 
 def envelope_message(

@@ -312,6 +312,7 @@ def delivery_of(entry: Entry, redelivered: int = 0) -> Delivery:
         reply_to.decode("utf-8", "replace") if reply_to else None,
         correlation.decode("utf-8", "replace") if correlation is not None else None,
         entry,
+        entry.id.decode(),
     )
 
 

@@ -19,7 +19,9 @@ the records as dicts, for tests. Inside it:
 - :mod:`worker.logs.aio`: ``AioLog``, aiologger behind the same protocol; an optional extra,
   imported only by :func:`open_log` when it is chosen;
 - :mod:`worker.logs.bridge`: other libraries' stdlib log records into a :class:`Log`, and
-  :class:`LoggerLog`, a :class:`Log` over a stdlib logger.
+  :class:`LoggerLog`, a :class:`Log` over a stdlib logger;
+- :mod:`worker.logs.throttle`: :class:`Throttle`, at most one line a second for a repeating
+  fault, and :func:`describe`, an error as ``Type: message``.
 
 Backends write the same bytes; both are async context managers with an idempotent
 ``aclose()`` that flushes every record logged before it, and neither ever closes the stream.
@@ -35,6 +37,7 @@ from worker.logs.bridge import LoggerLog, bridge_stdlib_logging
 from worker.logs.core import Backend, BoundLog, Clock, Log, Stream
 from worker.logs.records import REDACTED, Level, redact, threshold
 from worker.logs.stdlib import StdlibLog
+from worker.logs.throttle import Throttle, describe
 
 __all__ = [
     "REDACTED",
@@ -47,7 +50,9 @@ __all__ = [
     "LoggerLog",
     "StdlibLog",
     "Stream",
+    "Throttle",
     "bridge_stdlib_logging",
+    "describe",
     "open_log",
     "redact",
 ]
