@@ -18,7 +18,13 @@ import aiohttp
 
 from config.settings import Settings
 from worker.auth import JwtVerifier, PublicKeys
-from worker.client import BiotClient, fetch_public_key_texts, open_session, service_login
+from worker.client import (
+    BiotClient,
+    BiotContact,
+    fetch_public_key_texts,
+    open_session,
+    service_login,
+)
 from worker.dispatch import Dispatcher
 from worker.errors import LoginError, WorkerError
 from worker.logs import Backend, Log, bridge_stdlib_logging, open_log
@@ -61,6 +67,8 @@ class WorkerApp:
         self.verifier: JwtVerifier | None
         self.api: BiotClient
         self.dispatcher: Dispatcher
+        #: When BioT last answered, and how many logins and key fetches were tried (health).
+        self.contact = BiotContact()
 
     async def __aenter__(self) -> WorkerApp:
         stack = AsyncExitStack()
@@ -130,6 +138,7 @@ class WorkerApp:
             backoff_max=worker.api_backoff_max,
             user_agent=USER_AGENT,
             log=self.log,
+            contact=self.contact,
         )
         self.dispatcher = Dispatcher(
             routes=self.routes,
@@ -171,12 +180,16 @@ class WorkerApp:
             biot.service_user_id,
             biot.service_user_secret,
             timeout=self.settings.worker.api_timeout,
+            contact=self.contact,
         )
 
     async def _fetch_keys(self) -> PublicKeys:
         assert self._session is not None
         current, previous = await fetch_public_key_texts(
-            self._session, self._base_url, timeout=self.settings.worker.api_timeout
+            self._session,
+            self._base_url,
+            timeout=self.settings.worker.api_timeout,
+            contact=self.contact,
         )
         return PublicKeys(current, previous)
 
@@ -201,7 +214,7 @@ class ServiceLogin:
     """The service user's login, holding only what it needs: the token cache calls it, and
     through the BioT client a handler could reach it, so it must not lead to the settings."""
 
-    __slots__ = ("_base_url", "_secret", "_session", "_timeout", "_user_id")
+    __slots__ = ("_base_url", "_contact", "_secret", "_session", "_timeout", "_user_id")
 
     def __init__(
         self,
@@ -211,12 +224,14 @@ class ServiceLogin:
         secret: str | None,
         *,
         timeout: float,
+        contact: BiotContact | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url
         self._user_id = user_id
         self._secret = secret
         self._timeout = timeout
+        self._contact = contact
 
     def __repr__(self) -> str:
         return f"ServiceLogin({self._base_url!r}, user={self._user_id!r})"
@@ -231,6 +246,7 @@ class ServiceLogin:
             self._secret,
             timeout=self._timeout,
             user_agent=USER_AGENT,
+            contact=self._contact,
         )
         try:
             # The JWT's own exp is whole seconds while accessTokenExpiration has milliseconds:

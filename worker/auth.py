@@ -232,6 +232,25 @@ class JwtVerifier:
         """Make sure a key is loaded (fetching if needed); raise :class:`AuthError` if it cannot."""
         await self._current_keys()
 
+    # ------------------------------------------------------------ status, for health probes
+
+    @property
+    def fetches_keys(self) -> bool:
+        """Whether keys come from BioT (``False``: a static ``BIOT_PUBLIC_KEY``)."""
+        return self._fetch is not None
+
+    def key_age(self) -> float | None:
+        """Seconds since the keys in use were fetched; ``None`` when none is loaded, or the key
+        is static. Past ``key_ttl`` they are still used while refetching fails."""
+        if not self._keys or self._fetch is None:
+            return None
+        return self._clock() - self._loaded_at
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last key fetch failed, until one succeeds; ``None`` otherwise."""
+        return self._last_error or None
+
     # ------------------------------------------------------------ verification
 
     async def _verify_uncached(self, token: str) -> Mapping[str, Any]:
@@ -326,6 +345,7 @@ class JwtVerifier:
             self._last_error = _describe(exc)
             self._log.warning("could not fetch BioT public key", error=self._last_error)
             raise AuthError(f"could not fetch BioT public key: {self._last_error}") from exc
+        self._last_error = ""
         self._install(keys)
 
     def _install(self, keys: tuple[_Key, ...]) -> None:

@@ -53,7 +53,8 @@ from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
 from worker.tracing import TraceContext, current_trace, new_trace, remaining
 
 __all__ = [
-    "DEFAULT_USER_AGENT", "LOGIN_PATH", "PUBLIC_KEY_PATH", "BiotApi", "BiotClient", "ClientLog",
+    "DEFAULT_USER_AGENT", "LOGIN_PATH", "PUBLIC_KEY_PATH", "BiotApi", "BiotClient", "BiotContact",
+    "ClientLog",
     "RequestOptions", "TokenSource", "create_session", "fan_out", "fetch_public_key_texts",
     "make_ssl_context", "open_session", "parse_retry_after", "service_login",
 ]  # fmt: skip
@@ -172,6 +173,21 @@ class _SilentLog:
 
     def warning(self, message: str, /, **fields: Any) -> None:
         pass
+
+
+class BiotContact:
+    """When BioT last answered a call of ours, for health probes: ``answered_at`` is the
+    ``time.monotonic()`` of the last response received (any status; ``None``: none yet),
+    ``logins`` and ``key_fetches`` count the service-user logins and public-key fetches tried.
+    One is shared by the client, the login and the key fetch; recording an answer stores a float.
+    """
+
+    __slots__ = ("answered_at", "key_fetches", "logins")
+
+    def __init__(self) -> None:
+        self.answered_at: float | None = None
+        self.logins = 0
+        self.key_fetches = 0
 
 
 # ---------------------------------------------------------------- API calls
@@ -303,7 +319,9 @@ class BiotClient(ApiMethods):
         log: ClientLog | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
+        contact: BiotContact | None = None,
     ) -> None:
+        """``contact`` records when BioT last answered (see :class:`BiotContact`)."""
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._tokens = tokens
@@ -315,6 +333,7 @@ class BiotClient(ApiMethods):
         self._log: ClientLog = log if log is not None else _SilentLog()
         self._sleep = sleep
         self._random = random
+        self._contact = contact
 
     async def request(
         self,
@@ -375,7 +394,7 @@ class BiotClient(ApiMethods):
         headers["Authorization"] = f"Bearer {token}"  # last: a caller's header never replaces it
         limit = call.timeout if left is None else min(call.timeout, left)
         reply = await _exchange(self._session, call.method, call.url, headers, limit,
-                                params=call.params, body=call.body)
+                                params=call.params, body=call.body, contact=self._contact)
         if reply.status >= 300:
             raise _error_for(reply, call.method, call.url)
         return reply
@@ -418,14 +437,18 @@ async def service_login(
     *,
     timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own: one login serves every event
     user_agent: str = DEFAULT_USER_AGENT,
+    contact: BiotContact | None = None,
 ) -> tuple[str, str]:
-    """``POST`` :data:`LOGIN_PATH` once: ``(accessToken, accessTokenExpiration)``, or LoginError."""
+    """``POST`` :data:`LOGIN_PATH` once: ``(accessToken, accessTokenExpiration)``, or LoginError;
+    counted in ``contact.logins``."""
     url = _join_url(base_url, LOGIN_PATH)
+    if contact is not None:
+        contact.logins += 1
     trace = current_trace.get() or new_trace()
     body = orjson.dumps({"id": user_id, "secretKey": secret})
     try:
         reply = await _exchange(session, "POST", url, _headers(user_agent, trace, True), timeout,
-                                body=body)
+                                body=body, contact=contact)
     except ApiError as error:
         raise _login_error(error.message, url) from error
     if reply.status >= 300:
@@ -469,10 +492,14 @@ async def fetch_public_key_texts(
     base_url: str,
     *,
     timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own, like the login
+    contact: BiotContact | None = None,
 ) -> tuple[str, str | None]:
-    """``GET`` :data:`PUBLIC_KEY_PATH`, no token nor trace: ``(publicKey, previous or None)``."""
+    """``GET`` :data:`PUBLIC_KEY_PATH`, no token nor trace: ``(publicKey, previous or None)``;
+    counted in ``contact.key_fetches``."""
     url = _join_url(base_url, PUBLIC_KEY_PATH)
-    reply = await _exchange(session, "GET", url, {"Accept": _ACCEPT}, timeout)
+    if contact is not None:
+        contact.key_fetches += 1
+    reply = await _exchange(session, "GET", url, {"Accept": _ACCEPT}, timeout, contact=contact)
     if reply.status >= 300:
         raise _error_for(reply, "GET", url)
     answer = _decode(reply, "GET", url)
@@ -597,8 +624,10 @@ async def _exchange(
     *,
     params: list[tuple[str, str]] | None = None,
     body: bytes | None = None,
+    contact: BiotContact | None = None,
 ) -> _Reply:
-    """One request with exactly ``headers``, its body read within ``limit`` seconds, any status.
+    """One request with exactly ``headers``, its body read within ``limit`` seconds, any status;
+    a response (its status line and headers) sets ``contact.answered_at``.
 
     Timeouts and connection failures raise :class:`TransientApiError`, a malformed URL
     :class:`ApiError`; nothing here retries.
@@ -609,6 +638,8 @@ async def _exchange(
                 method, url, params=params, data=body, headers=headers,
                 timeout=_UNBOUNDED, allow_redirects=False,  # the token never follows a redirect
             ) as response:
+                if contact is not None:
+                    contact.answered_at = time.monotonic()
                 return _Reply(response.status, response.headers, await response.read())
     except TimeoutError:
         message = f"no answer within {limit:.3g}s"

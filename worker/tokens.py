@@ -138,6 +138,18 @@ class ServiceTokens:
         """Login attempts so far, successful or not."""
         return self._logins
 
+    def expires_in(self) -> float | None:
+        """Seconds the cached token stays valid; ``None`` when none is (for health probes)."""
+        if self._token is None:
+            return None
+        left = self._token.expires_at - self._clock()
+        return left if left > 0 else None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last login failed, until one succeeds; ``None`` otherwise (never a secret)."""
+        return None if self._last_error is None else self._last_error.message
+
     async def get(self) -> str:
         """A valid access token; waits for a login only when none is valid.
 

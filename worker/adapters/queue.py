@@ -395,6 +395,44 @@ class Processor:
 # ---------------------------------------------------------------- the intake loop
 
 
+@dataclass(slots=True)
+class IntakeStatus:
+    """What the intake loop last saw, for health probes: :func:`pump` writes it, a health
+    listener reads it. Times are the loop's clock (``loop.time()``).
+
+    ``state`` is ``starting`` until the loop runs, then ``running``, ``draining`` once ``stop``
+    is set, ``stopped`` at the end. ``last_ok_at`` is when a receive last succeeded (``None``:
+    none yet); ``failures`` counts the receives failed since (``last_error`` the latest's
+    ``Type: message``, ``failing_since`` when the first of them failed). ``beat_at`` is when the
+    loop last went round, ``waiting`` whether it waits for a free slot (then no beat is due);
+    ``beat_bound`` is how long one round may take (a receive's timeout plus the longest backoff).
+    """
+
+    state: str = "starting"
+    in_flight: int = 0
+    last_ok_at: float | None = None
+    failures: int = 0
+    last_error: str | None = None
+    failing_since: float | None = None
+    beat_at: float | None = None
+    waiting: bool = False
+    beat_bound: float = 12.0
+
+    def received(self, now: float) -> None:
+        self.last_ok_at, self.failures, self.last_error, self.failing_since = now, 0, None, None
+
+    def failed(self, error: str, now: float) -> None:
+        if self.failures == 0:
+            self.failing_since = now
+        self.failures += 1
+        self.last_error = error
+
+    def stalled(self, now: float) -> bool:
+        """The loop runs but has not gone round within ``beat_bound`` (nor waits for a slot)."""
+        late = self.beat_at is not None and now - self.beat_at > self.beat_bound
+        return self.state == "running" and not self.waiting and late
+
+
 class _Pump:
     def __init__(
         self,
@@ -402,6 +440,7 @@ class _Pump:
         process: Callable[[Delivery], Awaitable[Decision]],
         log: Log,
         op_timeout: float,
+        status: IntakeStatus,
     ) -> None:
         self._source = source
         self._process = process
@@ -410,14 +449,19 @@ class _Pump:
         self._op_timeout = op_timeout
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._status = status
+        status.beat_bound = op_timeout + _RECEIVE_BACKOFF[1]
 
     async def run(self, *, stop: asyncio.Event, max_in_flight: int, grace: float) -> None:
         watcher = asyncio.create_task(self._wake_on(stop))
+        self._status.state = "running"
         try:
             async with asyncio.TaskGroup() as group:
                 await self._intake(group, stop, max_in_flight)
+                self._status.state = "draining"
                 await self._drain(grace)
         finally:
+            self._status.state = "stopped"
             watcher.cancel()
             await asyncio.wait([watcher])
 
@@ -427,17 +471,22 @@ class _Pump:
 
     async def _intake(self, group: asyncio.TaskGroup, stop: asyncio.Event, limit: int) -> None:
         pause = _RECEIVE_BACKOFF[0]
+        status, loop = self._status, asyncio.get_running_loop()
         while not stop.is_set():
+            status.beat_at = loop.time()
             free = limit - len(self._tasks)
             if free <= 0:  # done-callbacks run on this loop, so no wake-up can slip in between
                 self._wake.clear()
+                status.waiting = True
                 await self._wake.wait()
+                status.waiting = False
                 continue
             try:
                 async with asyncio.timeout(self._op_timeout):
                     batch = await self._source.receive(free)
             except Exception as exc:  # broker trouble: keep the worker alive and try again
                 error = describe(exc)
+                status.failed(error, loop.time())
                 self._throttle.warning(
                     "receiving from the queue failed; trying again", key=error, error=error,
                     retry_in=pause,
@@ -446,15 +495,18 @@ class _Pump:
                 pause = min(_RECEIVE_BACKOFF[1], pause * 2)
                 continue
             pause = _RECEIVE_BACKOFF[0]
+            status.received(loop.time())
             if not batch:
                 await asyncio.sleep(0)  # a receive that never suspends must not starve the loop
             for delivery in batch:
                 task = group.create_task(self._one(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
+            status.in_flight = len(self._tasks)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._status.in_flight = len(self._tasks)
         self._wake.set()
 
     async def _one(self, delivery: Delivery) -> None:
@@ -509,13 +561,15 @@ async def pump(
     grace: float,
     log: Log,
     op_timeout: float = 10.0,
+    status: IntakeStatus | None = None,
 ) -> None:
     """Receive from ``source``, process at most ``max_in_flight`` at once, settle each; drain on
     ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled). One receive and
-    one settle may take ``op_timeout`` seconds at most (then it counts as failed).
+    one settle may take ``op_timeout`` seconds at most (then it counts as failed). ``status``,
+    when given, follows the loop for health probes (see :class:`IntakeStatus`).
 
     Repeated identical failures (the broker is down) are logged at most once a second each."""
-    pumping = _Pump(source, process, log, op_timeout)
+    pumping = _Pump(source, process, log, op_timeout, status or IntakeStatus())
     await pumping.run(stop=stop, max_in_flight=max_in_flight, grace=grace)
 
 
@@ -529,10 +583,17 @@ async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def consume(
-    source: Source, handle: Handle, *, settings: Settings, stop: asyncio.Event, log: Log
+    source: Source,
+    handle: Handle,
+    *,
+    settings: Settings,
+    stop: asyncio.Event,
+    log: Log,
+    status: IntakeStatus | None = None,
 ) -> None:
     """Serve the (entered) ``source`` through ``handle`` (``Dispatcher.handle``) until ``stop``
-    is set, then drain: :func:`pump` with the worker's settings and the source's retry policy."""
+    is set, then drain: :func:`pump` with the worker's settings and the source's retry policy;
+    ``status`` follows the intake loop for health probes."""
     biot, worker = settings.biot, settings.worker
     process = Processor(
         handle,
@@ -549,6 +610,7 @@ async def consume(
         grace=worker.shutdown_grace,
         log=log,
         op_timeout=worker.broker_timeout,
+        status=status,
     )
 
 
