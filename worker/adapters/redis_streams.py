@@ -3,16 +3,28 @@ dead letters, and reclaim of a crashed consumer's entries.
 
 URL: ``redis://[:PASSWORD@]HOST[:PORT][/DB]?stream=biot-events`` plus, optional, ``group``
 (``biot-worker``), ``consumer`` (``HOSTNAME-PID``), ``dead_letter`` (``STREAM:dead``),
-``claim_idle`` (60 s), ``max_attempts`` (5), ``retry_delay`` (1 s, doubling), ``retry_max_delay``
-(60 s). ``rediss://`` for TLS; other parameters go to redis-py.
+``dead_letter_maxlen`` (100000: the dead-letter stream is trimmed to about that many entries,
+``MAXLEN ~``), ``claim_idle`` (60 s), ``max_attempts`` (5), ``retry_delay`` (1 s, doubling),
+``retry_max_delay`` (60 s). ``rediss://`` for TLS; other parameters go to redis-py.
 
 Entry fields: ``envelope`` (required), ``reply_to`` (a stream), ``correlation_id``, ``attempt``
-(1 when absent). Settling is one MULTI/EXEC: the reply (``XADD reply_to {correlation_id,
-response}``, expiring after an hour), then ``XACK`` + ``XDEL`` and, for a retry, the entry with
-``attempt + 1`` and ``last_error`` into the sorted set ``STREAM:retry`` (due time as score; a Lua
-script moves due entries back), for a dead letter an ``XADD`` to the dead-letter stream adding
-``reason``, ``attempts``, ``status``, ``source_id``, ``consumer``, ``dead_at`` (ms). Either
-carries the decision's ``envelope``, when it has one, in place of the entry's.
+(1 when absent). Settling is one Lua script, all or nothing: it first checks that every key it
+writes is of its type or absent (else it fails, writing nothing), then adds the reply
+(``XADD reply_to {correlation_id, response}``, expiring after an hour), for a retry the entry
+with ``attempt + 1`` and ``last_error`` into the sorted set ``STREAM:retry`` (due time as score;
+another script moves due entries back), for a dead letter an ``XADD`` to the dead-letter stream
+adding ``reason``, ``attempts``, ``status``, ``source_id``, ``consumer``, ``dead_at`` (ms), and
+only then ``XACK`` + ``XDEL``. Either carries the decision's ``envelope``, when it has one, in
+place of the entry's. A settle that fails (a wrong-typed key, Redis gone) leaves the entry
+pending: it is delivered again, and each delivery counts as an attempt.
+
+Faults: every command is bounded by socket timeouts derived from ``WORKER_BROKER_TIMEOUT``; a
+failed command drops its connection and the next one reconnects. After any failure (a receive or
+a settle) the source re-reads its own pending entries (``XREADGROUP`` from ``0``, as at start):
+right after a failed receive, after a short backoff (0.25 s doubling to 4 s while settles keep
+failing) after a failed settle, so entries whose settle was lost come back within seconds, not
+after ``claim_idle``. A missing consumer group (Redis restarted without its data) is created
+again. A wrong-typed retry set is logged (at most once a second) and new entries are read anyway.
 
 A dead consumer's pending entries are taken over with ``XAUTOCLAIM`` once idle ``claim_idle``
 seconds (keep it above the longest handler deadline, or a slow event is handled twice); each
@@ -22,6 +34,7 @@ One consumer group per stream (settled entries are deleted); a single Redis node
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -44,29 +57,70 @@ from worker.adapters.queue import (
     retry_policy,
     split_url,
 )
-from worker.logs import Log
+from worker.logs import Log, Throttle, describe
 
-PARAMS = ("stream", "group", "consumer", "dead_letter", "claim_idle", *RETRY_PARAMS)
+PARAMS = (
+    "stream", "group", "consumer", "dead_letter", "dead_letter_maxlen", "claim_idle",
+    *RETRY_PARAMS,
+)  # fmt: skip
 REPLY_MAXLEN = 10_000
 REPLY_TTL = 3600
+DEAD_LETTER_MAXLEN = 100_000
 _POLL_MS = 250  # longest XREADGROUP block, so the intake loop sees ``stop`` promptly
 _MOVE_EVERY = 0.05  # seconds between runs of the retry mover (retry timing resolution)
+_RECOVER_BACKOFF = (0.25, 4.0)  # first and largest wait before re-reading after a failed settle
 
-# KEYS: retry set, stream. ARGV: now (ms), limit. Members are netstrings of field, value, ...
-_MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  local fields, i = {}, 1
-  while i <= #member do
-    local colon = string.find(member, ':', i, true)
-    local size = tonumber(string.sub(member, i, colon - 1))
-    fields[#fields + 1] = string.sub(member, colon + 1, colon + size)
+# Splits a string of netstrings (len:bytes, ...) into a table of its strings.
+_SPLIT = """
+local function split(packed)
+  local out, i = {}, 1
+  while i <= #packed do
+    local colon = string.find(packed, ':', i, true)
+    local size = tonumber(string.sub(packed, i, colon - 1))
+    out[#out + 1] = string.sub(packed, colon + 1, colon + size)
     i = colon + size + 1
   end
-  redis.call('XADD', KEYS[2], '*', unpack(fields))
+  return out
+end
+"""
+
+# KEYS: retry set, stream. ARGV: now (ms), limit. Members are netstrings of field, value, ...
+_MOVE_DUE = _SPLIT + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', unpack(split(member)))
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
+"""
+
+# KEYS: stream, reply stream, retry set, dead-letter stream. ARGV: group, entry id, reply fields,
+# retry member, retry due (ms), dead-letter fields, dead-letter maxlen, reply maxlen, reply ttl.
+# Fields are netstrings; '' writes nothing. Every key written is checked before the first write
+# (Redis does not undo a script that fails half-way), and XACK + XDEL come last, so an error
+# anywhere leaves the entry pending. Returns what XACK returned (0: the group lost the entry).
+_SETTLE = _SPLIT + """
+local function wrong(key, wanted, used)
+  if not used then return nil end
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= wanted then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a ' .. wanted
+  end
+end
+local problem = wrong(KEYS[1], 'stream', true) or wrong(KEYS[2], 'stream', ARGV[3] ~= '')
+  or wrong(KEYS[3], 'zset', ARGV[4] ~= '') or wrong(KEYS[4], 'stream', ARGV[6] ~= '')
+if problem then return redis.error_reply(problem) end
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', unpack(split(ARGV[3])))
+  redis.call('EXPIRE', KEYS[2], ARGV[9])
+end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(split(ARGV[6])))
+end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return acked
 """
 
 
@@ -78,6 +132,7 @@ class RedisOptions:
     consumer: str
     dead_letter: str
     claim_idle: float
+    dead_letter_maxlen: int = DEAD_LETTER_MAXLEN
 
     @property
     def retry_key(self) -> str:
@@ -94,8 +149,23 @@ class RedisOptions:
             consumer=params.get("consumer") or f"{socket.gethostname()}-{os.getpid()}",
             dead_letter=params.get("dead_letter") or f"{stream}:dead",
             claim_idle=positive(params, "claim_idle", 60.0),
+            dead_letter_maxlen=positive_int(params, "dead_letter_maxlen", DEAD_LETTER_MAXLEN),
         )
         return options, params
+
+
+def positive_int(params: dict[str, str], name: str, default: int) -> int:
+    """Parameter ``name`` as a whole number above 0; ``ValueError`` naming it otherwise."""
+    raw = params.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive whole number, got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +174,20 @@ class Entry:
     fields: dict[bytes, bytes]
 
 
-def connect(url: str, max_connections: int) -> aioredis.Redis:
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections)
+Named = list[tuple[bytes, dict[bytes, bytes] | None]]  # entries a reply names; None: deleted
+
+
+def connect(url: str, max_connections: int, timeout: float = 10.0) -> aioredis.Redis:
+    """A client whose every command is bounded: ``timeout`` seconds to connect, to wait for a
+    pooled connection and for a reply (never less than XREADGROUP's block plus a second).
+
+    redis-py drops a connection whose command failed or timed out, and the pool replaces one
+    the server closed when it is next taken, so a restarted Redis gets fresh connections."""
+    reply = max(timeout, _POLL_MS / 1000 + 1.0)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, socket_timeout=reply,
+        socket_connect_timeout=timeout,
+    )  # fmt: skip
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -118,6 +200,11 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
             raise
 
 
+def no_group(exc: BaseException) -> bool:
+    """Whether Redis answered that the stream or its consumer group does not exist."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
 class RedisStreamSource:
     """A :class:`~worker.adapters.queue.Source` on a Redis stream (see the module's doc)."""
 
@@ -125,7 +212,9 @@ class RedisStreamSource:
         self.options, params = RedisOptions.parse(url)
         self.policy = retry_policy(params)
         self._settings = settings
+        self._timeout = settings.worker.broker_timeout
         self._log = log
+        self._throttle = Throttle(log)
         self._display = redact_url(url)
         self._client: aioredis.Redis | None = None
 
@@ -136,7 +225,7 @@ class RedisStreamSource:
 
     async def __aenter__(self) -> RedisStreamSource:
         o = self.options
-        self._client = connect(o.url, self._settings.worker.max_in_flight + 4)
+        self._client = connect(o.url, self._settings.worker.max_in_flight + 4, self._timeout)
         try:
             await self._redis.ping()
             await ensure_group(self._redis, o.stream, o.group)
@@ -144,18 +233,31 @@ class RedisStreamSource:
             await self.__aexit__()
             raise SourceUnavailable(f"{self._display}: {exc}") from exc
         self._move_due = self._redis.register_script(_MOVE_DUE)
+        self._settle = self._redis.register_script(_SETTLE)
         self._next_move = self._next_claim = 0.0
         self._claim_cursor = b"0-0"
-        self._recover_from: bytes | None = b"0"  # our own pending entries from a previous life
+        self._regroup = False  # a settle found the group without its entry: check the group
+        # Re-reading our own pending entries: due at ``_recover_at`` (now: those of a previous
+        # life), under way from ``_recover_from``; ``_recover_delay`` is the settle backoff.
+        self._recover_at: float | None = 0.0
+        self._recover_from: bytes | None = None
+        self._recover_delay, self._settle_failed_at = _RECOVER_BACKOFF[0], 0.0
         self._in_flight: set[bytes] = set()
         self._warn_about_claim_idle()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         client, self._client = self._client, None
-        if client is not None:
+        if client is None:
+            return
+        try:
             await self._leave(client)
-            await client.aclose(close_connection_pool=True)
+        finally:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await client.aclose(close_connection_pool=True)
+            except TimeoutError:
+                self._log.warning("closing the Redis connections timed out", timeout=self._timeout)
 
     def _warn_about_claim_idle(self) -> None:
         worker = self._settings.worker
@@ -169,11 +271,55 @@ class RedisStreamSource:
             )
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
+        try:
+            return await self._receive(limit)
+        except BaseException as exc:
+            if no_group(exc):  # Redis lost the group (and our pending entries with it)
+                await self._recreate_group()
+                return []
+            self._recover_soon(0.0)  # whatever we were handed meanwhile is pending: re-read it
+            raise
+
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        entry = delivery.message
+        assert isinstance(entry, Entry)
+        try:
+            keys, args = self._settle_keys(delivery), self._settle_args(entry, delivery, decision)
+            acked = await self._settle(keys=keys, args=args)
+        except BaseException:
+            self._recover_after_failed_settle()
+            raise
+        finally:
+            self._in_flight.discard(entry.id)
+        if not acked:
+            self._regroup = True
+
+    async def halt(self) -> None:
+        return None  # nothing was fetched ahead: XREADGROUP asks for free slots only
+
+    async def _leave(self, client: aioredis.Redis) -> None:
+        """Remove this consumer from the group when it holds no pending entry (bounded)."""
+        o = self.options
+        try:
+            async with asyncio.timeout(self._timeout):
+                mine = await client.xpending_range(o.stream, o.group, "-", "+", 1, o.consumer)
+                if not mine:
+                    await client.xgroup_delconsumer(o.stream, o.group, o.consumer)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            self._log.warning("could not leave the consumer group", error=describe(exc))
+
+    # ------------------------------------------------------------ receiving
+
+    async def _receive(self, limit: int) -> list[Delivery]:
         now = time.monotonic()
+        if self._regroup:
+            await ensure_group(self._redis, self.options.stream, self.options.group)
+            self._regroup = False
         if now >= self._next_move:
             self._next_move = now + _MOVE_EVERY
-            await self._move_due(keys=[self.options.retry_key, self.options.stream],
-                                 args=[_ms(), limit])  # fmt: skip
+            await self._move_retries(limit)
+        if self._recover_from is None and self._recover_at is not None and now >= self._recover_at:
+            self._recover_from, self._recover_at = b"0", None
         if self._recover_from is not None:
             return await self._recover(limit)
         batch: list[Delivery] = []
@@ -183,74 +329,69 @@ class RedisStreamSource:
         if len(batch) < limit:
             block = None if batch else _POLL_MS
             fresh = await self._read(b">", limit - len(batch), block)
-            batch += self._track([delivery_of(entry) for entry in fresh])
+            batch += self._track([delivery_of(Entry(i, f)) for i, f in fresh if f is not None])
         return batch
 
-    async def settle(self, delivery: Delivery, decision: Decision) -> None:
-        o, entry = self.options, delivery.message
-        assert isinstance(entry, Entry)
-        pipe = self._redis.pipeline(transaction=True)
-        if decision.reply is not None and delivery.reply_to:
-            reply: dict[Any, Any] = {b"response": decision.reply}
-            if delivery.correlation_id is not None:
-                reply[b"correlation_id"] = delivery.correlation_id.encode()
-            pipe.xadd(delivery.reply_to, reply, maxlen=REPLY_MAXLEN, approximate=True)
-            pipe.expire(delivery.reply_to, REPLY_TTL)
-        if decision.verdict is Verdict.RETRY:
-            fields = {**entry.fields, b"attempt": b"%d" % (delivery.attempt + 1)}
-            if decision.envelope is not None:
-                fields[b"envelope"] = decision.envelope
-            fields[b"last_error"] = decision.reason.encode()
-            due = _ms() + round(decision.delay * 1000)
-            pipe.zadd(o.retry_key, {netstrings(fields, retried_from=entry.id): due})
-        elif decision.verdict is Verdict.DEAD:
-            pipe.xadd(o.dead_letter, self._dead_fields(entry, delivery, decision))
-        pipe.xack(o.stream, o.group, entry.id)
-        pipe.xdel(o.stream, entry.id)
-        try:
-            results = await pipe.execute(raise_on_error=False)
-        finally:
-            self._in_flight.discard(entry.id)
-        failed = [repr(r)[:200] for r in results if isinstance(r, Exception)]
-        if failed:
-            self._log.error("part of settling a stream entry failed", errors=failed)
-
-    async def halt(self) -> None:
-        return None  # nothing was fetched ahead: XREADGROUP asks for free slots only
-
-    async def _leave(self, client: aioredis.Redis) -> None:
-        """Remove this consumer from the group when it holds no pending entry."""
+    async def _move_retries(self, limit: int) -> None:
+        """Move due retries back to the stream; a refusal (a wrong-typed retry set) is logged
+        and intake goes on: the retries wait there until the key is fixed."""
         o = self.options
         try:
-            mine = await client.xpending_range(o.stream, o.group, "-", "+", 1, o.consumer)
-            if not mine:
-                await client.xgroup_delconsumer(o.stream, o.group, o.consumer)
-        except (RedisError, OSError) as exc:
-            self._log.warning("could not leave the consumer group", error=str(exc))
-
-    # ------------------------------------------------------------ internals
-
-    async def _read(self, start: bytes, count: int, block: int | None) -> list[Entry]:
-        o = self.options
-        try:
-            reply = await self._redis.xreadgroup(
-                o.group, o.consumer, {o.stream: start}, count=count, block=block
-            )
+            await self._move_due(keys=[o.retry_key, o.stream], args=[_ms(), limit])
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await ensure_group(self._redis, o.stream, o.group)  # the stream was deleted
-            return []
-        return stream_entries(reply)
+            error = describe(exc)
+            self._throttle.error("moving due retries back to the stream failed",
+                                 key=error, error=error, retry_key=o.retry_key)  # fmt: skip
+
+    async def _recreate_group(self) -> None:
+        o = self.options
+        await ensure_group(self._redis, o.stream, o.group)
+        self._claim_cursor = b"0-0"
+        self._throttle.warning("the consumer group was missing; created it again",
+                               key=o.group, stream=o.stream, group=o.group)  # fmt: skip
+
+    async def _read(self, start: bytes, count: int, block: int | None) -> Named:
+        """XREADGROUP at ``start``: each entry's id and fields (``None``: deleted meanwhile)."""
+        o = self.options
+        reply: Any = await self._redis.xreadgroup(
+            o.group, o.consumer, {o.stream: start}, count=count, block=block
+        )
+        return [(i, f) for _, entries in reply or [] for i, f in entries]
 
     async def _recover(self, limit: int) -> list[Delivery]:
+        """The next of our own pending entries (not in flight here); ends the pass when none
+        is left."""
         assert self._recover_from is not None
-        entries = await self._read(self._recover_from, limit, None)
-        if not entries:
+        named = await self._read(self._recover_from, limit, None)
+        if not named:
             self._recover_from = None
             return []
-        self._recover_from = entries[-1].id
+        self._recover_from = named[-1][0]
+        entries = [Entry(i, f) for i, f in named if f is not None and i not in self._in_flight]
+        if not entries:
+            return []
+        self._throttle.warning("delivering this consumer's pending entries again",
+                               key="recover", count=len(entries))  # fmt: skip
         return await self._redelivered(entries)
+
+    def _recover_soon(self, delay: float) -> None:
+        """Start a pass over our own pending entries in ``delay`` seconds (or earlier, if one
+        is already due earlier)."""
+        at = time.monotonic() + delay
+        if self._recover_at is None or at < self._recover_at:
+            self._recover_at = at
+
+    def _recover_after_failed_settle(self) -> None:
+        """Re-read own pending entries after a backoff that doubles while settles keep failing
+        (a wrong-typed key), so a stuck entry is not a hot loop."""
+        now = time.monotonic()
+        if self._recover_at is not None:
+            return  # a pass is due already
+        if now - self._settle_failed_at > 2 * _RECOVER_BACKOFF[1]:
+            self._recover_delay = _RECOVER_BACKOFF[0]  # a new incident, not the same one
+        self._settle_failed_at = now
+        self._recover_soon(self._recover_delay)
+        self._recover_delay = min(_RECOVER_BACKOFF[1], self._recover_delay * 2)
 
     async def _reclaim(self, limit: int) -> list[Delivery]:
         o = self.options
@@ -266,19 +407,55 @@ class RedisStreamSource:
         return await self._redelivered(entries)
 
     async def _redelivered(self, entries: list[Entry]) -> list[Delivery]:
-        """Entries that were delivered before (a consumer died): each delivery is an attempt."""
-        o, batch = self.options, []
-        for entry in entries:
-            rows = await self._redis.xpending_range(o.stream, o.group, entry.id, entry.id, 1)
-            times = int(rows[0]["times_delivered"]) if rows else 1
-            batch.append(delivery_of(entry, times - 1))
-        return self._track(batch)
+        """Entries that were delivered before (a consumer died, a settle failed): each delivery
+        is an attempt (``times_delivered``, read in one XPENDING over their range)."""
+        o = self.options
+        count = len(entries) + len(self._in_flight)  # ours in that range: these, and in flight
+        rows = await self._redis.xpending_range(
+            o.stream, o.group, entries[0].id, entries[-1].id, count, o.consumer
+        )
+        times = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+        return self._track([delivery_of(entry, times.get(entry.id, 1) - 1) for entry in entries])
 
     def _track(self, batch: list[Delivery]) -> list[Delivery]:
+        """``batch`` without what is in flight here already, which is now in flight."""
+        batch = [delivery for delivery in batch if delivery.message.id not in self._in_flight]
         self._in_flight.update(delivery.message.id for delivery in batch)
         return batch
 
-    def _dead_fields(self, entry: Entry, delivery: Delivery, decision: Decision) -> dict[Any, Any]:
+    # ------------------------------------------------------------ settling
+
+    def _settle_keys(self, delivery: Delivery) -> list[str]:
+        o = self.options
+        return [o.stream, delivery.reply_to or "", o.retry_key, o.dead_letter]
+
+    def _settle_args(self, entry: Entry, delivery: Delivery, decision: Decision) -> list[Any]:
+        o, reply, member, due, dead = self.options, b"", b"", 0, b""
+        if decision.reply is not None and delivery.reply_to:
+            fields: dict[bytes, bytes] = {b"response": decision.reply}
+            if delivery.correlation_id is not None:
+                fields[b"correlation_id"] = delivery.correlation_id.encode()
+            reply = netstrings(fields)
+        if decision.verdict is Verdict.RETRY:
+            member = netstrings(self._retry_fields(entry, delivery, decision),
+                                retried_from=entry.id)  # fmt: skip
+            due = _ms() + round(decision.delay * 1000)
+        elif decision.verdict is Verdict.DEAD:
+            dead = netstrings(self._dead_fields(entry, delivery, decision))
+        return [o.group, entry.id, reply, member, due, dead, o.dead_letter_maxlen,
+                REPLY_MAXLEN, REPLY_TTL]  # fmt: skip
+
+    @staticmethod
+    def _retry_fields(entry: Entry, delivery: Delivery, decision: Decision) -> dict[bytes, bytes]:
+        fields = {**entry.fields, b"attempt": b"%d" % (delivery.attempt + 1)}
+        if decision.envelope is not None:
+            fields[b"envelope"] = decision.envelope
+        fields[b"last_error"] = decision.reason.encode()
+        return fields
+
+    def _dead_fields(
+        self, entry: Entry, delivery: Delivery, decision: Decision
+    ) -> dict[bytes, bytes]:
         status = b"" if decision.status is None else b"%d" % decision.status
         envelope = {} if decision.envelope is None else {b"envelope": decision.envelope}
         return {
