@@ -18,21 +18,47 @@ exchange, routing key ``reply_to``, same ``correlation_id``), then a copy (its b
 decision's ``envelope`` when set) to the retry queue of its delay (``attempt + 1``,
 ``x-biot-last-error``) or to ``QUEUE.dlx`` (``x-biot-reason``, ``x-biot-attempts``,
 ``x-biot-status``), each confirmed by the broker, then the ack.
-A message delivered again after a consumer died (``redelivered``) is first re-published with
-``attempt + 1`` and acked, so one that keeps killing its consumer ends in the dead letters.
+
+Faults (every broker operation, connecting included, is bounded by ``WORKER_BROKER_TIMEOUT``):
+
+- The source owns one connection and channel at a time (a *link*). A message can only be
+  settled through the link it came on: when that link is lost (the connection cut, the channel
+  closed, or an operation on it timed out, which closes it), the broker requeues everything it
+  had delivered and not acknowledged. Messages still buffered are then dropped, and settling one
+  that was in flight fails at once (no wait on a dead socket). The next ``receive`` reconnects,
+  declares the topology again and consumes; the pump backs off between failed attempts.
+- A message delivered again (``redelivered``) counts as an attempt, unless this process had
+  received it on a link that was lost before it was settled: the broker's redelivery is then
+  the same attempt again (the message was being handled here, or never started), so connection
+  cuts never push a message towards ``REDELIVERY_LIMIT``. Only a redelivery this process cannot
+  explain (a fresh process, or one whose consumer died on it) counts: the message is
+  re-published with ``attempt + 1`` (confirmed by the broker) and then acknowledged, so one that
+  keeps killing its consumer ends in the dead letters. If that ack fails, the original comes
+  back and is only acknowledged (its copy is queued): at most one extra copy per failed ack.
+  A message is known by its ``message_id``, else by a digest of its body and headers; what this
+  process remembers is bounded (the oldest entries are forgotten first).
+- A receive never loses what it took from the buffer: a message whose redelivery could not be
+  counted stays first in the buffer and is tried again by the next receive.
+- Dead-letter length: no queue argument here, because re-declaring an existing queue with other
+  arguments fails (``PRECONDITION_FAILED``) and would stop every worker after a change of the
+  cap. Cap ``QUEUE.dead`` with a RabbitMQ policy instead (``max-length``), which can change at
+  any time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import hashlib
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -54,10 +80,12 @@ from worker.adapters.queue import (
     retry_policy,
     split_url,
 )
-from worker.logs import Log
+from worker.logs import Log, Throttle, describe
 
 ATTEMPT = "x-biot-attempt"
 _POLL = 0.25  # longest wait of one receive, so the intake loop sees ``stop`` promptly
+_REMEMBERED = 10_000  # message identities kept per kind (excused, copied); oldest go first
+_T = TypeVar("_T")
 _BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
                    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
                    "x-last-death-reason")  # fmt: skip
@@ -127,79 +155,221 @@ class RabbitSource:
         self.options, params = RabbitOptions.parse(url)
         self.policy = retry_policy(params)
         self._settings = settings
+        self._timeout = settings.worker.broker_timeout
         self._log = log
+        self._throttle = Throttle(log)
         self._display = redact_url(url)
-        self._connection: AbstractRobustConnection | None = None
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._tag: str | None = None
+        self._link: _Link | None = None
+        self._arrived = asyncio.Event()  # a message came in, or a link was lost
+        self._excused = _Recent()  # held on a lost link: their redelivery is no new attempt
+        self._copied = _Recent()  # counted: the copy is queued, the original not yet acked
+        self._lost_at: float | None = None
+        self._halted = False
 
     @property
     def retry_delays_ms(self) -> list[int]:
         return retry_delays_ms(self.policy)
 
     async def __aenter__(self) -> RabbitSource:
-        self._connection = await connect(self.options.url, self._display)
-        prefetch = self._settings.worker.max_in_flight
-        try:
-            self._channel = await self._connection.channel(on_return_raises=True)
-            await self._channel.set_qos(prefetch_count=prefetch)
-            self._queue, self._exchange = await declare(
-                self._channel, self.options, self.retry_delays_ms
-            )
-        except AMQPError as exc:
-            await self.__aexit__()
-            raise SourceUnavailable(f"{self._display}: {exc!r}") from exc
-        # The broker sends at most ``prefetch`` unacked messages, which bounds the buffer.
-        self._buffer = asyncio.Queue(maxsize=prefetch)
-        self._tag = None
+        self._halted = False
+        self._link = await self._open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await self.halt()
-            await connection.close()
+        self._halted = True
+        link, self._link = self._link, None
+        if link is not None:
+            await self._halt(link)
+            self._forget(link)
+            await self._close(link.connection)
 
     async def halt(self) -> None:
         """Cancel the consumer and hand back what was delivered but never started."""
-        tag, self._tag = self._tag, None
-        try:
-            if tag is not None:
-                await self._queue.cancel(tag)
-            while not self._buffer.empty():
-                await self._buffer.get_nowait().nack(requeue=True)
-        except AMQPError as exc:  # the channel is gone: the broker requeues unacked ones itself
-            self._log.warning("stopping the consumer failed", error=repr(exc)[:300])
+        self._halted = True
+        if self._link is not None:
+            await self._halt(self._link)
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
-        if self._tag is None:  # consume from the first receive: entering only declares
-            self._tag = await self._queue.consume(self._buffer.put, no_ack=False)
-        try:
-            async with asyncio.timeout(_POLL):
-                messages = [await self._buffer.get()]
-        except TimeoutError:
+        if self._halted:
             return []
-        while len(messages) < limit and not self._buffer.empty():
-            messages.append(self._buffer.get_nowait())
-        batch = []
-        for message in messages:
-            if message.redelivered:
-                await self._count_redelivery(message)
-            else:
-                batch.append(delivery_of(message))
-        return batch
+        link = await self._live()
+        if not link.buffer and not link.ready:
+            await self._wait()
+        if not link.alive:
+            return []  # the next receive reconnects
+        try:
+            await self._admit(link, limit)
+        except Exception as exc:  # the message stays first in the buffer for the next receive
+            if not link.ready:
+                raise
+            self._warn("counting a redelivered message failed; trying again", exc, link.buffer)
+        return [link.ready.popleft() for _ in range(min(limit, len(link.ready)))]
 
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
-        message: AbstractIncomingMessage = delivery.message
+        held: _Held = delivery.message
+        link, message = held.link, held.message
+        if not link.alive:
+            self._forget(link)
+            raise LinkLost("its connection was lost; the broker delivers it again")
         try:
-            await self._send(message, delivery, decision)
-        except BaseException:
-            await _nack(message)  # not settled: let the broker deliver it again
+            await self._on(link, self._send(link, message, delivery, decision))
+            await self._on(link, message.ack())
+        except BaseException:  # cancelled too: never leave it unacknowledged on a live link
+            await self._give_back(link, message)
             raise
-        await message.ack()
+        finally:
+            link.release(held.key)
+
+    # ------------------------------------------------------------ the link
+
+    async def _open(self) -> _Link:
+        """A new link: connected, topology declared, not yet consuming."""
+        try:
+            connection = await aio_pika.connect(self.options.url, timeout=self._timeout)
+        except (AMQPError, OSError, TimeoutError) as exc:
+            raise SourceUnavailable(f"{self._display}: {describe(exc)}") from exc
+        try:
+            async with asyncio.timeout(self._timeout):
+                channel = await connection.channel(on_return_raises=True)
+                await channel.set_qos(prefetch_count=self._settings.worker.max_in_flight)
+                queue, exchange = await declare(channel, self.options, self.retry_delays_ms)
+        except BaseException as exc:
+            await self._close(connection)
+            if isinstance(exc, AMQPError | OSError | TimeoutError):
+                raise SourceUnavailable(f"{self._display}: {describe(exc)}") from exc
+            raise
+        link = _Link(connection, channel, queue, exchange)
+        connection.close_callbacks.add(self._on_close)
+        channel.close_callbacks.add(self._on_close)
+        return link
+
+    async def _live(self) -> _Link:
+        """The current link, consuming; a lost one is closed and replaced (raises when the
+        broker cannot be reached: the pump backs off and calls again)."""
+        link = self._link
+        if link is not None and not link.alive:
+            self._forget(link)
+            self._link = None
+            await self._close(link.connection)
+        if self._link is None:
+            self._link = await self._open()
+        link = self._link
+        if link.tag is None:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                if not link.lost:
+                    link.buffer.append(message)
+                    self._arrived.set()
+
+            link.tag = await self._on(link, link.queue.consume(on_message, no_ack=False))
+            self._resumed()
+        return link
+
+    def _forget(self, link: _Link) -> None:
+        """Mark ``link`` lost (idempotent): what it held and buffered is the broker's again, and
+        its redelivery is no new attempt."""
+        if link.lost:
+            return
+        link.lost = True
+        held = sum(link.held.values())
+        self._excused.add(*link.held.elements())
+        self._excused.add(*(_identity(m) for m in link.buffer if not m.redelivered))
+        dropped = len(link.buffer)
+        link.buffer.clear()
+        link.ready.clear()
+        if not self._halted and self._lost_at is None:
+            self._lost_at = asyncio.get_running_loop().time()
+            self._throttle.warning(
+                "the connection to RabbitMQ was lost; reconnecting", key=self._display,
+                source=self._display, in_flight=held, dropped=dropped,
+            )  # fmt: skip
+
+    def _resumed(self) -> None:
+        if self._lost_at is not None:
+            down = asyncio.get_running_loop().time() - self._lost_at
+            self._lost_at = None
+            self._log.info("consuming again after the connection was lost", down_s=round(down, 3))
+
+    def _on_close(self, *_: object) -> None:
+        self._arrived.set()  # a receive waiting for messages sees the loss at once
+
+    async def _wait(self) -> None:
+        """Wait a short poll interval at most for a message (or a loss)."""
+        self._arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_POLL):
+                await self._arrived.wait()
+
+    async def _halt(self, link: _Link) -> None:
+        tag, link.tag = link.tag, None
+        try:
+            if tag is not None and link.alive:
+                await self._on(link, link.queue.cancel(tag))
+            for message in [*(d.message.message for d in link.ready), *link.buffer]:
+                await self._on(link, message.nack(requeue=True))
+            link.ready.clear()
+            link.buffer.clear()
+        except Exception as exc:  # the channel is gone: the broker requeues unacked ones itself
+            self._log.warning("stopping the consumer failed", error=describe(exc))
+            self._forget(link)
+
+    async def _close(self, connection: AbstractConnection) -> None:
+        """Close ``connection``, waiting the broker timeout at most."""
+        try:
+            await self._bounded(connection.close())
+        except Exception as exc:
+            self._log.warning("closing the connection to RabbitMQ failed", error=describe(exc))
+
+    async def _bounded(self, operation: Awaitable[_T]) -> _T:
+        async with asyncio.timeout(self._timeout):
+            return await operation
+
+    async def _on(self, link: _Link, operation: Awaitable[_T]) -> _T:
+        """``operation`` on ``link``, bounded; one that times out gives the link up (closing
+        it is what makes the broker deliver its messages again)."""
+        try:
+            return await self._bounded(operation)
+        except TimeoutError:
+            self._forget(link)
+            self._arrived.set()
+            raise
+
+    # ------------------------------------------------------------ intake
+
+    async def _admit(self, link: _Link, limit: int) -> None:
+        """Move buffered messages to ``link.ready`` (up to ``limit``), counting redeliveries; a
+        message leaves the buffer only once admitted or counted."""
+        while link.buffer and len(link.ready) < limit:
+            message = link.buffer[0]
+            key = _identity(message)
+            handle = not message.redelivered or self._excused.take(key)
+            if not handle:
+                await self._count(message, link, key)
+            link.buffer.popleft()
+            if handle:
+                link.held[key] += 1
+                link.ready.append(delivery_of(message, _Held(message, link, key)))
+
+    async def _count(self, message: AbstractIncomingMessage, link: _Link, key: str) -> None:
+        """Re-publish ``message`` with ``attempt + 1`` (confirmed), then ack it; when its copy
+        is already queued (an ack failed before), only ack it."""
+        if key not in self._copied:
+            attempt = delivery_of(message).attempt + 1
+            publish = link.channel.default_exchange.publish(
+                copy(message, {ATTEMPT: attempt}), self.options.queue
+            )
+            await self._on(link, publish)
+            self._copied.add(key)
+        await self._on(link, message.ack())
+        self._copied.take(key)
+
+    # ------------------------------------------------------------ settling
 
     async def _send(
-        self, message: AbstractIncomingMessage, delivery: Delivery, decision: Decision
+        self,
+        link: _Link,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        decision: Decision,
     ) -> None:
         if decision.reply is not None and delivery.reply_to:
             reply = aio_pika.Message(
@@ -207,7 +377,7 @@ class RabbitSource:
                 content_type="application/json",
                 correlation_id=delivery.correlation_id,
             )
-            await self._channel.default_exchange.publish(
+            await link.channel.default_exchange.publish(
                 reply, routing_key=delivery.reply_to, mandatory=False
             )
         if decision.verdict is Verdict.RETRY:
@@ -215,29 +385,111 @@ class RabbitSource:
             o = self.options
             retry = o.retry_queue(_ms(decision.delay)) if decision.delay else o.queue
             body = decision.envelope
-            await self._channel.default_exchange.publish(copy(message, headers, body), retry)
+            await link.channel.default_exchange.publish(copy(message, headers, body), retry)
         elif decision.verdict is Verdict.DEAD:
             headers = {"x-biot-reason": decision.reason, "x-biot-attempts": delivery.attempt}
             if decision.status is not None:
                 headers["x-biot-status"] = decision.status
             body = decision.envelope
-            await self._exchange.publish(copy(message, headers, body), self.options.queue)
+            await link.exchange.publish(copy(message, headers, body), self.options.queue)
 
-    async def _count_redelivery(self, message: AbstractIncomingMessage) -> None:
-        attempt = delivery_of(message).attempt + 1
+    async def _give_back(self, link: _Link, message: AbstractIncomingMessage) -> None:
+        """Requeue ``message`` after a failed settle; when even that fails, give up the link,
+        so that closing it requeues the message."""
+        if not link.alive:
+            self._forget(link)
+            return
         try:
-            await self._channel.default_exchange.publish(
-                copy(message, {ATTEMPT: attempt}), self.options.queue
-            )
-            await message.ack()
-        except AMQPError as exc:
-            self._log.warning("re-publishing a redelivered message failed", error=repr(exc))
-            await _nack(message)
+            await self._on(link, message.nack(requeue=True))
+        except Exception as exc:
+            self._warn("requeueing a message failed; reconnecting", exc, [message])
+            self._forget(link)
+            self._arrived.set()
+
+    def _warn(self, what: str, exc: Exception, messages: Iterable[AbstractIncomingMessage]) -> None:
+        error = describe(exc)
+        ref = next((_ref(m) for m in messages), "")
+        self._throttle.warning(what, key=error, error=error, ref=ref)
 
 
-async def _nack(message: AbstractIncomingMessage) -> None:
-    with contextlib.suppress(AMQPError):  # the channel is gone: the broker requeues them
-        await message.nack(requeue=True)
+class LinkLost(AMQPError):
+    """The connection or channel a message came on is gone: it cannot be settled any more."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What :attr:`Delivery.message` holds: the message, the link it came on, its identity."""
+
+    message: AbstractIncomingMessage
+    link: _Link
+    key: str
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection, its channel and consumer. ``buffer``: delivered, not yet admitted;
+    ``ready``: admitted, not yet handed out; ``held``: identities admitted and not settled."""
+
+    connection: AbstractConnection
+    channel: AbstractChannel
+    queue: AbstractQueue
+    exchange: AbstractExchange
+    buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)
+    ready: deque[Delivery] = field(default_factory=deque)
+    held: Counter[str] = field(default_factory=Counter)
+    tag: str | None = None
+    lost: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return not (self.lost or self.connection.is_closed or self.channel.is_closed)
+
+    def release(self, key: str) -> None:
+        if not self.lost:  # a lost link's holdings were excused as they were
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
+
+
+class _Recent:
+    """A bounded multiset of message identities; the oldest go first past ``size``."""
+
+    def __init__(self, size: int = _REMEMBERED) -> None:
+        self._size = size
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._counts
+
+    def add(self, *keys: str) -> None:
+        for key in keys:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            self._counts.move_to_end(key)
+        while len(self._counts) > self._size:
+            self._counts.popitem(last=False)
+
+    def take(self, key: str) -> bool:
+        """Remove one ``key``; whether there was one."""
+        count = self._counts.get(key, 0)
+        if count <= 1:
+            return self._counts.pop(key, None) is not None
+        self._counts[key] = count - 1
+        return True
+
+
+def _identity(message: AbstractIncomingMessage) -> str:
+    """``message``'s ``message_id``, else a digest of its body and (own) headers."""
+    if message.message_id:
+        return f"id:{message.message_id}"
+    digest = hashlib.blake2b(message.body, digest_size=16)
+    for name, value in sorted((message.headers or {}).items()):
+        if name not in _BROKER_HEADERS:
+            digest.update(repr((name, value)).encode())
+    return digest.hexdigest()
+
+
+def _ref(message: AbstractIncomingMessage) -> str:
+    return f"{message.delivery_tag}" if message.delivery_tag is not None else ""
 
 
 def copy(
@@ -260,14 +512,17 @@ def copy(
     )
 
 
-def delivery_of(message: AbstractIncomingMessage) -> Delivery:
+def delivery_of(message: AbstractIncomingMessage, handle: Any = None) -> Delivery:
+    """``message`` as a :class:`Delivery` whose ``message`` is ``handle`` (what settling
+    needs)."""
     raw = (message.headers or {}).get(ATTEMPT, 1)
     try:
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
-    ref = f"{message.delivery_tag}" if message.delivery_tag is not None else ""
-    return Delivery(message.body, attempt, message.reply_to, message.correlation_id, message, ref)
+    return Delivery(
+        message.body, attempt, message.reply_to, message.correlation_id, handle, _ref(message)
+    )
 
 
 def envelope_message(
