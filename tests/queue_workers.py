@@ -90,6 +90,7 @@ class Workers:
             "BIOT_APP_NAME": "queue-process-test",
             "WORKER_ROUTES": REFERENCE,
             "QUEUE_TEST_PARENT": str(os.getpid()),
+            "WORKER_HEALTH_PORT": "0",  # its /healthz and /readyz on a free port
             **env,
         }
         process = await asyncio.create_subprocess_exec(

@@ -18,20 +18,35 @@ import contextlib
 import errno
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
+from aiohttp import web
+
 from config.settings import Settings, SettingsError
+from worker.adapters.health import (
+    BrokerCheck,
+    Check,
+    Health,
+    PublicKeyCheck,
+    ServiceTokenCheck,
+    health_runner,
+)
 from worker.adapters.http import HttpAdapter, serve
 from worker.app import StartupError, WorkerApp
 from worker.logs import Log
+from worker.responses import ErrorContext
 from worker.routing import Router
+
+if TYPE_CHECKING:
+    from worker.adapters.queue import IntakeStatus
 
 __all__ = [
     "StartupError",
     "StopSignals",
+    "app_health",
     "http_adapter",
     "run_http",
     "run_queue",
@@ -193,17 +208,62 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
         raise StartupError(_listen_problem(worker.host, worker.port, exc)) from exc
 
 
-def _listen_problem(host: str, port: int, exc: OSError) -> str:
+def _listen_problem(
+    host: str, port: int, exc: OSError, variable: str = "WORKER_PORT", flag: str = "--port"
+) -> str:
     if exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {host}:{port}: the port is in use (WORKER_PORT, --port)"
+        return f"cannot listen on {host}:{port}: the port is in use ({variable}, {flag})"
     reason = exc.strerror or str(exc)
-    return f"cannot listen on {host}:{port}: {reason} (WORKER_HOST, WORKER_PORT)"
+    return f"cannot listen on {host}:{port}: {reason} (WORKER_HOST, {variable})"
 
 
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", ""):  # noqa: S104 - only formats a URL
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+def app_health(
+    app: WorkerApp, *, intake: IntakeStatus | None = None, source: str | None = None
+) -> Health:
+    """The probes of ``app``: its public key and service token, and in queue mode (``intake``
+    given) the broker at ``source`` (shown as given: hide its password first)."""
+    biot, worker = app.settings.biot, app.settings.worker
+    checks: list[Check] = [PublicKeyCheck(app.verifier, app.contact), ServiceTokenCheck(app.tokens)]
+    if intake is not None:
+        checks.append(BrokerCheck(intake, source or ""))
+    return Health(
+        checks,
+        errors=ErrorContext(biot.app_name, biot.environment),
+        contact=app.contact,
+        intake=intake,
+        probe_timeout=worker.api_timeout,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _health_listener(
+    app: WorkerApp, health: Health, intake: IntakeStatus
+) -> AsyncIterator[str]:
+    """A queue worker's ``/healthz`` and ``/readyz`` on ``WORKER_HEALTH_PORT`` (unset:
+    ``WORKER_PORT``) at ``WORKER_HOST``, for the block; yields its URL. A port that cannot be
+    bound raises :class:`StartupError`."""
+    worker = app.settings.worker
+    port = worker.port if worker.health_port is None else worker.health_port
+    names = ("WORKER_PORT", "--port") if worker.health_port is None else (
+        "WORKER_HEALTH_PORT", "--health-port")  # fmt: skip
+    runner = health_runner(health, lambda: intake.in_flight, idle_timeout=worker.header_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, worker.host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(_listen_problem(worker.host, port, exc, *names)) from exc
+        bound = next((a[1] for a in runner.addresses if isinstance(a, tuple)), port)
+        yield f"http://{_url_host(worker.host)}:{bound}"
+    finally:
+        await runner.cleanup()
 
 
 async def run_queue(
@@ -215,11 +275,13 @@ async def run_queue(
     stream: TextIO | BinaryIO | None = None,
     fields: dict[str, str] | None = None,
 ) -> None:
-    """Serve the queue at ``url`` until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None).
+    """Serve the queue at ``url`` until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None),
+    with ``/healthz`` and ``/readyz`` on the health port (see :func:`_health_listener`).
 
     A bad URL raises :class:`SettingsError`; a broker that cannot be reached at start logs
-    ``cannot open the queue`` and raises ``SystemExit(1)``. ``fields`` are added to the
-    ``worker consuming`` log line.
+    ``cannot open the queue`` and raises ``SystemExit(1)``; a health port that cannot be bound
+    raises :class:`StartupError`. The ``worker consuming`` log line names the source (its
+    password hidden) and the health URL, plus ``fields``.
     """
     # The queue seam (and through it a broker client) is imported only when a queue is used.
     from worker.adapters import open_source, queue
@@ -241,9 +303,14 @@ async def run_queue(
             except queue.SourceUnavailable as exc:
                 app.log.error("cannot open the queue", source=queue.redact_url(url), error=str(exc))
                 raise SystemExit(1) from None
-            app.log.info("worker consuming", source=queue.redact_url(url), **(fields or {}))
+            intake = queue.IntakeStatus()
+            health = app_health(app, intake=intake, source=queue.redact_url(url))
+            health_url = await stack.enter_async_context(_health_listener(app, health, intake))
+            app.log.info("worker consuming", source=queue.redact_url(url), health=health_url,
+                         **(fields or {}))  # fmt: skip
             with _signals_unless_given(stop, app.log) as stopping:
                 await queue.consume(
-                    source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log
-                )
+                    source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log,
+                    status=intake,
+                )  # fmt: skip
         app.log.info("worker stopped; closing resources")
