@@ -169,6 +169,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     config = command("config", "check the settings and the routes, and print them")
     _add_setting_flags(config)
+    config.add_argument(
+        "--source", metavar="URL", help="also check a queue URL and print it (password hidden)"
+    )
     return parser
 
 
@@ -309,6 +312,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from worker.client import make_ssl_context
 
     settings = settings_from(args)
+    _check_source(args.source)
     routes = plugin_routes(settings)
     if settings.worker.ca_bundle is not None:
         try:  # what run would refuse at start, config refuses too
@@ -318,6 +322,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     values = shown(settings)
     width = max(map(len, values))
     lines = ["settings:", *(f"  {name:<{width}}  {value}" for name, value in values.items())]
+    if args.source is not None:
+        from worker.adapters.queue import redact_url
+
+        lines.append(f"source: {redact_url(args.source)}")
     lines.append(f"routes ({len(routes)}, from WORKER_ROUTES={settings.worker.routes}):")
     lines += [f"  {route.describe()} -> {route.handler_name}" for route in routes]
     sys.stdout.write("\n".join(lines) + "\n")
