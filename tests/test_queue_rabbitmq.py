@@ -1,26 +1,38 @@
 """RabbitMQ specifics, on the real broker: the durable topology with its dead-letter exchange and
 per-delay retry queues, a retry parked in the queue of its delay, a redelivery after a consumer
-died counted as an attempt (a crash loop ends in the dead letters)."""
+died counted as an attempt (a crash loop ends in the dead letters). Faults through a
+:class:`~tests.tcp_proxy.TcpProxy`: a cut connection comes back and what it held is handled again
+without counting as an attempt; settling and closing on a silent connection are bounded; a refused
+reconnect is one clear error. Without a broker: a batch keeps what it took when counting a
+redelivery fails or the receive is cancelled."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import orjson
 import pytest
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from tests.queue_harness import RabbitHarness, cleanup_all, make_harness, serve
 from tests.queue_helpers import (
+    RABBIT,
     RABBIT_URL,
+    WAIT,
     FakeLog,
     ScriptedHandle,
     eventually,
     message,
     queue_settings,
+    serving,
 )
-from worker.adapters.rabbitmq import RabbitSource
+from tests.tcp_proxy import TcpProxy
+from worker.adapters.queue import Decision, Delivery, SourceUnavailable, Verdict
+from worker.adapters.rabbitmq import LinkLost, RabbitSource, _Link
 
 pytestmark = pytest.mark.broker
 
@@ -135,3 +147,187 @@ def _dead(harness: RabbitHarness) -> Any:
         return len(await harness.dead_letters()) == 1
 
     return check
+
+
+# ---------------------------------------------------------------- faults, in process
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    async with TcpProxy(RABBIT) as made:
+        yield made
+
+
+def through(proxy: TcpProxy, harness: RabbitHarness) -> str:
+    """The harness's source URL, through ``proxy``."""
+    return harness.url.replace(f"{RABBIT[0]}:{RABBIT[1]}", f"127.0.0.1:{proxy.port}", 1)
+
+
+async def test_a_cut_connection_comes_back_and_its_messages_are_no_new_attempt(
+    made: list[RabbitHarness], proxy: TcpProxy
+) -> None:
+    # max_attempts=1: a redelivery counted as an attempt would dead-letter the message.
+    harness, handle, log = rabbit_harness(made, max_attempts="1"), ScriptedHandle(), FakeLog()
+    settings = queue_settings()
+    source = RabbitSource(through(proxy, harness), settings=settings, log=log)
+    async with serving(source, handle, settings, log):
+        for key in ("a", "b", "c"):
+            await harness.publish(message(key, block=True))
+        await handle.wait_calls(3, running=3)
+        await proxy.cut()  # three in flight, their channel gone
+        await handle.wait_calls(6, running=6)  # redelivered on a new connection, handled again
+        handle.release()
+
+        async def settled() -> bool:
+            return await harness.backlog() == 0 and handle.running == 0
+
+        await eventually(settled, "every message settled")
+    assert sorted(handle.keys()) == ["a", "a", "b", "b", "c", "c"]
+    assert {call.attempt for call in handle.calls} == {1}
+    assert await harness.dead_letters() == []
+    assert len(log.find("the connection to RabbitMQ was lost; reconnecting")) == 1
+    [resumed] = log.find("consuming again after the connection was lost")
+    assert 0 <= resumed["down_s"] < 5
+    failed = log.find("settling a queue message failed; the broker will deliver it again")
+    assert failed and all(f["error"].startswith("LinkLost:") for f in failed)
+
+
+async def test_settling_and_closing_on_a_silent_connection_are_bounded(
+    made: list[RabbitHarness], proxy: TcpProxy
+) -> None:
+    harness, log = rabbit_harness(made), FakeLog()
+    settings = queue_settings(WORKER_BROKER_TIMEOUT="0.5")
+    source = RabbitSource(through(proxy, harness), settings=settings, log=log)
+    await harness.publish(message("silent"))
+    loop = asyncio.get_running_loop()
+    async with source:
+        [delivery] = await receive_some(source)
+        proxy.freeze()  # the broker's confirm never comes back
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await source.settle(delivery, Decision(Verdict.DEAD, reason="test"))
+        assert loop.time() - started < 2.0
+        with pytest.raises(LinkLost):  # the link was given up: no second wait
+            await source.settle(delivery, Decision(Verdict.ACK))
+        started = loop.time()
+    assert loop.time() - started < 2.0  # closing did not wait on the silent socket for ever
+    proxy.thaw()
+    await proxy.cut()
+
+    async def requeued() -> bool:
+        return await harness.ready(harness.queue) == 1
+
+    await eventually(requeued, "the message back in the queue")
+    assert await harness.dead_letters() == []
+
+
+async def receive_some(source: RabbitSource) -> Sequence[Delivery]:
+    async with asyncio.timeout(WAIT):
+        while not (got := await source.receive(10)):
+            pass
+    return got
+
+
+async def test_a_refused_reconnect_raises_and_a_later_one_resumes(
+    made: list[RabbitHarness], proxy: TcpProxy
+) -> None:
+    harness, log = rabbit_harness(made), FakeLog()
+    source = RabbitSource(through(proxy, harness), settings=queue_settings(), log=log)
+    async with source:
+        assert await source.receive(10) == []  # consuming
+        await proxy.refuse()
+        await proxy.cut()
+        assert await source.receive(10) == []  # sees the loss
+        refused = r"guest:\*\*\*@127\.0\.0\.1:\d+/.*: AMQPConnectionError: .*Connect call failed"
+        with pytest.raises(SourceUnavailable, match=refused):
+            await source.receive(10)
+        assert "guest:guest" not in str(log.records)
+        await proxy.accept()
+        await harness.publish(message("after"))
+        [delivery] = await receive_some(source)
+        assert (orjson.loads(delivery.body)["body"]["key"], delivery.attempt) == ("after", 1)
+        await source.settle(delivery, Decision(Verdict.ACK))
+    assert len(log.find("consuming again after the connection was lost")) == 1
+
+
+# ---------------------------------------------------------------- a batch is never dropped
+
+
+@dataclass
+class FakeMessage:
+    body: bytes
+    redelivered: bool = False
+    message_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    delivery_tag: int = 1
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    nacked: bool = False
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.nacked = True
+
+
+class Open:
+    is_closed = False
+
+    async def cancel(self, tag: str) -> None:
+        return None
+
+
+def fake_link(source: RabbitSource, *messages: FakeMessage) -> Any:
+    """A consuming link on no broker, ``messages`` in its buffer, as ``source``'s own."""
+    link = _Link(Open(), Open(), Open(), None)  # type: ignore[arg-type]
+    link.tag = "consuming"
+    link.buffer.extend(messages)  # type: ignore[arg-type]
+    source._link = link
+    return link
+
+
+async def test_a_redelivery_that_cannot_be_counted_stays_and_the_batch_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = FakeLog()
+    source = RabbitSource("amqp://h/?queue=q", settings=queue_settings(), log=log)
+    a, b, c = FakeMessage(b"a"), FakeMessage(b"b", redelivered=True), FakeMessage(b"c")
+    link = fake_link(source, a, b, c)
+    counted: list[bytes] = []
+
+    async def broken(message: FakeMessage, *_: object) -> None:
+        raise RuntimeError("publish refused")
+
+    monkeypatch.setattr(source, "_count", broken)
+    assert [d.body for d in await source.receive(10)] == [b"a"]  # a is not lost with b
+    assert list(link.buffer) == [b, c]  # b waits, first
+    [warned] = log.find("counting a redelivered message failed; trying again")
+    assert warned["error"] == "RuntimeError: publish refused"
+    with pytest.raises(RuntimeError):  # nothing taken: the failure is the receive's
+        await source.receive(10)
+
+    async def works(message: FakeMessage, *_: object) -> None:
+        counted.append(message.body)
+
+    monkeypatch.setattr(source, "_count", works)
+    assert [d.body for d in await source.receive(10)] == [b"c"]
+    assert counted == [b"b"] and not link.buffer
+
+
+async def test_a_receive_cancelled_mid_batch_keeps_what_it_admitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = RabbitSource("amqp://h/?queue=q", settings=queue_settings(), log=FakeLog())
+    a, b = FakeMessage(b"a"), FakeMessage(b"b", redelivered=True)
+    link = fake_link(source, a, b)
+    hang = asyncio.Event()
+
+    async def stuck(message: FakeMessage, *_: object) -> None:
+        await hang.wait()
+
+    monkeypatch.setattr(source, "_count", stuck)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await source.receive(10)
+    [ready] = await source.receive(1)  # admitted before the cancel: handed out now
+    assert ready.body == b"a" and list(link.buffer) == [b]
+    await source.halt()
+    assert b.nacked  # halting hands back what was never started
