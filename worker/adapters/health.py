@@ -111,12 +111,14 @@ class PublicKeyCheck:
             return CheckResult({"validation": "off"})
         if not verifier.fetches_keys:
             return CheckResult({"source": "BIOT_PUBLIC_KEY"})
-        counts = {"fetches": self._contact.key_fetches}
         try:
             await verifier.ready()
         except WorkerError as exc:
-            return CheckResult(counts, exc)
-        detail: dict[str, Any] = {"ageSeconds": _seconds(verifier.key_age()), **counts}
+            return CheckResult({"fetches": self._contact.key_fetches}, exc)
+        detail: dict[str, Any] = {
+            "ageSeconds": _seconds(verifier.key_age()),
+            "fetches": self._contact.key_fetches,
+        }
         if verifier.last_error is not None:  # serving the previous key while BioT's fails
             detail["lastFetchError"] = verifier.last_error
         return CheckResult(detail)
