@@ -25,20 +25,24 @@ from aiohttp import web
 from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import FakeLog, eventually, message, queue_settings
 from tests.queue_workers import Workers
-from worker.adapters.health import add_health_routes, health_runner
+from worker.adapters.health import CheckResult, Health, add_health_routes, health_runner
 from worker.adapters.memory import MemorySource
 from worker.adapters.queue import Decision, Delivery, IntakeStatus, RetryPolicy, consume
 from worker.client import BiotContact
 from worker.errors import ApiError
+from worker.responses import ErrorContext
 from worker.routing import Router
 from worker.runner import app_health
 from worker.testing.biot import EmulatedBiot, emulated_biot
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.testing.emulator.config import ErrorRule
+from worker.tracing import new_trace
 
 KEY_ROUTE = "GET /ums/v1/security/public-key"
 LIMIT = 10.0  # the longest any health condition here may take to show
 ROUTES = "tests.fixture_plugin:build_routes"
+ERRORS = ErrorContext("test-plugin", "test")
+TRACE = new_trace()
 KIT = {  # a worker against a BioT nobody answers for: enough to start and to fail at the port
     "BIOT_BASE_URL": "http://127.0.0.1:9",
     "BIOT_SERVICE_USER_ID": "service-user",
@@ -185,8 +189,43 @@ async def test_without_jwt_validation_the_key_check_says_so() -> None:
         assert body["checks"]["publicKey"] == {"ok": True, "validation": "off"}
 
 
-def test_no_answer_yet_is_null() -> None:
-    assert BiotContact().answered_at is None
+class Hangs:
+    """A check that never answers."""
+
+    name = "hangs"
+
+    async def probe(self) -> CheckResult:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_the_last_answer_is_dated_in_utc_and_null_before_any() -> None:
+    contact = BiotContact()
+    health = Health([], errors=ERRORS, contact=contact, clock=lambda: 102.5,
+                    wall_clock=lambda: 1_700_000_000.0)  # fmt: skip
+    assert (await health.readiness(TRACE)).json()["biotLastAnswer"] is None
+    contact.answered_at = 100.0
+    last = (await health.readiness(TRACE)).json()["biotLastAnswer"]
+    assert last == {"at": "2023-11-14T22:13:17.500Z", "agoSeconds": 2.5}
+
+
+async def test_a_check_that_hangs_is_not_ready_within_the_probe_timeout() -> None:
+    health = Health([Hangs()], errors=ERRORS, probe_timeout=0.05)
+    async with asyncio.timeout(LIMIT):
+        response = await health.readiness(TRACE)
+    body = response.json()
+    assert response.status == 503 and body["code"] == "NOT_READY"
+    assert body["checks"]["hangs"] == {"ok": False, "error": "no answer within 0.05 s"}
+    assert body["traceId"] == TRACE.trace_id and body["serviceName"] == "test-plugin"
+
+
+def test_an_intake_loop_that_stops_going_round_is_stalled() -> None:
+    intake = IntakeStatus(state="running", beat_at=0.0, beat_bound=12.0)
+    assert not intake.stalled(12.0) and intake.stalled(12.5)
+    intake.waiting = True  # every slot taken: no round is due
+    assert not intake.stalled(100.0)
+    intake.waiting, intake.state = False, "draining"
+    assert not intake.stalled(100.0)
 
 
 # ---------------------------------------------------------------- queue mode, in process
