@@ -1,6 +1,9 @@
 """Redis Streams specifics, on the real Redis: consumer groups, XAUTOCLAIM of a crashed consumer's
 entries after the idle time, a crash loop dead-lettered, retries parked in a sorted set, settled
-entries deleted, a stopped consumer leaving its group."""
+entries deleted, a stopped consumer leaving its group; and under faults: a settle is all or
+nothing (a wrong-typed key: nothing written, the entry pending and delivered again within
+seconds), a lost consumer group is created again, a wrong-typed retry set does not stop intake.
+(Restarts of Redis itself are in test_faults_redis.py, on a server of the test's own.)"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from redis.exceptions import ResponseError
 
 from tests.queue_harness import RedisHarness, cleanup_all, make_harness, serve
 from tests.queue_helpers import (
@@ -20,7 +24,8 @@ from tests.queue_helpers import (
     queue_settings,
     serving,
 )
-from worker.adapters.redis_streams import RedisStreamSource, ensure_group
+from worker.adapters.queue import Decision, Verdict
+from worker.adapters.redis_streams import RedisOptions, RedisStreamSource, ensure_group
 
 pytestmark = pytest.mark.broker
 GROUP = "biot-worker"
@@ -149,3 +154,122 @@ async def test_two_consumers_of_one_group_share_the_entries(made: list[RedisHarn
     consumers = await harness.redis.xinfo_consumers(harness.stream, GROUP)
     assert consumers == []  # both left the group when they stopped with nothing pending
     assert await harness.redis.xlen(harness.stream) == 0
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def pending_ids(harness: RedisHarness) -> list[bytes]:
+    rows: Any = await harness.redis.xpending_range(harness.stream, GROUP, "-", "+", 100)
+    return [bytes(row["message_id"]) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("wrong_key", "verdict"), [(":dead", Verdict.DEAD), (":retry", Verdict.RETRY), (":box", None)]
+)
+async def test_a_settle_with_a_wrong_typed_key_writes_nothing_and_keeps_the_entry(
+    made: list[RedisHarness], wrong_key: str, verdict: Verdict | None
+) -> None:
+    harness = redis_harness(made)
+    box = harness.stream + ":box"
+    await harness.redis.set(harness.stream + wrong_key, "not what the source writes")
+    source = RedisStreamSource(harness.url, settings=queue_settings(), log=FakeLog())
+    async with source:
+        await harness.publish(message("m"), reply_to=box, correlation_id="c1")
+
+        async def received() -> bool:
+            got.extend(await source.receive(5))
+            return bool(got)
+
+        got: list[Any] = []
+        await eventually(received, "the entry")
+        decision = Decision(verdict or Verdict.ACK, b'{"statusCode":500}', "JWT_ERROR: bad",
+                            delay=0.1, status=500)  # fmt: skip
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await source.settle(got[0], decision)
+        assert await pending_ids(harness) == [got[0].message.id]  # not acknowledged
+        assert await harness.redis.xlen(harness.stream) == 1  # nor deleted
+        for key in (":dead", ":retry", ":box"):  # and nothing written anywhere
+            if key != wrong_key:
+                assert await harness.redis.exists(harness.stream + key) == 0
+
+
+async def test_an_entry_whose_settle_failed_comes_back_within_seconds_while_others_flow(
+    made: list[RedisHarness],
+) -> None:
+    # claim_idle stays 60 s: the entries come back through the source's own pending re-read.
+    harness, handle, log = redis_harness(made, max_attempts="3"), ScriptedHandle(), FakeLog()
+    dead_key = f"{harness.stream}:dead"
+    await harness.redis.set(dead_key, "a string")
+    async with serve(harness, handle, queue_settings(), log):
+        for n in range(3):
+            await harness.publish(message(f"bad{n}", permanent=True))
+            await harness.publish(message(f"good{n}"))
+
+        async def stuck() -> bool:  # each bad one delivered again, up to the redelivery limit
+            return sorted(c.key for c in handle.calls if c.attempt == 3) == ["bad0", "bad1", "bad2"]
+
+        await eventually(stuck, "the bad entries delivered three times", 10.0)
+        assert sorted(c.key for c in handle.calls if c.key.startswith("good")) == [
+            "good0", "good1", "good2"]  # fmt: skip
+        assert len(await pending_ids(harness)) == 3  # the bad ones: pending, none lost
+        await harness.redis.delete(dead_key)
+
+        async def dead() -> bool:
+            return len(await harness.dead_letters()) == 3
+
+        await eventually(dead, "the three dead letters once the key is fixed", 10.0)
+    reasons = {letter.reason.split(":")[0] for letter in await harness.dead_letters()}
+    assert reasons <= {"JWT_ERROR", "REDELIVERY_LIMIT"}
+    assert await harness.backlog() == 0
+    assert await harness.redis.xlen(harness.stream) == 0
+    assert log.find("delivering this consumer's pending entries again")
+
+
+async def test_a_lost_consumer_group_is_created_again(made: list[RedisHarness]) -> None:
+    # claim_idle 0.2: XAUTOCLAIM runs before nearly every read, and answers NOGROUP first.
+    harness, handle, log = redis_harness(made, claim_idle="0.2"), ScriptedHandle(), FakeLog()
+    async with serve(harness, handle, queue_settings(), log):
+        await harness.publish(message("before"))
+        await handle.wait_calls(1)
+        await harness.redis.delete(harness.stream)  # as a Redis restarted without its data
+        await harness.publish(message("after"))
+        await handle.wait_calls(2)
+    assert handle.keys() == ["before", "after"]
+    assert log.find("the consumer group was missing; created it again")
+    assert await harness.backlog() == 0
+
+
+async def test_a_wrong_typed_retry_set_does_not_stop_intake(made: list[RedisHarness]) -> None:
+    harness, handle, log = redis_harness(made, retry_delay="0.1"), ScriptedHandle(), FakeLog()
+    retry_key = f"{harness.stream}:retry"
+    await harness.redis.set(retry_key, "a string")
+    async with serve(harness, handle, queue_settings(), log):
+        await harness.publish(message("flaky", transient=1))
+        for n in range(3):
+            await harness.publish(message(f"good{n}"))
+        await handle.wait_calls(4)
+
+        async def back() -> bool:  # its retry could not be parked: it is delivered again
+            return [c.attempt for c in handle.calls if c.key == "flaky"][-1] >= 2
+
+        await eventually(back, "the flaky entry delivered again", 10.0)
+        assert await harness.redis.type(retry_key) == b"string"  # nothing written into it
+        await harness.redis.delete(retry_key)
+
+        async def retried() -> bool:
+            return await harness.backlog() == 0 and not await pending_ids(harness)
+
+        await eventually(retried, "the flaky entry retried and settled", 10.0)
+    [failure, *_] = log.find("moving due retries back to the stream failed")
+    assert failure["error"].startswith("ResponseError: WRONGTYPE")
+    assert {"good0", "good1", "good2"} <= set(handle.keys())
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many"])
+def test_dead_letter_maxlen_must_be_a_positive_whole_number(value: str) -> None:
+    with pytest.raises(ValueError, match=r"^dead_letter_maxlen must be a positive whole number"):
+        RedisOptions.parse(f"redis://127.0.0.1/0?dead_letter_maxlen={value}")
+    options, _ = RedisOptions.parse("redis://127.0.0.1/0?dead_letter_maxlen=500")
+    assert options.dead_letter_maxlen == 500
+    assert RedisOptions.parse("redis://127.0.0.1/0")[0].dead_letter_maxlen == 100_000

@@ -191,13 +191,16 @@ def connect(url: str, max_connections: int, timeout: float = 10.0) -> aioredis.R
     return aioredis.Redis(connection_pool=pool)
 
 
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` (and the stream), reading from its first entry."""
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create ``group`` on ``stream`` (and the stream), reading from its first entry; whether
+    it had to (``False``: it existed)."""
     try:
         await client.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return False
+    return True
 
 
 def no_group(exc: BaseException) -> bool:
@@ -313,7 +316,7 @@ class RedisStreamSource:
     async def _receive(self, limit: int) -> list[Delivery]:
         now = time.monotonic()
         if self._regroup:
-            await ensure_group(self._redis, self.options.stream, self.options.group)
+            await self._recreate_group()
             self._regroup = False
         if now >= self._next_move:
             self._next_move = now + _MOVE_EVERY
@@ -345,7 +348,8 @@ class RedisStreamSource:
 
     async def _recreate_group(self) -> None:
         o = self.options
-        await ensure_group(self._redis, o.stream, o.group)
+        if not await ensure_group(self._redis, o.stream, o.group):
+            return
         self._claim_cursor = b"0-0"
         self._throttle.warning("the consumer group was missing; created it again",
                                key=o.group, stream=o.stream, group=o.group)  # fmt: skip
