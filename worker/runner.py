@@ -201,6 +201,9 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
             grace=worker.shutdown_grace,
             started=on_listening,
             keepalive_timeout=worker.keepalive_timeout,
+            header_timeout=worker.header_timeout,
+            max_connections=worker.max_connections,
+            client_connections=worker.api_max_connections,
         )
     except OSError as exc:
         if listening:

@@ -139,8 +139,14 @@ class EmulatedBiot:
     @staticmethod
     async def _serve_worker(stack: AsyncExitStack, app: WorkerApp) -> str:
         # The same adapter and runner as biot-worker run, on a free loopback port.
-        keepalive = app.settings.worker.keepalive_timeout
-        runner = app_runner(http_adapter(app), grace=2.0, keepalive_timeout=keepalive)
+        worker = app.settings.worker
+        runner = app_runner(
+            http_adapter(app),
+            grace=2.0,
+            keepalive_timeout=worker.keepalive_timeout,
+            header_timeout=worker.header_timeout,
+            max_connections=worker.max_connections,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, "127.0.0.1", 0)
