@@ -385,7 +385,8 @@ def app_runner(
     """aiohttp's runner of ``adapter`` (not set up): in-flight events get ``grace`` seconds at
     cleanup; a connection idle for ``keepalive_timeout``, or whose request headers are not
     complete ``header_timeout`` seconds after their first byte, closes; at most
-    ``max_connections`` are open (see :class:`Connections`)."""
+    ``max_connections`` are open (see :class:`Connections`). A connection refused for a slow
+    body closes at most ``body_timeout`` after its 408."""
     connections = Connections(
         cap=max_connections,
         header_timeout=header_timeout,
@@ -399,6 +400,9 @@ def app_runner(
         access_log=None,
         handle_signals=False,
         keepalive_timeout=keepalive_timeout,
+        # After a refusal (408, 413) the unread rest of a body is drained before closing, so
+        # that the answer is not lost to a reset: for body_timeout at most (aiohttp: 10 s).
+        lingering_time=adapter._body_timeout,
     )
 
 
