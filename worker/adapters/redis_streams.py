@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from config.settings import Settings
@@ -181,12 +184,15 @@ def connect(url: str, max_connections: int, timeout: float = 10.0) -> aioredis.R
     """A client whose every command is bounded: ``timeout`` seconds to connect, to wait for a
     pooled connection and for a reply (never less than XREADGROUP's block plus a second).
 
-    redis-py drops a connection whose command failed or timed out, and the pool replaces one
-    the server closed when it is next taken, so a restarted Redis gets fresh connections."""
+    redis-py drops a connection whose command failed or timed out. A command that fails with a
+    connection error is sent once more on a new connection at once: a pooled connection that
+    Redis reset while it restarted fails only there (while Redis is down, the second try is
+    refused too, and the error reaches the caller)."""
     reply = max(timeout, _POLL_MS / 1000 + 1.0)
+    once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout, socket_timeout=reply,
-        socket_connect_timeout=timeout,
+        socket_connect_timeout=timeout, retry=once,
     )  # fmt: skip
     return aioredis.Redis(connection_pool=pool)
 
@@ -246,6 +252,7 @@ class RedisStreamSource:
         self._recover_from: bytes | None = None
         self._recover_delay, self._settle_failed_at = _RECOVER_BACKOFF[0], 0.0
         self._in_flight: set[bytes] = set()
+        self._settled_meanwhile: set[bytes] = set()  # settled since this receive began
         self._warn_about_claim_idle()
         return self
 
@@ -274,6 +281,7 @@ class RedisStreamSource:
             )
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
+        self._settled_meanwhile.clear()  # see _track
         try:
             return await self._receive(limit)
         except BaseException as exc:
@@ -294,6 +302,7 @@ class RedisStreamSource:
             raise
         finally:
             self._in_flight.discard(entry.id)
+            self._settled_meanwhile.add(entry.id)
         if not acked:
             self._regroup = True
 
@@ -324,7 +333,7 @@ class RedisStreamSource:
         if self._recover_from is None and self._recover_at is not None and now >= self._recover_at:
             self._recover_from, self._recover_at = b"0", None
         if self._recover_from is not None:
-            return await self._recover(limit)
+            return self._track(await self._recover(limit))
         batch: list[Delivery] = []
         if now >= self._next_claim:
             self._next_claim = now + min(self.options.claim_idle / 2, 5.0)
@@ -332,8 +341,8 @@ class RedisStreamSource:
         if len(batch) < limit:
             block = None if batch else _POLL_MS
             fresh = await self._read(b">", limit - len(batch), block)
-            batch += self._track([delivery_of(Entry(i, f)) for i, f in fresh if f is not None])
-        return batch
+            batch += [delivery_of(Entry(i, f)) for i, f in fresh if f is not None]
+        return self._track(batch)  # only now: a read that fails leaves nothing marked in flight
 
     async def _move_retries(self, limit: int) -> None:
         """Move due retries back to the stream; a refusal (a wrong-typed retry set) is logged
@@ -419,11 +428,14 @@ class RedisStreamSource:
             o.stream, o.group, entries[0].id, entries[-1].id, count, o.consumer
         )
         times = {row["message_id"]: int(row["times_delivered"]) for row in rows}
-        return self._track([delivery_of(entry, times.get(entry.id, 1) - 1) for entry in entries])
+        return [delivery_of(entry, times.get(entry.id, 1) - 1) for entry in entries]
 
     def _track(self, batch: list[Delivery]) -> list[Delivery]:
-        """``batch`` without what is in flight here already, which is now in flight."""
-        batch = [delivery for delivery in batch if delivery.message.id not in self._in_flight]
+        """``batch`` without what is in flight here already, which is now in flight. Nor what
+        was settled while this receive ran: Redis may have answered the read before the ack,
+        whose reply came first."""
+        held = self._in_flight | self._settled_meanwhile
+        batch = [delivery for delivery in batch if delivery.message.id not in held]
         self._in_flight.update(delivery.message.id for delivery in batch)
         return batch
 
