@@ -659,10 +659,14 @@ def positive(params: dict[str, str], name: str, default: float) -> float:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced, for logs."""
+    """``url`` with its password replaced by ``***``, for logs: the one in its user part and a
+    ``password`` query parameter (redis-py takes either)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if "password" in parts.query:
+        query = [(k, "***" if k == "password" else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]  # fmt: skip
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
