@@ -30,7 +30,10 @@ Faults (every broker operation, connecting included, is bounded by ``WORKER_BROK
 - A message delivered again (``redelivered``) counts as an attempt, unless this process had
   received it on a link that was lost before it was settled: the broker's redelivery is then
   the same attempt again (the message was being handled here, or never started), so connection
-  cuts never push a message towards ``REDELIVERY_LIMIT``. Only a redelivery this process cannot
+  cuts never push a message towards ``REDELIVERY_LIMIT``. Deliveries still on the wire at the
+  loss (or acked with the ack lost) were never seen here: up to ``prefetch`` minus what the link
+  held, redeliveries not known are excused too, until the first message that was not
+  redelivered arrives (the broker requeues ahead of it). Only a redelivery this process cannot
   explain (a fresh process, or one whose consumer died on it) counts: the message is
   re-published with ``attempt + 1`` (confirmed by the broker) and then acknowledged, so one that
   keeps killing its consumer ends in the dead letters. If that ack fails, the original comes
@@ -163,6 +166,7 @@ class RabbitSource:
         self._arrived = asyncio.Event()  # a message came in, or a link was lost
         self._excused = _Recent()  # held on a lost link: their redelivery is no new attempt
         self._copied = _Recent()  # counted: the copy is queued, the original not yet acked
+        self._unexplained = 0  # redeliveries a lost link may cause that this process never saw
         self._lost_at: float | None = None
         self._halted = False
 
@@ -239,8 +243,14 @@ class RabbitSource:
                 raise SourceUnavailable(f"{self._display}: {describe(exc)}") from exc
             raise
         link = _Link(connection, channel, queue, exchange)
-        connection.close_callbacks.add(self._on_close)
-        channel.close_callbacks.add(self._on_close)
+
+        def on_close(*_: object) -> None:
+            if not link.gone.done():
+                link.gone.set_result(None)
+            self._arrived.set()  # a receive waiting for messages sees the loss at once
+
+        connection.close_callbacks.add(on_close)
+        channel.close_callbacks.add(on_close)
         return link
 
     async def _live(self) -> _Link:
@@ -274,6 +284,11 @@ class RabbitSource:
         self._excused.add(*link.held.elements())
         self._excused.add(*(_identity(m) for m in link.buffer if not m.redelivered))
         dropped = len(link.buffer)
+        # The broker had up to ``prefetch`` unacknowledged deliveries on the link; those not
+        # known here were on the wire, or acked with the ack lost: redelivered, not counted.
+        prefetch = self._settings.worker.max_in_flight
+        unknown = max(0, prefetch - held - dropped)
+        self._unexplained = min(_REMEMBERED, self._unexplained + unknown)
         link.buffer.clear()
         link.ready.clear()
         if not self._halted and self._lost_at is None:
@@ -288,9 +303,6 @@ class RabbitSource:
             down = asyncio.get_running_loop().time() - self._lost_at
             self._lost_at = None
             self._log.info("consuming again after the connection was lost", down_s=round(down, 3))
-
-    def _on_close(self, *_: object) -> None:
-        self._arrived.set()  # a receive waiting for messages sees the loss at once
 
     async def _wait(self) -> None:
         """Wait a short poll interval at most for a message (or a loss)."""
@@ -324,14 +336,25 @@ class RabbitSource:
             return await operation
 
     async def _on(self, link: _Link, operation: Awaitable[_T]) -> _T:
-        """``operation`` on ``link``, bounded; one that times out gives the link up (closing
-        it is what makes the broker deliver its messages again)."""
+        """``operation`` on ``link``, bounded; it fails at once with :class:`LinkLost` when the
+        link closes meanwhile (aio-pika can wait for ever writing to a dead socket), and one
+        that times out gives the link up (closing it makes the broker deliver its messages
+        again)."""
+        task = asyncio.ensure_future(operation)
+        either: list[asyncio.Future[Any]] = [task, link.gone]
         try:
-            return await self._bounded(operation)
-        except TimeoutError:
-            self._forget(link)
-            self._arrived.set()
-            raise
+            await asyncio.wait(either, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_retrieve)
+        if task.done() and not task.cancelled():
+            return task.result()
+        self._forget(link)
+        self._arrived.set()
+        if link.gone.done():
+            raise LinkLost("the connection to RabbitMQ was lost")
+        raise TimeoutError(f"no answer from RabbitMQ within {self._timeout} s")
 
     # ------------------------------------------------------------ intake
 
@@ -341,13 +364,23 @@ class RabbitSource:
         while link.buffer and len(link.ready) < limit:
             message = link.buffer[0]
             key = _identity(message)
-            handle = not message.redelivered or self._excused.take(key)
+            handle = not message.redelivered or self._excused.take(key) or self._explained()
+            if not message.redelivered:  # the broker's requeued messages came before it
+                self._unexplained = 0
             if not handle:
                 await self._count(message, link, key)
             link.buffer.popleft()
             if handle:
                 link.held[key] += 1
                 link.ready.append(delivery_of(message, _Held(message, link, key)))
+
+    def _explained(self) -> bool:
+        """Whether one more unknown redelivery can be one a lost link caused (see
+        :meth:`_forget`)."""
+        if self._unexplained <= 0:
+            return False
+        self._unexplained -= 1
+        return True
 
     async def _count(self, message: AbstractIncomingMessage, link: _Link, key: str) -> None:
         """Re-publish ``message`` with ``attempt + 1`` (confirmed), then ack it; when its copy
@@ -439,10 +472,12 @@ class _Link:
     held: Counter[str] = field(default_factory=Counter)
     tag: str | None = None
     lost: bool = False
+    gone: asyncio.Future[None] = field(default_factory=lambda: asyncio.Future())  # closed
 
     @property
     def alive(self) -> bool:
-        return not (self.lost or self.connection.is_closed or self.channel.is_closed)
+        closed = self.gone.done() or self.connection.is_closed or self.channel.is_closed
+        return not (self.lost or closed)
 
     def release(self, key: str) -> None:
         if not self.lost:  # a lost link's holdings were excused as they were
@@ -486,6 +521,12 @@ def _identity(message: AbstractIncomingMessage) -> str:
         if name not in _BROKER_HEADERS:
             digest.update(repr((name, value)).encode())
     return digest.hexdigest()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done-callback of an abandoned operation: its outcome is not wanted (no warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _ref(message: AbstractIncomingMessage) -> str:
