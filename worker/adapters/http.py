@@ -216,9 +216,6 @@ class Connections:
         self.log = Throttle(log)
         self._open: dict[_Connection, None] = {}  # in order of opening
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def opened(self, connection: _Connection) -> None:
         """Count ``connection``; over the cap, close the one idle the longest, or this one when
         every other is handling or answering an event."""
