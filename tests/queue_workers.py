@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 
 from tests.fixture_plugin import PATIENTS, REFERENCE
@@ -51,6 +52,13 @@ class QueueWorker:
 
     def messages(self) -> list[str]:
         return [str(record["message"]) for record in self.records()]
+
+    async def in_flight(self) -> int:
+        """The events it has in hand (received and not yet settled), from its ``/healthz``."""
+        start = next(r for r in self.records() if r["message"] == "worker consuming")
+        url = f"{start['health']}/healthz"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return int((await response.json())["inFlight"])
 
     async def exit_code(self, limit: float = START_TIMEOUT) -> int:
         async with asyncio.timeout(limit):

@@ -187,6 +187,16 @@ async def cut_in_flight(
     return time.monotonic() - cut_at
 
 
+async def settled(worker: QueueWorker, proxy: TcpProxy) -> None:
+    """Wait until the worker has settled everything it received and the proxy passed its acks
+    on (an ack needs no answer: only this says it reached the broker before a cut)."""
+
+    async def quiet() -> bool:
+        return await worker.in_flight() == 0 and proxy.in_transit() == 0
+
+    await eventually(quiet, "every settle passed on to the broker")
+
+
 async def no_backlog(harness: RabbitHarness) -> None:
     async def empty() -> bool:
         return await harness.backlog() == 0
@@ -312,6 +322,7 @@ async def test_an_unreachable_broker_is_survived_quietly_and_consuming_resumes(
     first = signed_notifications(emulator, 20)
     await publish(harness, first)
     await wait_handled(emulator, len(first))
+    await settled(worker, proxy)  # handled is not acked: the cut must find nothing in flight
     await proxy.refuse()
     await proxy.cut()
     down_at = time.monotonic()
