@@ -162,8 +162,8 @@ async def test_a_restart_without_data_then_every_new_event_is_handled(
         usage, exit_took = await back_and_stopped(worker, before, server, stream)
     new = sum(counts[trace] for trace in traces_of(after_restart))
     report(capsys, f"Redis restart without data: 750 published (200 after the restart), "
-                   f"{at_kill} handled before the kill, {new - 200} duplicates after it, first after "
-                   f"{resumed:.2f} s, all after {all_done:.2f} s; fds "
+                   f"{at_kill} handled before the kill, {new - 200} duplicates after it, "
+                   f"first after {resumed:.2f} s, all after {all_done:.2f} s; fds "
                    f"{before.fds}->{usage.fds}, RSS {before.rss_kb // 1024}->"
                    f"{usage.rss_kb // 1024} MB; SIGTERM exit {exit_took:.2f} s")  # fmt: skip
     assert new - 200 <= int(ENV["WORKER_MAX_IN_FLIGHT"])  # all handled, duplicates bounded

@@ -18,8 +18,9 @@ from tests.conftest import TRACE_ID, KeyPair, headers_for, interceptor_body
 from tests.fixture_plugin import PRE_MARK
 from tests.queue_helpers import eventually
 from tests.test_dispatch import interceptor_token, make_dispatcher
+from worker.adapters.health import CheckResult, Health
 from worker.adapters.http import HttpAdapter, app_runner
-from worker.errors import LoginError
+from worker.errors import LoginError, WorkerError
 from worker.events import NonSpecific, PreInterception
 from worker.logs import CapturingLog
 from worker.routing import Context, Router
@@ -42,8 +43,16 @@ class Served:
 Serve = Callable[..., Awaitable[Served]]
 
 
-async def _ready() -> None:
-    return None
+class _Ready:
+    """A readiness check that passes, or fails with ``error``."""
+
+    name = "serviceToken"
+
+    def __init__(self, error: WorkerError | None = None) -> None:
+        self.error = error
+
+    async def probe(self) -> CheckResult:
+        return CheckResult({}, self.error)
 
 
 @pytest.fixture
@@ -55,7 +64,7 @@ async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
         *,
         max_in_flight: int = 16,
         max_body_bytes: int = 64 * 1024,
-        ready: Callable[[], Awaitable[None]] = _ready,
+        ready: _Ready | None = None,
         body_timeout: float = 10.0,
         keepalive_timeout: float = 75.0,
         header_timeout: float = 10.0,
@@ -66,7 +75,7 @@ async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
             dispatcher,
             max_in_flight=max_in_flight,
             max_body_bytes=max_body_bytes,
-            ready=ready,
+            health=Health([ready or _Ready()], errors=dispatcher.error_context),
             log=log,
             body_timeout=body_timeout,
         )
@@ -231,11 +240,8 @@ async def test_overload_answers_503_with_retry_after(serve: Serve, keys: KeyPair
 
 
 async def test_health_and_readiness(serve: Serve) -> None:
-    async def not_ready() -> None:
-        raise LoginError("login failed: 503")
-
     healthy = await serve()
-    failing = await serve(ready=not_ready)
+    failing = await serve(ready=_Ready(LoginError("login failed: 503")))
     async with ClientSession() as http:
         async with http.get(healthy.make_url("/healthz")) as response:
             assert response.status == 200

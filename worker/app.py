@@ -26,7 +26,7 @@ from worker.client import (
     service_login,
 )
 from worker.dispatch import Dispatcher
-from worker.errors import LoginError, WorkerError
+from worker.errors import LoginError
 from worker.logs import Backend, Log, bridge_stdlib_logging, open_log
 from worker.routing import Router
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
@@ -197,17 +197,6 @@ class WorkerApp:
         """Return once every log line so far is written (the Lambda adapter, before answering)."""
         if self._backend is not None:
             await self._backend.flush()
-
-    async def ready(self) -> None:
-        """Raise a :class:`WorkerError` unless the public key and a service token are obtainable."""
-        if self.verifier is not None:
-            await self.verifier.ready()
-        try:
-            await self.tokens.get()
-        except WorkerError:
-            raise
-        except Exception as exc:  # translate anything unexpected at this boundary
-            raise LoginError(f"service token not obtainable: {type(exc).__name__}") from None
 
 
 class ServiceLogin:

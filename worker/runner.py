@@ -172,7 +172,7 @@ def http_adapter(app: WorkerApp) -> HttpAdapter:
         app.dispatcher,
         max_in_flight=worker.max_in_flight,
         max_body_bytes=worker.max_body_bytes,
-        ready=app.ready,
+        health=app_health(app),
         log=app.log,
         body_timeout=worker.body_timeout,
     )

@@ -3,10 +3,11 @@ response.
 
 Routes: ``POST /`` (any path, so a subscription endpoint may carry one) for events,
 ``GET /healthz`` (the process is alive) and ``GET /readyz`` (the public key and a service token
-can be obtained). More than ``max_in_flight`` events at once answer 503 with ``Retry-After``
-instead of queueing without bound; a body over ``max_body_bytes`` answers 413; a header value
-that is not UTF-8 answers 400. Malformed HTTP, which aiohttp's parser refuses, answers 400 in the
-platform's error envelope too (``BAD_REQUEST``, naming the problem, never echoing the bytes).
+can be obtained, and which is not: see :mod:`worker.adapters.health`). More than
+``max_in_flight`` events at once answer 503 with ``Retry-After`` instead of queueing without
+bound; a body over ``max_body_bytes`` answers 413; a header value that is not UTF-8 answers 400.
+Malformed HTTP, which aiohttp's parser refuses, answers 400 in the platform's error envelope too
+(``BAD_REQUEST``, naming the problem, never echoing the bytes).
 Nothing reaches the caller as a traceback.
 
 Hostile clients (:func:`serve`, :func:`app_runner`):
@@ -34,7 +35,7 @@ import errno
 import re
 import resource
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -42,14 +43,13 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from worker.adapters.health import Health, add_health_routes
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, Overloaded, PayloadTooLarge, WorkerError
 from worker.events import event_from_http, lower_headers
 from worker.logs import Log, Throttle, describe
-from worker.responses import ErrorContext, Response, error_response, json_response
+from worker.responses import ErrorContext, Response, error_response
 from worker.tracing import trace_from_headers
-
-ReadyCheck = Callable[[], Awaitable[None]]
 
 #: Descriptors kept for the process's own files (log, event loop, modules, the listening socket)
 #: when the descriptor limit lowers the connection cap, besides the BioT client's pool.
@@ -70,7 +70,7 @@ class HttpAdapter:
         *,
         max_in_flight: int,
         max_body_bytes: int,
-        ready: ReadyCheck,
+        health: Health,
         log: Log,
         body_timeout: float = 10.0,
     ) -> None:
@@ -78,15 +78,14 @@ class HttpAdapter:
         self._max_in_flight = max_in_flight
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout
-        self._ready = ready
+        self._health = health
         self._log = log
         self.in_flight = 0
 
     def application(self) -> web.Application:
         # client_max_size bounds what aiohttp buffers; we check Content-Length before reading.
         app = web.Application(client_max_size=self._max_body)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+        add_health_routes(app, self._health, lambda: self.in_flight)
         app.router.add_post("/{tail:.*}", self._event)
         return app
 
@@ -141,18 +140,6 @@ class HttpAdapter:
         response = error_response(error, trace, self._dispatcher.error_context, headers)
         self._log.warning("event refused", status=error.status, code=error.code)
         return _to_web(response)
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "inFlight": self.in_flight})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        trace = trace_from_headers(lower_headers(request.headers))
-        try:
-            await self._ready()
-        except WorkerError as exc:
-            response = error_response(exc, trace, self._dispatcher.error_context)
-            return _to_web(Response(503, response.body, response.headers))
-        return _to_web(json_response({"status": "ready"}, trace))
 
 
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
