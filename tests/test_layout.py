@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "worker"
 PACKAGES = (PACKAGE, ROOT / "config")
-TOOLS = ("worker.testing", "worker.bench", "worker.cli", "worker.__main__")
+TOOLS = ("worker.testing", "worker.bench", "worker.deploy", "worker.cli", "worker.__main__")
 BROKERS = ("redis", "aio_pika", "aiormq", "aiologger", "uvloop", "requests", "matplotlib")
 # The functions allowed to import a module by a computed name: it is the user's, named at run
 # time, so no edge of the project hides there.
@@ -315,7 +315,8 @@ def test_importing_the_runtime_loads_no_tool_or_broker(entry: str) -> None:
     probe = (
         f"import sys, {entry}\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        f"{BROKERS!r} or m.startswith(('worker.testing', 'worker.bench', 'handlers')))\n"
+        f"{BROKERS!r} or m.startswith(('worker.testing', 'worker.bench', 'worker.deploy', "
+        "'handlers')))\n"
         "print(','.join(bad))\n"
     )
     result = subprocess.run(  # noqa: S603 - a fresh interpreter, our own probe
