@@ -1,8 +1,9 @@
 """The BioT APIs ``deploy``, ``subscribe`` and ``unsubscribe`` call, as a BioT user.
 
-:func:`credentials_from` reads ``BIOT_BASE_URL`` (and ``WORKER_CA_BUNDLE``) through the
-settings, and ``BIOT_USERNAME`` / ``BIOT_PASSWORD`` from the environment only, never from a
-flag, so the password stays out of process lists; a missing or bad one is an
+:func:`tool_settings` reads ``BIOT_BASE_URL`` (and ``WORKER_CA_BUNDLE``, ``WORKER_ROUTES``)
+as the worker's settings do, without asking for the service user a running worker needs;
+:func:`credentials_from` adds ``BIOT_USERNAME`` / ``BIOT_PASSWORD`` from the environment only,
+never from a flag, so the password stays out of process lists; a missing one is an
 :class:`AdminConfigError` naming the variable. :func:`open_admin` logs in
 (``POST /ums/v2/users/login``) and yields a :class:`BiotAdmin` carrying the user's token.
 
@@ -22,7 +23,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from config.settings import SettingsError, load_settings
+from config.settings import Settings, SettingsError, load_settings, replace_settings
 from worker.client import open_session
 from worker.tracing import TraceContext, new_trace
 from worker.version import __version__
@@ -66,14 +67,30 @@ class Credentials:
     ca_bundle: str | None = None
 
 
-def credentials_from(
-    env: Mapping[str, str], overrides: Mapping[str, str] | None = None
-) -> Credentials:
-    """The credentials of ``env`` (settings ``overrides`` win, as the CLI's flags do)."""
+def tool_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
+    """The settings these commands read (``BIOT_BASE_URL``, ``WORKER_CA_BUNDLE``,
+    ``WORKER_ROUTES``), checked as :func:`~config.settings.load_settings` checks them, except
+    that ``BIOT_BASE_URL`` does not ask for a service user: a BioT user logs in instead.
+
+    Raises :class:`~config.settings.SettingsError` naming every bad value.
+    """
+    source = {**env, **(overrides or {})}
+    raw = source.pop("BIOT_BASE_URL", "").strip()
+    problems: list[str] = []
     try:
-        settings = load_settings(env, overrides)
+        settings = load_settings(source)
     except SettingsError as exc:
-        raise AdminConfigError("; ".join(exc.problems)) from None
+        problems, settings = list(exc.problems), Settings()
+    if raw and not raw.startswith(("http://", "https://")):
+        problems.append(f"BIOT_BASE_URL: must start with http:// or https://, got {raw!r}")
+    if problems:
+        raise SettingsError(problems)
+    return replace_settings(settings, biot_base_url=raw.rstrip("/") or None)
+
+
+def credentials_from(settings: Settings, env: Mapping[str, str]) -> Credentials:
+    """Where to log in (``settings``) and as whom (``BIOT_USERNAME``/``BIOT_PASSWORD`` of
+    ``env``); :class:`AdminConfigError` naming what is missing."""
     if settings.biot.base_url is None:
         raise AdminConfigError("BIOT_BASE_URL is not set (the BioT API root to deploy to)")
     missing = [name for name in ("BIOT_USERNAME", "BIOT_PASSWORD") if not env.get(name)]
@@ -83,7 +100,7 @@ def credentials_from(
             "environment only"
         )
     return Credentials(
-        base_url=settings.biot.base_url.rstrip("/"),
+        base_url=settings.biot.base_url,
         username=env["BIOT_USERNAME"],
         password=env["BIOT_PASSWORD"],
         ca_bundle=settings.worker.ca_bundle,
