@@ -1,14 +1,15 @@
 """The emulator's own control API under ``/_emulator/`` (not part of BioT).
 
-``GET info`` (URL, service user id and its dev secret, public key); ``GET|PUT|DELETE faults``
+``GET info`` (URL, service user id and its dev secret, the admin user's username and dev
+password, public key); ``GET|PUT|DELETE faults``
 (read, change the keys given, reset to the start configuration); ``POST rotate-keys``;
 ``GET calls`` (``?trace_id=&direction=in|out&hook=``) and ``DELETE calls``; ``POST user-token``
 (``{subjectId?, scopes?, lifetime?}`` -> an end user's token); ``POST event-token``
 (``{scopes, lifetime?, count?}`` -> ``{token, tokens, accessTokenExpiration}``: the
 ``SERVICE_INTERNAL`` token BioT signs for its calls to plugins, with the current key, so a load
 generator can send events signed exactly as BioT does); ``POST notifications/drain``
-(answers once every pending notification was delivered). The secret is served because this is
-a loopback-only development tool whose credentials are fakes printed at start anyway.
+(answers once every pending notification was delivered). The secrets are served because this
+is a loopback-only development tool whose credentials are fakes printed at start anyway.
 """
 
 from __future__ import annotations

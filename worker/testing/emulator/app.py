@@ -2,7 +2,8 @@
 
 ``Emulator(config)`` builds everything without touching the network; the application's start-up
 opens the one outgoing client session and its clean-up waits for pending notifications (up to
-``config.notification_grace``) and closes it. Serve it with :class:`EmulatorServer`.
+``config.notification_grace``), removes the deployed plugins (their functions stop) and closes the
+session. Serve it with :class:`EmulatorServer`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 from worker.testing.emulator.admin import AdminApi
 from worker.testing.emulator.calllog import CallLog, CallRecord
 from worker.testing.emulator.config import EmulatorConfig
+from worker.testing.emulator.deployments import Deployments, FunctionHost, Site
 from worker.testing.emulator.dispatcher_api import DispatcherApi
 from worker.testing.emulator.entities import EntityStore
 from worker.testing.emulator.faults import Faults
@@ -24,9 +26,11 @@ from worker.testing.emulator.gateway import EntityGateway
 from worker.testing.emulator.identity import TokenService
 from worker.testing.emulator.interception import InterceptionChain
 from worker.testing.emulator.keys import KeyFactory, KeyRing, generate_key
+from worker.testing.emulator.lambda_host import LambdaHost
 from worker.testing.emulator.middleware import Sleep, errors, faults, observe
 from worker.testing.emulator.notifications import Notifier
 from worker.testing.emulator.plugins import HookClient
+from worker.testing.emulator.settings_api import SettingsApi
 from worker.testing.emulator.subscriptions import (
     InterceptionSubscription,
     NotificationSubscription,
@@ -40,7 +44,9 @@ class Emulator:
     """BioT in a box. One instance serves one :class:`EmulatorServer` at a time.
 
     ``clock`` (epoch seconds) drives token expiry and timestamps; ``sleep`` performs injected
-    latency; ``key_factory`` makes RSA keys (the first one in ``__init__``, blocking ~0.1 s).
+    latency; ``key_factory`` makes RSA keys (the first one in ``__init__``, blocking ~0.1 s);
+    ``function_host`` runs deployed plugins and serves them (default: a :class:`LambdaHost`,
+    under ``/_lambda/``; a host given is closed by whoever made it).
     """
 
     def __init__(
@@ -50,12 +56,14 @@ class Emulator:
         clock: Clock | None = None,
         key_factory: KeyFactory | None = None,
         sleep: Sleep | None = None,
+        function_host: FunctionHost | None = None,
     ) -> None:
         self.config = config = config or EmulatorConfig()
         self.clock: Clock = clock or time.time
         self._key_factory = key_factory or generate_key
         self._sleep: Sleep = sleep or asyncio.sleep
         self.base_url: str | None = None
+        self.ca_file: str | None = None
         self.faults = Faults(config)
         self.keys = KeyRing(self._key_factory())
         self.tokens = TokenService(
@@ -73,10 +81,24 @@ class Emulator:
         self._ums = UmsApi(
             service_user_id=config.service_user_id,
             service_user_secret=config.service_user_secret,
+            admin_username=config.admin_username,
+            admin_password=config.admin_password,
+            organization_id=config.organization_id,
             tokens=self.tokens,
             keys=self.keys,
             faults=self.faults,
             sleep=self._sleep,
+        )
+        self.functions = function_host or LambdaHost(
+            base_url=lambda: self.base_url or "", environment=config.environment
+        )
+        self.deployments = Deployments(
+            host=self.functions,
+            users=self._ums,
+            subscriptions=self.subscriptions,
+            site=lambda: Site(self.base_url or "", self.ca_file),
+            environment=config.environment,
+            clock=self.clock,
         )
         self.app = self._build_app()
 
@@ -89,6 +111,15 @@ class Emulator:
     @property
     def service_user_secret(self) -> str:
         return self.config.service_user_secret
+
+    @property
+    def admin_username(self) -> str:
+        """The BioT user that may deploy plugins and subscribe endpoints here."""
+        return self.config.admin_username
+
+    @property
+    def admin_password(self) -> str:
+        return self.config.admin_password
 
     @property
     def public_key_b64(self) -> str:
@@ -167,6 +198,7 @@ class Emulator:
         body: dict[str, Any] = {
             "url": self.base_url,
             "serviceUserId": self.service_user_id,
+            "adminUsername": self.admin_username,
             "organizationId": self.config.organization_id,
             "environment": self.config.environment,
             "tls": self.config.tls,
@@ -174,6 +206,7 @@ class Emulator:
         }
         if include_secret:
             body["serviceUserSecretKey"] = self.service_user_secret
+            body["adminPassword"] = self.admin_password
         return body
 
     # ------------------------------------------------------------ application
@@ -191,6 +224,8 @@ class Emulator:
         chain = InterceptionChain(self.subscriptions, self.hooks)
         app.add_routes(EntityGateway(self.store, chain, self.notifier, self.clock).routes())
         app.add_routes(AdminApi(self).routes())
+        app.add_routes(SettingsApi(self.deployments).routes())
+        app.add_routes(self.functions.routes())
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
@@ -200,4 +235,5 @@ class Emulator:
             yield
         finally:
             await self.notifier.close(self.config.notification_grace)
+            await self.deployments.close()
             await self.hooks.close()

@@ -1,4 +1,5 @@
-"""The emulator's command-line flags, kept next to the emulator (the CLI adds host and port).
+"""The emulator's command-line flags, kept next to the emulator (the CLI adds host and port), and
+what ``biot-worker emulator`` prints once it listens (:func:`describe`).
 
 ``--latency`` takes ``SECONDS`` (every route) or ``ROUTE=SECONDS``; ``--fail`` takes
 ``ROUTE=STATUS:COUNT`` (the next COUNT calls) or ``ROUTE=STATUS@RATE`` (each call with that
@@ -10,11 +11,14 @@ from __future__ import annotations
 import argparse
 
 from worker.testing.emulator.config import (
+    DEFAULT_ADMIN_PASSWORD,
+    DEFAULT_ADMIN_USERNAME,
     DEFAULT_SERVICE_USER_ID,
     DEFAULT_SERVICE_USER_SECRET,
     EmulatorConfig,
     ErrorRule,
 )
+from worker.testing.emulator.server import EmulatorServer
 
 
 def parse_latency(value: str) -> tuple[str, float]:
@@ -63,6 +67,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SERVICE_USER_SECRET,
         help="service user secret key to accept (a development value by default)",
     )
+    add("--admin-username", default=DEFAULT_ADMIN_USERNAME, help="the BioT user that deploys")
+    add(
+        "--admin-password",
+        default=DEFAULT_ADMIN_PASSWORD,
+        help="its password (a development value by default)",
+    )
     add("--token-lifetime", type=_positive, default=1800.0, help="token lifetime, seconds")
     add("--plugin-timeout", type=_positive, default=3.0, help="timeout of each plugin call")
     add(
@@ -95,6 +105,8 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
     return EmulatorConfig(
         service_user_id=ns.service_user_id,
         service_user_secret=ns.service_user_secret,
+        admin_username=ns.admin_username,
+        admin_password=ns.admin_password,
         token_lifetime=ns.token_lifetime,
         plugin_timeout=ns.plugin_timeout,
         latency=dict(ns.latency),
@@ -107,3 +119,24 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
         environment=ns.environment,
         seed_patients=ns.seed_patients,
     )
+
+
+def describe(server: EmulatorServer) -> str:
+    """What a developer needs once the emulator listens: the worker's environment (service
+    user) and the deploy commands' (admin user), all development values."""
+    emulator = server.emulator
+    lines = [
+        f"BioT emulator listening on {server.url}",
+        f"  BIOT_BASE_URL={server.url}",
+        f"  BIOT_SERVICE_USER_ID={emulator.service_user_id}",
+        f"  BIOT_SERVICE_USER_SECRET_KEY={emulator.service_user_secret}   (a development value)",
+    ]
+    if server.ca_file:
+        lines.append(f"  WORKER_CA_BUNDLE={server.ca_file}")
+    lines += [
+        "  deploy, subscribe and unsubscribe log in as the admin user:",
+        f"  BIOT_USERNAME={emulator.admin_username}",
+        f"  BIOT_PASSWORD={emulator.admin_password}   (a development value)",
+        f"  admin API: {server.url}/_emulator/info",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """The emulator's start-up configuration: frozen, validated, with development defaults.
 
-The service user's id and secret are fixed development values so that a restarted emulator keeps
-working with the same worker environment; they protect nothing (the emulator binds to loopback).
+The service user's id and secret, and the admin user's username and password (the BioT user that
+``biot-worker deploy`` and ``subscribe`` log in as), are fixed development values so that a
+restarted emulator keeps working with the same environment; they protect nothing (the emulator
+binds to loopback).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Final
 DEFAULT_SERVICE_USER_ID: Final = "5e1c0a7d-3b2f-4c8e-9a61-0d4f2b7e8c13"
 DEFAULT_SERVICE_USER_SECRET: Final = "biot-emulator-dev-secret"  # noqa: S105 - a dev-only fake
 DEFAULT_ORGANIZATION_ID: Final = "00000000-0000-4000-8000-0000000000a1"
+DEFAULT_ADMIN_USERNAME: Final = "admin@biot-emulator.local"
+DEFAULT_ADMIN_PASSWORD: Final = "biot-emulator-dev-password"  # noqa: S105 - a dev-only fake
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,8 @@ class EmulatorConfig:
     service_user_id: str = DEFAULT_SERVICE_USER_ID
     service_user_secret: str = field(default=DEFAULT_SERVICE_USER_SECRET, repr=False)
     organization_id: str = DEFAULT_ORGANIZATION_ID
+    admin_username: str = DEFAULT_ADMIN_USERNAME
+    admin_password: str = field(default=DEFAULT_ADMIN_PASSWORD, repr=False)
     token_lifetime: float = 1800.0
     plugin_timeout: float = 3.0
     latency: Mapping[str, float] = field(default_factory=dict)
@@ -85,6 +91,8 @@ def _problems(config: EmulatorConfig) -> list[str]:
         problems.append("call_log_size must be greater than 0")
     if not config.service_user_id or not config.service_user_secret:
         problems.append("service_user_id and service_user_secret must not be empty")
+    if not config.admin_username or not config.admin_password:
+        problems.append("admin_username and admin_password must not be empty")
     problems.extend(
         f"latency for {route!r} must be 0 or more"
         for route, seconds in config.latency.items()

@@ -3,14 +3,16 @@
 Token types: the service-user login issues ``SERVICE_EXTERNAL`` tokens (a
 plugin's service user is outside the platform) [INFERRED: decoded samples only show the
 ``SERVICE_INTERNAL`` tokens BioT signs for its own calls to plugins, which is what
-:meth:`TokenService.internal_token` issues]; end users hold ``USER`` tokens.
+:meth:`TokenService.internal_token` issues]; end users hold ``USER`` tokens, and so does the
+admin user (with :data:`ADMIN_USER_SCOPES`). A user login's ``REFRESH`` token is never accepted
+as a bearer token.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import jwt
@@ -30,6 +32,17 @@ SERVICE_USER_SCOPES: Final = (
     "HOOKS_INTERCEPTION_DELETE",
     "HOOKS_INTERCEPTION_SEARCH",
 )
+# What the admin user may do: deploy plugins and subscribe endpoints (issue 10's commands).
+ADMIN_USER_SCOPES: Final = (
+    "SETTINGS_PLUGIN_CREATE",
+    "SETTINGS_PLUGIN_GET",
+    "SETTINGS_PLUGIN_UPDATE",
+    "SETTINGS_PLUGIN_DELETE",
+    "SETTINGS_PLUGIN_SEARCH",
+    "SETTINGS_SEARCH_INTERCEPTION_SUBSCRIPTION_CONFIGURATIONS",
+    *SERVICE_USER_SCOPES,
+)
+REFRESH_TOKEN_TYPE: Final = "REFRESH"  # noqa: S105 - a token type, not a secret
 _KINDS: Final[dict[str, TokenKind]] = {
     "USER": "user",
     "DEVICE": "user",
@@ -54,6 +67,16 @@ class Caller:
             "ownerOrganizationId": self.organization_id,
             "tokenType": self.token_type,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UserLogin:
+    """The tokens of a user login and their expiry times (epoch seconds)."""
+
+    access_token: str
+    access_expires: float
+    refresh_token: str = field(repr=False)
+    refresh_expires: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +164,17 @@ class TokenService:
             refreshTokenId=str(uuid.uuid4()),
         )
 
+    def user_login(self, subject_id: str, scopes: Sequence[str]) -> UserLogin:
+        """A user login's tokens: an access token (``tokenType USER``) and a refresh token
+        living twice as long, which is never accepted as a bearer token."""
+        lifetime = self._lifetime()
+        now = self._clock()
+        access = self.user_token(subject_id, scopes=scopes, lifetime=lifetime)
+        refresh = self.sign(
+            scopes=(), token_type=REFRESH_TOKEN_TYPE, lifetime=2 * lifetime, sub=subject_id
+        )
+        return UserLogin(access, now + lifetime, refresh, now + 2 * lifetime)
+
     def internal_token(self, scope: str) -> str:
         """BioT's ``SERVICE_INTERNAL`` token for calls to plugins, reused for half its life."""
         now = self._clock()
@@ -167,6 +201,8 @@ class TokenService:
             return Rejected("invalid", f"Token is not valid: {type(exc).__name__}")
         if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= self._clock():
             return Rejected("invalid", "Token is expired")
+        if claims.get("tokenType") == REFRESH_TOKEN_TYPE:
+            return Rejected("invalid", "A refresh token is not an access token")
         return self._caller_from(claims)
 
     def _verify(self, token: str) -> dict[str, Any]:

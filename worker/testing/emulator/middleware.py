@@ -2,7 +2,9 @@
 
 Order, outermost first: :func:`observe` (trace, caller, call log, ``traceparent`` on the answer),
 :func:`errors` (every failure becomes BioT's ``ErrorResponse``), :func:`faults` (added latency
-and injected statuses). Admin calls under ``/_emulator/`` skip faults and the call log.
+and injected statuses). Admin calls under ``/_emulator/`` skip faults and the call log, and so do
+calls of deployed plugins' functions under ``/_lambda/`` (plugins, not BioT's APIs: the call log
+has them as the hook calls the emulator makes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from worker.tracing import TraceContext, trace_from_headers
 Sleep = Callable[[float], Awaitable[None]]
 
 ADMIN_PREFIX: Final = "/_emulator/"
+LAMBDA_PREFIX: Final = "/_lambda/"
 TRACE: Final = web.RequestKey("trace", TraceContext)
 AUTH: Final[web.RequestKey[Caller | Rejected]] = web.RequestKey("auth")
 _INJECTED: Final = {
@@ -48,7 +51,8 @@ def require_caller(request: web.Request, scope: str | None = None) -> Caller:
 
 
 def is_admin(path: str) -> bool:
-    return path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/")
+    """An emulator call that is not BioT's: its control API or a deployed plugin's function."""
+    return path.startswith((ADMIN_PREFIX, LAMBDA_PREFIX)) or path == ADMIN_PREFIX.rstrip("/")
 
 
 def observe(tokens: TokenService, call_log: CallLog) -> Middleware:

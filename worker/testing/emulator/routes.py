@@ -102,3 +102,33 @@ def api_id_matches(subscribed: str, route: ApiRoute, params: dict[str, str]) -> 
 
 def known_api_ids() -> list[str]:
     return [route.api_id for route in API_ROUTES]
+
+
+def serving(api_id: str) -> ApiRoute | None:
+    """The API an ``apiId`` names: its template, or the template narrowed by concrete values
+    (``POST/generic-entity/v1/generic-entities/templates/device_log``)."""
+    method, slash, path = api_id.partition("/")
+    if not slash:
+        return None
+    for route in API_ROUTES:
+        if route.method == method and match_template(route.template, path) is not None:
+            return route
+    return None
+
+
+def interception_configs() -> list[dict[str, str]]:
+    """``GET /settings/v1/interceptions``'s items: ``{entityTypeName, servicePrefix, apiId}`` of
+    every API served here (the service prefix is the path's first segment)."""
+    return [
+        {
+            "entityTypeName": route.kind.name,
+            "servicePrefix": _segments(route.template)[0],
+            "apiId": route.api_id,
+        }
+        for route in API_ROUTES
+    ]
+
+
+def entity_type_names() -> list[str]:
+    """The entity types whose APIs are served here (what ``ADAPT_ENTITY`` can name)."""
+    return [kind.name for kind in KINDS]

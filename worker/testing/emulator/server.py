@@ -69,7 +69,7 @@ class EmulatorServer:
             directory = self.emulator.config.tls_dir or self._make_temp_dir()
             files = await asyncio.to_thread(ensure_tls_files, directory)
             context = await asyncio.to_thread(server_ssl_context, files)
-            self.ca_file = files.ca_file
+            self.ca_file = self.emulator.ca_file = files.ca_file
         self._runner = web.AppRunner(
             self.emulator.app, handle_signals=False, access_log=None, shutdown_timeout=2.0
         )
@@ -93,7 +93,7 @@ class EmulatorServer:
         temp_dir, self._temp_dir = self._temp_dir, None
         if temp_dir is not None:
             await asyncio.to_thread(shutil.rmtree, temp_dir, True)
-        self.emulator.base_url = None
+        self.emulator.base_url = self.emulator.ca_file = None
 
 
 async def serve_forever(

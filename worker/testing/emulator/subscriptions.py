@@ -164,6 +164,11 @@ class Subscriptions:
             raise ApiFailure(404, "SUBSCRIBER_NOT_FOUND", "no such interception", probe.to_json())
         self._interceptions = kept
 
+    def unsubscribe_endpoint(self, endpoint: str) -> None:
+        """Remove every subscription of ``endpoint`` (a deployed plugin's, when it changes)."""
+        self._notifications = [s for s in self._notifications if s.endpoint != endpoint]
+        self._interceptions = [s for s in self._interceptions if s.endpoint != endpoint]
+
     def notifications(self) -> list[NotificationSubscription]:
         return list(self._notifications)
 

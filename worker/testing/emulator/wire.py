@@ -20,6 +20,7 @@ _SERVICES = {
     "organization": "organization",
     "generic-entity": "generic-entity",
     "dispatcher": "dispatcher",
+    "settings": "settings",
 }
 
 
