@@ -21,7 +21,11 @@ import pytest
 
 from tests import other_plugin
 from tests.fixture_plugin import REFERENCE
+from tests.fixture_plugin import build_routes as fixture_build_routes
+from tests.test_deploy import TOKEN as STAND_IN_TOKEN
+from tests.test_deploy import StandIn, stand_in_thread
 from worker.cli import NO_BASE_URL, build_parser
+from worker.deploy.subscriptions import subscriptions_of
 from worker.routing import Router
 from worker.testing.dev import trigger_commands
 
@@ -415,7 +419,7 @@ def test_demo_sends_the_nonspecific_route_an_event_too() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     at = lines.index("NONSPECIFIC -> tests.fixture_plugin.count_patients")
-    assert '200, p50' in lines[at + 1]
+    assert "200, p50" in lines[at + 1]
     assert 'answered {"patients":3' in lines[at + 1]
     assert "not exercised" not in done.stdout
 
@@ -442,3 +446,167 @@ def test_config_hides_a_password_inside_the_base_url() -> None:
     assert done.returncode == 0, done.stderr
     assert "pa55w0rd" not in done.stdout
     assert "https://svc:***@biot.example.test/api" in done.stdout
+
+
+# ---------------------------------------------------------------- package, deploy, subscribe
+
+
+ADMIN = {"BIOT_USERNAME": "admin@example.com", "BIOT_PASSWORD": "s3cret-Passw0rd!"}
+
+
+def admin_env(stand_in: StandIn) -> dict[str, str]:
+    return {"BIOT_BASE_URL": stand_in.url, **ADMIN}
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], status: int, text: str) -> None:
+    assert done.returncode == status, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert text in done.stderr
+
+
+def assert_no_secret(done: subprocess.CompletedProcess[str]) -> None:
+    for secret in (ADMIN["BIOT_PASSWORD"], STAND_IN_TOKEN):
+        assert secret not in done.stdout and secret not in done.stderr
+
+
+@pytest.fixture
+def biot() -> Iterator[StandIn]:
+    with stand_in_thread() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def plugin_zip(tmp_path: Path) -> Path:
+    path = tmp_path / "plugin.zip"
+    path.write_bytes(b"PK\x03\x04 zip")
+    return path
+
+
+def test_deploy_subscribe_package_help_without_extras(base_install: Path) -> None:
+    for command in ("package", "deploy", "subscribe", "unsubscribe"):
+        done = worker(command, "--help", paths=(base_install,))
+        assert done.returncode == 0, done.stderr
+        assert "--password" not in done.stdout
+
+
+def test_deploy_creates_prints_the_endpoint_and_no_secret(
+    biot: StandIn, plugin_zip: Path, base_install: Path
+) -> None:
+    done = worker(
+        "deploy", "--name", "my-plugin", "--zip", str(plugin_zip), "--env", "A=1",
+        paths=(base_install,), biot=admin_env(biot),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "endpointUrl: https://plugins.example/Plugin-my-plugin"
+    (post,) = biot.calls("POST", "/settings/v2/plugins")
+    assert post.parts["code"] == plugin_zip.read_bytes()
+    config = orjson.loads(post.parts["config"])
+    assert config["subscriptions"] == subscriptions_of(fixture_build_routes()).config
+    assert config["environmentVariables"] == {"A": "1"}
+    assert_no_secret(done)
+    biot.requests.clear()
+    dry = worker("deploy", "--name", "my-plugin", "--dry-run", biot=admin_env(biot))
+    assert dry.returncode == 0, dry.stderr
+    assert biot.writes() == []
+    assert "  version: 1 -> 2" in dry.stdout and "dry run: nothing was changed" in dry.stdout
+    assert_no_secret(dry)
+
+
+def test_deploy_refuses_an_unknown_api_id_before_creating_anything(
+    biot: StandIn, plugin_zip: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "typo_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            from worker import Router
+
+            async def pre(view, ctx):
+                return None
+
+            def build_routes():
+                return Router().pre(pre, api_id="PATCH/organization/v1/users/patient/{id}")
+            """
+        )
+    )
+    done = worker(
+        "deploy", "--name", "p", "--zip", str(plugin_zip), paths=(tmp_path,),
+        WORKER_ROUTES="typo_plugin:build_routes", biot=admin_env(biot),
+    )  # fmt: skip
+    assert_one_line(done, 1, "biot-worker deploy: unknown apiId PATCH/organization/v1/users/")
+    assert "closest known: PATCH/organization/v1/users/patients/{id}" in done.stderr
+    assert biot.writes() == []
+
+
+def test_deploy_shows_biot_errors_as_code_and_message(biot: StandIn, plugin_zip: Path) -> None:
+    biot.fail[("POST", "/settings/v2/plugins")] = (403, "ACCESS_DENIED", "no permission")
+    done = worker("deploy", "--name", "p", "--zip", str(plugin_zip), biot=admin_env(biot))
+    assert done.returncode == 1
+    assert done.stderr == "biot-worker deploy: BioT answered 403 ACCESS_DENIED: no permission\n"
+    wrong = worker(
+        "deploy", "--name", "p", "--zip", str(plugin_zip),
+        biot={**admin_env(biot), "BIOT_PASSWORD": "wrong"},
+    )  # fmt: skip
+    assert wrong.returncode == 1
+    assert wrong.stderr == (
+        "biot-worker deploy: BioT answered 403 LOGIN_FAILED: wrong username or password\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (("deploy", "--name", "p"), {"BIOT_PASSWORD": ""}, "BIOT_PASSWORD not set"),
+        (("deploy", "--name", "p"), {"BIOT_BASE_URL": ""}, "BIOT_BASE_URL is not set"),
+        (("deploy", "--name", "my plugin"), {}, "--name: 'my plugin' is not a BioT plugin name"),
+        (("deploy", "--name", "p", "--timeout", "0"), {}, "--timeout 0: must be from 1 to 900"),
+        (("deploy", "--name", "p", "--memory", "64"), {}, "--memory 64: must be from 128"),
+        (("deploy", "--name", "p", "--env", "NOVALUE"), {}, "--env 'NOVALUE': expected KEY=VALUE"),
+        (("deploy", "--name", "p", "--zip", "/nonexistent.zip"), {}, "--zip /nonexistent.zip"),
+        (("subscribe", "--endpoint", "worker:8080"), {}, "--endpoint: must start with http"),
+        (("unsubscribe", "--endpoint", "x"), {"BIOT_USERNAME": ""}, "BIOT_USERNAME not set"),
+        (("deploy", "--name", "p", "--routes", "nosuch:x"), {}, "no module named 'nosuch'"),
+    ],
+)
+def test_deploy_and_subscribe_usage_errors_are_one_line_exit_2(
+    argv: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    base = {"BIOT_BASE_URL": "http://127.0.0.1:9", **ADMIN}
+    done = worker(*argv, biot={**base, **env})
+    assert_one_line(done, 2, message)
+    assert done.stderr.startswith(f"biot-worker {argv[0]}: ")
+
+
+def test_the_password_is_no_flag() -> None:
+    done = worker("deploy", "--name", "p", "--password", "x")
+    assert done.returncode == 2 and "unrecognized arguments: --password" in done.stderr
+
+
+def test_subscribe_twice_then_unsubscribe(biot: StandIn, base_install: Path) -> None:
+    endpoint = "https://worker.example/"
+    first = worker("subscribe", "--endpoint", endpoint, paths=(base_install,), biot=admin_env(biot))
+    assert first.returncode == 0, first.stderr
+    assert f"subscribed 5, pruned 0, 0 already in place ({endpoint})" in first.stdout
+    biot.requests.clear()
+    second = worker("subscribe", "--endpoint", endpoint, "--prune", biot=admin_env(biot))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == "nothing to change: 5 subscription(s) already in place\n"
+    assert biot.writes() == []
+    gone = worker("unsubscribe", "--endpoint", endpoint, biot=admin_env(biot))
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.splitlines()[-1] == f"removed 5 subscription(s) of {endpoint}"
+    assert biot.subscriptions == {"notifications": [], "interceptions": []}
+    for done in (first, second, gone):
+        assert_no_secret(done)
+
+
+def test_package_without_a_wheel_names_the_package(tmp_path: Path) -> None:
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    output = tmp_path / "plugin.zip"
+    done = worker(
+        "package", "--no-index", "--find-links", str(empty), "--output", str(output),
+        "--python-version", "3.12",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("biot-worker package: no wheel of ")
+    assert not output.exists()

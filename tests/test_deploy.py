@@ -11,6 +11,7 @@ and no password or token in any output.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import socket
@@ -305,8 +306,8 @@ async def biot() -> AsyncIterator[StandIn]:
         await stand_in.stop()
 
 
-@pytest.fixture
-def biot_thread() -> Iterator[StandIn]:
+@contextlib.contextmanager
+def stand_in_thread() -> Iterator[StandIn]:
     """The stand-in on its own loop in a thread, for tests that run the CLI as a process."""
     stand_in = StandIn()
     loop = asyncio.new_event_loop()

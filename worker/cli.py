@@ -55,6 +55,8 @@ EXTRAS = {
     "uvloop": "uvloop",
     "aiologger": "aiologger",
 }
+#: The settings flags of deploy and subscribe (the BioT user comes from the environment only).
+ADMIN_SETTINGS = ("BIOT_BASE_URL", "WORKER_CA_BUNDLE", "WORKER_ROUTES")
 QUEUE_SCHEMES = {"redis": "redis", "rediss": "redis", "amqp": "aio_pika", "amqps": "aio_pika"}
 
 
@@ -104,6 +106,20 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     add("--emulator", metavar="URL", help="sign samples with this emulator's key")
     add("--wait-replies", action="store_true", help="wait for and print replies")
     add("--timeout", type=float, default=30.0, help="seconds to wait [30]")
+
+
+def _add_chosen_settings(parser: argparse.ArgumentParser, variables: Sequence[str]) -> None:
+    group = parser.add_argument_group("settings (each overrides its environment variable)")
+    for variable in variables:
+        help = f"{VARIABLES[variable]} [{variable}]"
+        group.add_argument(flag_for(variable), dest=variable, metavar="VALUE", help=help)
+
+
+def _add_pip_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--find-links", action="append", default=[], metavar="DIR", help="passed to pip"
+    )
+    parser.add_argument("--no-index", action="store_true", help="passed to pip")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -166,6 +182,47 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         from worker.bench.cli import add_bench_arguments
 
         add_bench_arguments(bench)
+
+    package = command("package", "build the plugin's Lambda ZIP for BioT's Python runtime")
+    _add_chosen_settings(package, ("WORKER_ROUTES",))
+    package.add_argument(
+        "--output", type=Path, default=Path("dist/plugin.zip"), help="[dist/plugin.zip]"
+    )
+    package.add_argument(
+        "--python-version", default="3.12", help="the Lambda runtime's Python [3.12]"
+    )
+    _add_pip_flags(package)
+
+    deploy = command("deploy", "create or update the plugin on BioT (BIOT_USERNAME/BIOT_PASSWORD)")
+    _add_chosen_settings(deploy, ADMIN_SETTINGS)
+    add = deploy.add_argument
+    add("--name", required=True, help="the plugin's name (1-57 of a-z A-Z 0-9 - _)")
+    add("--zip", type=Path, metavar="PATH", help="deploy this zip (default: package one)")
+    add(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="plugin variable (repeatable; given, the set replaces the deployed one)",
+    )
+    add("--timeout", type=int, help="seconds, 1-900 [new plugin: 60; update: unchanged]")
+    add("--memory", type=int, metavar="MB", help="128-10240 [new plugin: 128; update: unchanged]")
+    add("--runtime", default="python3.12", help="BioT's Lambda runtime [python3.12]")
+    add("--dry-run", action="store_true", help="show the configuration and the difference only")
+    _add_pip_flags(deploy)
+
+    subscribe = command("subscribe", "subscribe a self-hosted worker's routes on BioT's dispatcher")
+    _add_chosen_settings(subscribe, ADMIN_SETTINGS)
+    subscribe.add_argument("--endpoint", required=True, metavar="URL", help="the worker's URL")
+    subscribe.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove this endpoint's subscriptions no route asks for",
+    )
+    subscribe.add_argument("--dry-run", action="store_true", help="show what would be sent only")
+
+    unsubscribe = command("unsubscribe", "remove every dispatcher subscription of an endpoint")
+    _add_chosen_settings(unsubscribe, ("BIOT_BASE_URL", "WORKER_CA_BUNDLE"))
+    unsubscribe.add_argument("--endpoint", required=True, metavar="URL", help="the worker's URL")
 
     config = command("config", "check the settings and the routes, and print them")
     _add_setting_flags(config)
@@ -332,6 +389,83 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from worker.deploy.admin import tool_settings
+    from worker.deploy.package import PackageError, build_package
+
+    settings = tool_settings(os.environ, overrides(args))
+    plugin_routes(settings)  # a broken plugin is named before pip runs
+    try:
+        result = build_package(
+            output=args.output,
+            python_version=args.python_version,
+            routes=settings.worker.routes,
+            pip_options=_pip_options(args),
+            report=_progress,
+        )
+    except PackageError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(
+        f"{result.path}\n  size    {result.size} bytes\n  files   {result.files}\n"
+        f"  sha256  {result.sha256}\n"
+    )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from worker.deploy.deploy import DeployOptions, built_package, check_name, run_deploy, zip_file
+
+    settings, credentials = _admin_settings(args)
+    routes = plugin_routes(settings)
+    try:
+        name = check_name(args.name)
+    except ValueError as exc:
+        raise CommandError(f"--name: {exc}") from None
+    if args.zip is not None and not args.zip.is_file():
+        raise CommandError(f"--zip {args.zip}: no such file")
+    options = DeployOptions(
+        name=name,
+        env=_env_pairs(args.env),
+        timeout=_bounded(args.timeout, "--timeout", 1, 900),
+        memory=_bounded(args.memory, "--memory", 128, 10240),
+        runtime=args.runtime,
+        dry_run=args.dry_run,
+    )
+    code = (
+        zip_file(args.zip)
+        if args.zip is not None
+        else built_package(settings.worker.routes, _progress, _pip_options(args))
+    )
+    warn = _warner("deploy")
+    return _admin_run(
+        args, run_deploy(credentials, routes, options, code, out=sys.stdout, warn=warn)
+    )
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from worker.deploy.subscribe import run_subscribe
+
+    settings, credentials = _admin_settings(args)
+    routes = plugin_routes(settings)
+    main = run_subscribe(
+        credentials,
+        routes,
+        _endpoint(args.endpoint),
+        prune=args.prune,
+        dry_run=args.dry_run,
+        out=sys.stdout,
+        warn=_warner("subscribe"),
+    )
+    return _admin_run(args, main)
+
+
+def cmd_unsubscribe(args: argparse.Namespace) -> int:
+    from worker.deploy.subscribe import run_unsubscribe
+
+    _, credentials = _admin_settings(args)
+    return _admin_run(args, run_unsubscribe(credentials, _endpoint(args.endpoint), out=sys.stdout))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "dev": cmd_dev,
@@ -340,7 +474,86 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "publish": cmd_publish,
     "bench": cmd_bench,
     "config": cmd_config,
+    "package": cmd_package,
+    "deploy": cmd_deploy,
+    "subscribe": cmd_subscribe,
+    "unsubscribe": cmd_unsubscribe,
 }
+
+
+# ---------------------------------------------------------------- deploy and subscribe
+
+
+def _admin_settings(args: argparse.Namespace) -> tuple[Settings, Any]:
+    """The settings and the BioT user's credentials; a missing one is exit 2."""
+    from worker.deploy.admin import AdminConfigError, credentials_from, tool_settings
+
+    settings = tool_settings(os.environ, overrides(args))
+    try:
+        return settings, credentials_from(settings, os.environ)
+    except AdminConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _admin_run(args: argparse.Namespace, main: Coroutine[Any, Any, int]) -> int:
+    """Run a command that talks to BioT: BioT's error or a refused deployment is one line per
+    problem and exit 1; a bad CA bundle is exit 2."""
+    from worker.deploy.admin import AdminConfigError, BiotAdminError
+    from worker.deploy.deploy import DeployError
+
+    try:
+        return asyncio.run(main)
+    except AdminConfigError as exc:
+        raise CommandError(str(exc)) from None
+    except (BiotAdminError, DeployError) as exc:
+        if _debug(args):
+            _print_traceback(exc)
+        lines = exc.lines if isinstance(exc, DeployError) else [str(exc)]
+        sys.stderr.write("".join(f"biot-worker {args.command}: {line}\n" for line in lines))
+        return 1
+
+
+def _warner(command: str) -> Callable[[str], None]:
+    def warn(line: str) -> None:
+        sys.stderr.write(f"biot-worker {command}: warning: {line}\n")
+
+    return warn
+
+
+def _progress(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _pip_options(args: argparse.Namespace) -> list[str]:
+    options = ["--no-index"] if args.no_index else []
+    for folder in args.find_links:
+        options += ["--find-links", folder]
+    return options
+
+
+def _env_pairs(pairs: list[str] | None) -> dict[str, str] | None:
+    if pairs is None:
+        return None
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise CommandError(f"--env {pair.partition('=')[0]!r}: expected KEY=VALUE")
+        env[key.strip()] = value
+    return env
+
+
+def _bounded(value: int | None, flag: str, low: int, high: int) -> int | None:
+    if value is not None and not low <= value <= high:
+        raise CommandError(f"{flag} {value}: must be from {low} to {high}")
+    return value
+
+
+def _endpoint(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise CommandError(f"--endpoint: must start with http:// or https://, got {url!r}")
+    return url
 
 
 def plugin_routes(settings: Settings) -> Router:
