@@ -360,10 +360,11 @@ def write_zip(
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         with zipfile.ZipFile(partial, "w") as zf:
-            for name in sorted(_folders(entries)):
-                zf.writestr(_info(name + "/", 0o40755, date_time), b"")
-            for name in sorted(entries):
-                source = entries[name]
+            for name in sorted({*entries, *_folders(entries)}):
+                source = entries.get(name)
+                if source is None:
+                    zf.writestr(_info(name + "/", 0o40755, date_time), b"")
+                    continue
                 data = source if isinstance(source, bytes) else source.read_bytes()
                 mode = 0o100755 if _executable(source) else 0o100644
                 zf.writestr(_info(name, mode, date_time), data, compresslevel=_COMPRESS_LEVEL)
