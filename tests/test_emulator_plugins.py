@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
+import ssl
 import sys
 import zipfile
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -48,6 +50,8 @@ class StandInHost:
         self.functions: dict[str, dict[str, Any]] = {}
         self.deploys = 0
         self.calls: list[HookCall] = []
+        self.fail: Exception | None = None  # raised by the next deploy
+        self.last_env: dict[str, str] = {}
 
     async def deploy(
         self,
@@ -61,6 +65,10 @@ class StandInHost:
     ) -> str:
         if not runtime.startswith("python3."):
             raise RuntimeUnavailable(f"runtime {runtime} is not available on this machine")
+        self.last_env = dict(env)
+        failure, self.fail = self.fail, None
+        if failure is not None:
+            raise failure
         self.deploys += 1
         self.functions[name] = {
             "code": code,
@@ -419,6 +427,55 @@ async def test_a_runtime_the_emulator_cannot_run_is_refused_and_nothing_stored(
     assert_error(status, body, 400, "PLUGIN_REQUEST_VALIDATION_FAILED")
     assert (await admin.call("GET", PLUGINS + "/my-plugin"))[1]["runtime"] == RUNTIME
     assert host.functions["my-plugin"]["runtime"] == RUNTIME and host.deploys == 1
+
+
+async def test_a_function_that_fails_to_start_rolls_back(
+    admin: Admin, host: StandInHost, server: EmulatorServer
+) -> None:
+    host.fail = OSError("no such file")
+    status, body = await admin.create(plugin_config())
+    assert_error(status, body, 500, "AWS_EXCEPTION")
+    assert body["details"] == {"className": "OSError"} and "no such file" in body["message"]
+    assert_error(*await admin.call("GET", PLUGINS + "/my-plugin"), 404, "PLUGIN_NOT_FOUND")
+    env = host.last_env
+    credentials = {
+        "id": env["BIOT_SERVICE_USER_ID"],
+        "secretKey": env["BIOT_SERVICE_USER_SECRET_KEY"],
+    }
+    async with admin.http.post(server.url + SERVICE_LOGIN, json=credentials) as response:
+        assert response.status == 403  # its service user was removed again
+    assert (await admin.create(plugin_config()))[0] == 201  # nothing was left behind
+    first = host.functions["my-plugin"]["env"]["BIOT_SERVICE_USER_ID"]
+
+    host.fail = OSError("disk full")
+    status, body = await admin.update("my-plugin", {"version": 2}, b"new code")
+    assert_error(status, body, 500, "AWS_EXCEPTION")
+    status, body = await admin.call("GET", PLUGINS + "/my-plugin")
+    assert body["version"] == 1 and host.functions["my-plugin"]["code"] == b"zip"
+    assert host.functions["my-plugin"]["env"]["BIOT_SERVICE_USER_ID"] == first
+
+
+async def test_an_emulator_over_tls_gives_its_plugins_the_ca(
+    keys: list[rsa.RSAPrivateKey], tmp_path: Path
+) -> None:
+    host = StandInHost()
+    config = EmulatorConfig(tls=True, tls_dir=str(tmp_path))
+    emulator = Emulator(config, key_factory=cycling_factory(keys), function_host=host)
+    async with EmulatorServer(emulator) as server:
+        context = ssl.create_default_context(cafile=server.ca_file)
+        connector = aiohttp.TCPConnector(ssl=context)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            status, body = await login(
+                http, server.url, config.admin_username, config.admin_password
+            )
+            assert status == 200
+            admin = Admin(http, server.url, body["accessJwt"]["token"])
+            status, created = await admin.create(plugin_config())
+        assert status == 201, created
+        assert created["endpointUrl"].startswith("https://")
+        env = host.functions["my-plugin"]["env"]
+        assert env["WORKER_CA_BUNDLE"] == server.ca_file and env["BIOT_BASE_URL"] == server.url
+    assert host.functions == {}  # the emulator's stop removed its plugins
 
 
 async def test_partial_update(admin: Admin, host: StandInHost, server: EmulatorServer) -> None:
