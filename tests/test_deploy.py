@@ -15,8 +15,10 @@ import contextlib
 import io
 import logging
 import socket
+import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+import zipfile
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,7 @@ from worker.deploy.deploy import (
     deploy,
     python_version_of,
 )
+from worker.deploy.subscribe import subscribe, unsubscribe
 from worker.deploy.subscriptions import subscriptions_of
 
 USERNAME = "admin@example.com"
@@ -675,3 +678,128 @@ def test_plugin_name_and_runtime_rules() -> None:
     assert python_version_of("python3.11") == "3.11"
     with pytest.raises(ValueError, match="packages Python plugins only"):
         python_version_of("nodejs24.x")
+
+
+# ---------------------------------------------------------------- against the real emulator
+
+
+class RecordingHost:
+    """Contract E's methods in memory: the emulator's deployments are recorded, not run (the
+    emulator's own tests run zips on its LambdaHost)."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, dict[str, Any]] = {}
+
+    async def deploy(
+        self,
+        name: str,
+        code: bytes,
+        *,
+        runtime: str,
+        handler: str = "index.handler",
+        env: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109 - contract E's signature
+    ) -> str:
+        self.functions[name] = {"code": code, "runtime": runtime, "env": dict(env)}
+        return f"/_lambda/{name}/"
+
+    async def remove(self, name: str) -> None:
+        self.functions.pop(name, None)
+
+    async def close(self) -> None:
+        self.functions.clear()
+
+    def routes(self) -> list[web.RouteDef]:
+        return []
+
+
+def real_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("index.py", "def handler(event, context):\n    return {}\n")
+    return buffer.getvalue()
+
+
+async def test_deploy_and_subscribe_against_the_emulator() -> None:
+    from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+    from worker.testing.emulator.config import DEFAULT_ADMIN_PASSWORD, DEFAULT_ADMIN_USERNAME
+
+    host = RecordingHost()
+    runtime = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    code = Code(real_zip())
+    async with EmulatorServer(Emulator(EmulatorConfig(), function_host=host)) as server:
+        creds = Credentials(server.url, DEFAULT_ADMIN_USERNAME, DEFAULT_ADMIN_PASSWORD)
+        out = Output()
+        async with open_admin(creds) as admin:
+            options = DeployOptions(name="fixture", runtime=runtime, env={"A": "1"})
+            created = await deploy(
+                admin, fixture_plugin.build_routes(), options, code, out=out.out, warn=out.warn
+            )
+            assert created is not None and created["version"] == 1
+            endpoint = created["endpointUrl"]
+            assert host.functions["fixture"]["code"] == code.data
+            deployed = await admin.get_plugin("fixture")
+            assert deployed is not None
+            wanted = subscriptions_of(fixture_plugin.build_routes()).config
+            assert deployed["subscriptions"]["interceptions"] == wanted["interceptions"]
+            assert deployed["subscriptions"]["notifications"] == wanted["notifications"]
+            held = await admin.subscriptions("interceptions", endpoint)
+            assert len(held) == 3 and {s["executionOrder"] for s in held} == {1}
+
+            # A changed route: the subscriptions follow, with new code at version 2.
+            changed = Router().pre(fixture_plugin.pre_patient, api_id=PATCH_PATIENT, order=2)
+            updated = await deploy(
+                admin, changed, DeployOptions(name="fixture", runtime=runtime), code,
+                out=out.out, warn=out.warn,
+            )  # fmt: skip
+            assert updated is not None and updated["version"] == 2
+            assert updated["subscriptions"]["interceptions"] == [
+                {"type": "PRE_REQUEST", "apiId": PATCH_PATIENT, "order": 2}
+            ]
+            assert updated["subscriptions"]["notifications"] == []
+            assert await admin.subscriptions("notifications", endpoint) == []
+
+            # A dry run and a refused apiId change nothing.
+            dry = DeployOptions(name="fixture", runtime=runtime, dry_run=True)
+            assert (
+                await deploy(
+                    admin, fixture_plugin.build_routes(), dry, code, out=out.out, warn=out.warn
+                )
+                is None
+            )
+            typo = Router().pre(fixture_plugin.pre_patient, api_id="PATCH/organization/v1/users/x")
+            with pytest.raises(DeployError):
+                await deploy(
+                    admin,
+                    typo,
+                    DeployOptions(name="fixture", runtime=runtime),
+                    code,
+                    out=out.out,
+                    warn=out.warn,
+                )
+            after = await admin.get_plugin("fixture")
+            assert after is not None and after["version"] == 2
+
+            # A self-hosted worker: subscribe twice, prune, unsubscribe.
+            worker_url = "http://127.0.0.1:9/hooks"
+            first = await subscribe(
+                admin, fixture_plugin.build_routes(), worker_url, out=out.out, warn=out.warn
+            )
+            assert len(first.subscribed) == 5
+            second = await subscribe(
+                admin, fixture_plugin.build_routes(), worker_url, out=out.out, warn=out.warn
+            )
+            assert not second.changed and len(second.in_place) == 5
+            pruned = await subscribe(
+                admin,
+                other_plugin.build_routes(),
+                worker_url,
+                prune=True,
+                out=out.out,
+                warn=out.warn,
+            )
+            assert len(pruned.pruned) == 5 and len(pruned.subscribed) == 4
+            assert len(await unsubscribe(admin, worker_url, out=out.out)) == 4
+            assert len(await admin.subscriptions("interceptions", endpoint)) == 1
+    assert_no_secret(out.text)
+    assert DEFAULT_ADMIN_PASSWORD not in out.text
