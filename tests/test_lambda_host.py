@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -25,6 +26,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests import fixture_plugin
+from tests.wheelhouse import build_wheelhouse, platform_tags
+from worker.deploy.package import build_package, platforms
 from worker.testing.emulator import lambda_host
 from worker.testing.emulator.lambda_host import (
     InvalidPackage,
@@ -33,6 +37,8 @@ from worker.testing.emulator.lambda_host import (
     function_url_response,
     python_for,
 )
+from worker.testing.events import TRACE_ID, default_keys, headers_for, interceptor_body
+from worker.views import HookType
 
 RUNTIME = f"python{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -50,6 +56,7 @@ def handler(event, context):
     body = json.loads(raw or "{}")
     action = body.get("action")
     if action == "sleep":
+        print("sleeping", body.get("tag", ""), flush=True)
         time.sleep(body["seconds"])
     elif action == "raise":
         raise ValueError("boom")
@@ -69,6 +76,8 @@ def handler(event, context):
         sys.stderr.write("x" * 200000 + "\nafter the long ones\n")
     elif action == "return":
         return body["result"]
+    elif action == "flood":
+        sys.stderr.write(("y" * 99 + "\n") * 3000)
     answer = {
         "count": COUNT,
         "pid": os.getpid(),
@@ -103,6 +112,19 @@ class Served:
     url: str
     temp: Path
     lines: list[tuple[str, str]] = field(default_factory=list)
+    waiting: list[tuple[str, asyncio.Event]] = field(default_factory=list)
+
+    def log(self, name: str, line: str) -> None:
+        self.lines.append((name, line))
+        for text, seen in self.waiting:
+            if text in line:
+                seen.set()
+
+    def seen(self, text: str) -> asyncio.Event:
+        """Set once a function logs a line containing ``text``."""
+        event = asyncio.Event()
+        self.waiting.append((text, event))
+        return event
 
     async def deploy(self, name: str = "fn", code: bytes | None = None, **options: Any) -> str:
         options.setdefault("runtime", RUNTIME)
@@ -137,7 +159,7 @@ async def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     url = ""
     host = LambdaHost(base_url=lambda: url, init_timeout=15.0)
     served = Served(host, "", temp)
-    host._log = lambda name, line: served.lines.append((name, line))
+    host._log = served.log
     app = web.Application()
     app.add_routes(host.routes())
     server = TestServer(app, host="127.0.0.1")
@@ -276,7 +298,7 @@ async def test_results_become_responses_by_the_function_url_rules(served: Served
     assert (status, body) == (200, b"just text")
     explicit = {
         "statusCode": 418,
-        "headers": {"x-a": "b"},
+        "headers": {"x-a": "b", "Content-Length": "999", "transfer-encoding": "chunked"},
         "cookies": ["k=v"],
         "body": base64.b64encode(b"\x00\x01").decode(),
         "isBase64Encoded": True,
@@ -477,3 +499,96 @@ async def test_remove_and_close_leave_no_process_and_no_folder(served: Served) -
     assert served.folders() == []
     with pytest.raises(RuntimeError, match="closed"):
         await served.deploy("late")
+
+
+async def test_the_packaged_worker_answers_a_signed_pre_event(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real thing: ``build_package`` (offline, from a wheelhouse of this venv) packs the
+    worker and the fixture plugin; the zip runs in the host and answers BioT's PRE call."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(fixture_plugin.__file__, project / "lambda_plugin.py")
+    monkeypatch.chdir(project)
+    wheels = tmp_path / "wheels"
+    # This venv's wheels are built for this machine's glibc, which runs the function here; the
+    # packager's own platforms are those of Lambda's Amazon Linux (older for python3.11).
+    wheel_tags = platform_tags(await asyncio.to_thread(build_wheelhouse, wheels))
+    allowed = wheel_tags - {"any"} - set(platforms(sys.version_info.minor))
+    options = ["--no-index", "--find-links", str(wheels)]
+    options += [f"--platform={tag}" for tag in sorted(allowed)]
+    package = await asyncio.to_thread(
+        build_package,
+        output=tmp_path / "plugin.zip",
+        python_version=RUNTIME.removeprefix("python"),
+        routes="lambda_plugin:build_routes",
+        pip_options=options,
+    )
+    keys = default_keys()
+    env = {
+        "BIOT_PUBLIC_KEY": keys.public_b64,
+        "BIOT_SERVICE_USER_ID": "service-user",
+        "BIOT_SERVICE_USER_SECRET_KEY": "s3cr3t-service-key",
+        "BIOT_APP_NAME": "lambda-test",
+        "BIOT_SERVICE_ENVIRONMENT": "test",
+    }
+    path = await served.deploy("real", package.path.read_bytes(), env=env, timeout=10)
+    token = keys.sign(scopes=["PLUGIN_INTERCEPTOR"])
+    payload = interceptor_body(HookType.INTERCEPTOR_PRE, api_id=fixture_plugin.PATCH_PATIENT)
+    headers = headers_for(HookType.INTERCEPTOR_PRE, token)
+    status, body = await served.call(path, payload, headers=headers)
+    assert status == 200, body
+    assert body["request"]["body"]["_name"]["firstName"] == "Ada" + fixture_plugin.PRE_MARK
+    status, body = await served.call(path, payload, headers=headers_for(HookType.INTERCEPTOR_PRE))
+    assert status == 400
+    assert body["code"] == "JWT_ERROR"
+    await served.host.remove("real")  # the last of its log is in
+    lines = [line for name, line in served.lines if name == "real"]
+    assert any(TRACE_ID in line and '"level"' in line for line in lines)  # its JSON log
+    assert not any(token in line or "s3cr3t-service-key" in line for line in lines)
+
+
+async def test_a_redeploy_lets_the_event_in_flight_finish_on_the_old_code(served: Served) -> None:
+    path = await served.deploy()
+    started = served.seen("sleeping old")
+    in_flight = asyncio.create_task(
+        served.call(path, {"action": "sleep", "seconds": 0.5, "tag": "old"})
+    )
+    async with asyncio.timeout(30):
+        await started.wait()
+    second = make_zip({"index.py": "def handler(event, context):\n    return {'version': 2}\n"})
+    await served.deploy("fn", second)
+    status, body = await in_flight
+    assert status == 200
+    assert body["count"] == 1  # answered by the first deployment
+    assert await served.call(path) == (200, {"version": 2})
+    assert len(served.folders()) == 1
+
+
+async def test_an_interrupted_invocation_discards_its_process(served: Served) -> None:
+    path = await served.deploy()
+    _, first = await served.call(path)
+    function = served.host._functions["fn"]
+    started = served.seen("sleeping cut")
+    body = json.dumps({"action": "sleep", "seconds": 60, "tag": "cut"})
+    call = asyncio.create_task(function.invoke({"body": body}))
+    async with asyncio.timeout(30):
+        await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not alive(first["pid"])
+    status, after = await served.call(path)
+    assert status == 200
+    assert after["count"] == 1  # a new process: the old one's late reply can answer nobody
+
+
+async def test_a_failing_log_sink_does_not_block_the_function(served: Served) -> None:
+    def broken(name: str, line: str) -> None:
+        raise RuntimeError("sink down")
+
+    served.host._log = broken
+    path = await served.deploy()
+    for _ in range(3):  # 3 x 300 KB of stderr: far more than a pipe holds
+        status, _ = await served.call(path, {"action": "flood"})
+        assert status == 200

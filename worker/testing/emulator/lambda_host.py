@@ -62,6 +62,8 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RUNTIME: Final = re.compile(r"^python(3)\.(\d{1,2})$")
 _KILL_WAIT: Final = 5.0
 _PATH: Final = "/usr/local/bin:/usr/bin:/bin"
+# The server frames the answer itself: a function's own values for these would break it.
+_HOP_BY_HOP: Final = frozenset({"content-length", "transfer-encoding", "connection"})
 _log = logging.getLogger(__name__)
 
 
@@ -301,7 +303,7 @@ class _Sandbox:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_KILL_WAIT):
                 await self.process.wait()
-                await asyncio.shield(self._forwarder)
+                await asyncio.wait({self._forwarder})
         self._forwarder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._forwarder
@@ -309,21 +311,39 @@ class _Sandbox:
 
 async def _forward(stream: asyncio.StreamReader, name: str, log: FunctionLog) -> None:
     """Each line of ``stream`` to ``log`` (cut at :data:`MAX_LOG_LINE`), until end of file."""
+    emit = _emitter(log, name)
     pending = b""
     skipping = False  # inside a line already cut: drop the rest of it
     while chunk := await stream.read(1 << 16):
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
             if not skipping:
-                log(name, _text(line))
+                emit(line)
             skipping = False
         if skipping:
             pending = b""
         elif len(pending) > MAX_LOG_LINE:
-            log(name, _text(pending))
+            emit(pending)
             pending, skipping = b"", True
     if pending and not skipping:
-        log(name, _text(pending))
+        emit(pending)
+
+
+def _emitter(log: FunctionLog, name: str) -> Callable[[bytes], None]:
+    """``log`` for one process; a failing sink is reported once and reading goes on (a pipe
+    nobody reads would block the function)."""
+    failed = False
+
+    def emit(line: bytes) -> None:
+        nonlocal failed
+        try:
+            log(name, _text(line))
+        except Exception:
+            if not failed:
+                _log.exception("the log of function %s failed", name)
+            failed = True
+
+    return emit
 
 
 def _text(line: bytes) -> str:
@@ -363,16 +383,24 @@ class _Function:
                 return await self._sandbox.call(event)
             except _Failure as failure:
                 if failure.discard:
-                    await self._discard(failure)
+                    await self._discard(failure.message)
+                raise
+            except BaseException:
+                await self._discard("interrupted")  # its late reply must never answer another
                 raise
 
-    async def _discard(self, failure: _Failure) -> None:
-        """A sandbox that timed out, died or failed its cold start is killed; the next event
-        starts a new one."""
-        _log.warning("%s: %s; its process is discarded", self.spec.name, failure.message)
+    async def _discard(self, reason: str) -> None:
+        """A sandbox that timed out, died, failed its cold start or was interrupted is killed;
+        the next event starts a new one."""
+        _log.warning("%s: %s; its process is discarded", self.spec.name, reason)
         sandbox, self._sandbox = self._sandbox, None
         if sandbox is not None:
             await sandbox.kill()
+
+    async def retire(self) -> None:
+        """:meth:`remove` once the events already waiting for this function are answered."""
+        async with self._lock:
+            await self.remove()
 
     async def remove(self) -> None:
         """Kill the process and delete the folder (an event in flight answers 502)."""
@@ -456,7 +484,7 @@ class LambdaHost:
             raise
         previous, self._functions[name] = self._functions.get(name), function
         if previous is not None:
-            await previous.remove()
+            await previous.retire()
         return f"{PREFIX}{name}/"
 
     def _env(
@@ -597,7 +625,8 @@ def function_url_response(result: Any) -> web.Response:
     response = web.Response(status=status, body=_body_of(result))
     headers = result.get("headers")
     for key, value in headers.items() if isinstance(headers, dict) else ():
-        response.headers[str(key)] = str(value)
+        if str(key).lower() not in _HOP_BY_HOP:
+            response.headers[str(key)] = str(value)
     for cookie in result.get("cookies") or ():
         response.headers.add("Set-Cookie", str(cookie))
     return response
