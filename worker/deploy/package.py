@@ -24,7 +24,9 @@ pip runs as ``python -m pip`` in a subprocess (this is a command-line tool, not 
 event loop), bounded by :data:`PIP_TIMEOUT`; ``pip_options`` go to it as they are (e.g.
 ``["--no-index", "--find-links", DIR]`` for an offline build). Every failure a user can cause is
 a :class:`PackageError` whose ``str()`` is one line; a dependency without a wheel for the target
-names the package, and pip's whole output stays in :attr:`PackageError.output`.
+names the package, and pip's whole output stays in :attr:`PackageError.output`. pip evaluates
+environment markers (``; python_version < "3.13"``) for the Python running it, not the target:
+a marker that differs between the two picks the running Python's side.
 """
 
 from __future__ import annotations
