@@ -15,6 +15,7 @@ the password: they appear in no message and no ``repr``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -267,7 +268,11 @@ class BiotAdmin:
 def _form(config: Mapping[str, Any], code: bytes | None) -> aiohttp.FormData:
     form = aiohttp.FormData()
     if code is not None:
-        form.add_field("code", code, filename="plugin.zip", content_type="application/zip")
+        # A file object, not bytes: aiohttp warns about a bytes body over 1 MiB sent from a
+        # running loop (a plugin ZIP is several MiB).
+        form.add_field(
+            "code", io.BytesIO(code), filename="plugin.zip", content_type="application/zip"
+        )
     form.add_field("config", orjson.dumps(dict(config)).decode(), content_type="application/json")
     return form
 

@@ -29,6 +29,7 @@ from worker.testing.emulator import (
     config_from_args,
 )
 from worker.testing.emulator import serve_forever as serve_emulator
+from worker.testing.emulator.cli import describe
 from worker.testing.emulator.entities import KINDS, EntityKind
 from worker.testing.emulator.routes import ApiRoute, resolve
 from worker.views import HookType
@@ -264,16 +265,7 @@ async def emulator(args: argparse.Namespace, *, out: IO[str] | None = None) -> i
     stop = asyncio.Event()
 
     def ready(server: EmulatorServer) -> None:
-        info = server.emulator.info()
-        stream.write(
-            f"BioT emulator listening on {server.url}\n"
-            f"  BIOT_BASE_URL={server.url}\n"
-            f"  BIOT_SERVICE_USER_ID={info['serviceUserId']}\n"
-            f"  BIOT_SERVICE_USER_SECRET_KEY={config.service_user_secret}"
-            "   (a development value)\n"
-            + (f"  WORKER_CA_BUNDLE={server.ca_file}\n" if server.ca_file else "")
-            + f"  admin API: {server.url}/_emulator/info\n"
-        )
+        stream.write(describe(server))
         stream.flush()
 
     with stop_on_signals(stop):
