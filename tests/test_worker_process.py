@@ -388,6 +388,8 @@ async def test_emulator_command_prints_how_to_use_it_and_serves() -> None:
             "BIOT_BASE_URL",
             "BIOT_SERVICE_USER_ID",
             "BIOT_SERVICE_USER_SECRET_KEY",
+            "BIOT_USERNAME",  # the admin user deploy and subscribe log in as
+            "BIOT_PASSWORD",
         }
         login = {
             "id": printed["BIOT_SERVICE_USER_ID"],

@@ -352,7 +352,9 @@ def _text(line: bytes) -> str:
 
 
 def _default_log(name: str, line: str) -> None:
-    _log.info("%s: %s", name, line)
+    """A function's line on the emulator's stderr, where a developer running ``biot-worker
+    emulator`` sees it (as CloudWatch would show it), prefixed with the function's name."""
+    sys.stderr.write(f"[lambda {name}] {line}\n")
 
 
 class _Function:
