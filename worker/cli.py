@@ -404,6 +404,8 @@ def cmd_package(args: argparse.Namespace) -> int:
             report=_progress,
         )
     except PackageError as exc:
+        if exc.output and getattr(args, "debug", False):
+            sys.stderr.write(exc.output.rstrip() + "\n")  # pip's whole account, under --debug
         raise CommandError(str(exc)) from None
     sys.stdout.write(
         f"{result.path}\n  size    {result.size} bytes\n  files   {result.files}\n"
