@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ class Worker:
 
 @contextlib.asynccontextmanager
 async def running_worker(cwd: Path, env: Mapping[str, str]) -> AsyncIterator[Worker]:
-    """``biot-worker run`` once listening (its URL from the ``worker listening`` line); killed
-    and reaped on the way out, its output read to the end."""
+    """``biot-worker run`` once listening (its URL from the ``worker listening`` line); stopped by
+    SIGTERM after the block (killed if the block failed or it does not end in time), its output
+    read to the end."""
     process = await _spawn(("run",), cwd, env)
     worker = Worker(process)
     listening = asyncio.Event()
@@ -116,6 +118,9 @@ async def running_worker(cwd: Path, env: Mapping[str, str]) -> AsyncIterator[Wor
             await asyncio.wait([waiting, readers[0]], return_when=asyncio.FIRST_COMPLETED)
         assert worker.url, f"the worker did not start: {worker.stderr.decode()[-2000:]}"
         yield worker
+        process.send_signal(signal.SIGTERM)  # a graceful stop: every line is written
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            await process.wait()
     finally:
         waiting.cancel()
         await kill(process)

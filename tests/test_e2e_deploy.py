@@ -267,6 +267,7 @@ async def test_package_deploy_run_and_redeploy_on_the_emulator(box: Box) -> None
             async with box.http.post(endpoint, json={}, headers=headers) as response:
                 assert response.status == 200, await response.text()
                 assert await response.json() == {"patients": 3, "traceId": OTHER_TRACE}
+            await box.logged("event handled", "NONSPECIFIC")  # its log is in: none comes later
 
             # A user's PATCH: the deployed zip's handlers run, each hop under the user's trace id.
             box.emulator.calls.clear()
@@ -402,6 +403,7 @@ async def test_subscribe_a_running_worker_prune_and_unsubscribe(box: Box) -> Non
             assert answer["_name"]["firstName"] == "Alan"
             assert box.hooks_sent(OTHER_TRACE) == []
 
+        assert worker.process.returncode == 0
         # The worker's log: the first PATCH's events and its handler's line under its trace id,
         # the second's under the second's, and no secret.
         events = [r for r in worker.records() if r["message"] == "event handled"]
