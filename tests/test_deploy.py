@@ -493,6 +493,19 @@ async def test_update_without_env_keeps_it(biot: StandIn) -> None:
     assert biot.plugins["p"]["version"] == 2
 
 
+async def test_update_keeps_the_deployed_runtime_unless_one_is_given(biot: StandIn) -> None:
+    routes = fixture_plugin.build_routes()
+    _, created = await run(biot, routes, DeployOptions(name="p", runtime="python3.11"))
+    assert "plugin p: new, will be created (version 1, python3.11)" in created.text
+    await run(biot, routes, DeployOptions(name="p"))
+    assert "runtime" not in orjson.loads(biot.calls("PATCH")[0].parts["config"])
+    assert biot.plugins["p"]["runtime"] == "python3.11"
+    biot.requests.clear()
+    _, moved = await run(biot, routes, DeployOptions(name="p", runtime="python3.12"))
+    assert orjson.loads(biot.calls("PATCH")[0].parts["config"])["runtime"] == "python3.12"
+    assert "  runtime: python3.11 -> python3.12" in moved.text.splitlines()
+
+
 # ---------------------------------------------------------------- refusing, dry run
 
 

@@ -206,7 +206,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     add("--timeout", type=int, help="seconds, 1-900 [new plugin: 60; update: unchanged]")
     add("--memory", type=int, metavar="MB", help="128-10240 [new plugin: 128; update: unchanged]")
-    add("--runtime", default="python3.12", help="BioT's Lambda runtime [python3.12]")
+    add("--runtime", help="BioT's Lambda runtime [new plugin: python3.12; update: unchanged]")
     add("--dry-run", action="store_true", help="show the configuration and the difference only")
     _add_pip_flags(deploy)
 

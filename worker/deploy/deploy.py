@@ -72,7 +72,7 @@ class DeployOptions:
     env: Mapping[str, str] | None = None
     timeout: int | None = None
     memory: int | None = None
-    runtime: str = DEFAULT_RUNTIME
+    runtime: str | None = None  # None: DEFAULT_RUNTIME for a new plugin, unchanged on update
     dry_run: bool = False
 
 
@@ -232,11 +232,12 @@ def python_version_of(runtime: str) -> str:
 
 
 def plan_create(options: DeployOptions, subscriptions: dict[str, Any]) -> Plan:
+    runtime = options.runtime or DEFAULT_RUNTIME
     config: dict[str, Any] = {
         "name": options.name,
         "displayName": options.name,
         "version": 1,
-        "runtime": options.runtime,
+        "runtime": runtime,
         "handler": HANDLER,
         "timeout": options.timeout or DEFAULT_TIMEOUT,
         "memorySize": options.memory or DEFAULT_MEMORY,
@@ -245,7 +246,7 @@ def plan_create(options: DeployOptions, subscriptions: dict[str, Any]) -> Plan:
         "enabledState": "ENABLED",
         "deploymentPackageType": "ZIP",
     }
-    changes = [f"plugin {options.name}: new, will be created (version 1, {options.runtime})"]
+    changes = [f"plugin {options.name}: new, will be created (version 1, {runtime})"]
     changes += _subscription_changes({}, subscriptions)
     changes += _env_changes({}, config["environmentVariables"])
     return Plan("create", config, changes)
