@@ -442,6 +442,29 @@ async def test_the_cap_closes_the_longest_idle_connection(serve: Serve) -> None:
             writer.close()
 
 
+async def test_the_cap_spares_a_keep_alive_connection_that_has_served_events(
+    serve: Serve,
+) -> None:
+    """A genuine client's idle keep-alive connection, though idle the longest, outlasts newer
+    connections that never sent a whole request (an idle or slowloris flood)."""
+    server = await serve(max_connections=3)
+    genuine_reader, genuine = await _open(server)
+    genuine.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    head, _ = await _read_response(genuine_reader)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    silent = [await _open(server) for _ in range(2)]  # opened after the genuine one's answer
+    try:
+        newcomer_reader, newcomer = await _open(server)
+        silent.append((newcomer_reader, newcomer))
+        assert await _closed_by_server(silent[0][0]) == b""  # the oldest silent one went
+        genuine.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        head, _ = await _read_response(genuine_reader)  # still open, still served
+        assert head.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for _, writer in [*silent, (genuine_reader, genuine)]:
+            writer.close()
+
+
 async def test_the_cap_closes_a_newcomer_when_every_connection_has_an_event(
     serve: Serve,
 ) -> None:

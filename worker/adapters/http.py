@@ -18,9 +18,10 @@ Hostile clients (:func:`serve`, :func:`app_runner`):
   connection is closed (slowloris); a connection that sends nothing is closed after
   ``keepalive_timeout``, when it opened as after each response;
 - at most ``max_connections`` connections are open (fewer when the file descriptor limit
-  cannot hold that many, see :func:`connection_cap`): one more closes the connection idle the
-  longest (sending nothing, still sending its headers or its body), never one whose event is
-  being handled or answered; when every one is, the newcomer is closed;
+  cannot hold that many, see :func:`connection_cap`): one more closes another (one that never
+  completed a request first, then one trickling a request, then an idle keep-alive connection
+  that has served events; the longest idle first), never one whose event is being handled or
+  answered; when every one is, the newcomer is closed;
 - running out of file descriptors pauses accepting for a second, logged once a second at most,
   and the connections already open keep being served.
 
@@ -211,7 +212,7 @@ class Connections:
             return
         victim = min(
             (c for c in self._open if c is not connection and c.evictable()),
-            key=_Connection.idle_since,
+            key=_Connection.eviction_order,
             default=connection,
         )
         self.log.warning(
@@ -249,6 +250,20 @@ class _Connection(RequestHandler):
     def idle_since(self) -> float:
         """When the connection opened or last finished a response (aiohttp's keep-alive mark)."""
         return self._next_keepalive_close_time - self._keepalive_timeout
+
+    def eviction_order(self) -> tuple[int, float]:
+        """Which evictable connection goes first: one that never completed a request's headers
+        (idle since it opened, or a slowloris), then one in the middle of a request after
+        serving others (headers or a body trickling), and last an idle keep-alive connection
+        that has served events (a genuine client between two events); the longest idle first
+        within each."""
+        if not self._request_count:
+            rank = 0
+        elif self._header_timer is not None or self.reading_body:
+            rank = 1
+        else:
+            rank = 2
+        return rank, self.idle_since()
 
     def evictable(self) -> bool:
         """Idle, still sending its headers, or still sending its body: no event in hand."""
