@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -478,7 +479,8 @@ def biot() -> Iterator[StandIn]:
 @pytest.fixture
 def plugin_zip(tmp_path: Path) -> Path:
     path = tmp_path / "plugin.zip"
-    path.write_bytes(b"PK\x03\x04 zip")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("index.py", "def handler(event, context):\n    return {}\n")
     return path
 
 

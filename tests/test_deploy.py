@@ -48,6 +48,7 @@ from worker.deploy.deploy import (
     check_targets,
     deploy,
     python_version_of,
+    zip_file,
 )
 from worker.deploy.subscribe import subscribe, unsubscribe
 from worker.deploy.subscriptions import subscriptions_of
@@ -506,6 +507,29 @@ async def test_update_keeps_the_deployed_runtime_unless_one_is_given(biot: Stand
     assert "  runtime: python3.11 -> python3.12" in moved.text.splitlines()
 
 
+async def test_a_zip_built_for_another_python_than_the_runtime_is_refused(
+    tmp_path: Any,
+) -> None:
+    """Its extension modules would not import: the plugin could not start on BioT."""
+    path = tmp_path / "plugin.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("index.py", "")
+        archive.writestr("cryptography/hazmat/bindings/_rust.abi3.so", b"")  # any CPython
+        archive.writestr("orjson/orjson.cpython-311-x86_64-linux-gnu.so", b"")
+    read = zip_file(path)
+    assert await read("python3.11") == path.read_bytes()
+    with pytest.raises(DeployError) as refused:
+        await read("python3.12")
+    assert refused.value.lines == [
+        f"--zip {path}: built for CPython 3.11 (orjson/orjson.cpython-311-x86_64-linux-gnu.so), "
+        "but the runtime is python3.12: package it with --python-version 3.12, or deploy it "
+        "with --runtime python3.11"
+    ]
+    path.write_bytes(b"not a zip")
+    with pytest.raises(DeployError, match="not a ZIP file"):
+        await read("python3.11")
+
+
 # ---------------------------------------------------------------- refusing, dry run
 
 
@@ -803,16 +827,25 @@ async def test_deploy_and_subscribe_against_the_emulator() -> None:
                 admin, fixture_plugin.build_routes(), worker_url, out=out.out, warn=out.warn
             )
             assert not second.changed and len(second.in_place) == 5
+            with pytest.raises(DeployError, match="unknown apiId PATCH/organization/v1/users/x"):
+                await subscribe(admin, typo, worker_url, out=out.out, warn=out.warn)
+            changed = Router()  # a PRE at another order, ADAPT and POST gone, _create only
+            changed.notification(fixture_plugin.on_patient, entity="patient", action="_create")
+            changed.pre(fixture_plugin.pre_patient, api_id=PATCH_PATIENT, order=2)
             pruned = await subscribe(
-                admin,
-                other_plugin.build_routes(),
-                worker_url,
-                prune=True,
-                out=out.out,
-                warn=out.warn,
+                admin, changed, worker_url, prune=True, out=out.out, warn=out.warn
             )
-            assert len(pruned.pruned) == 5 and len(pruned.subscribed) == 4
-            assert len(await unsubscribe(admin, worker_url, out=out.out)) == 4
+            assert len(pruned.pruned) == 3 and len(pruned.subscribed) == 1
+            held_now = [
+                (s.get("entityTypeName"), s.get("actionName"), s.get("apiId"),
+                 s.get("executionOrder"))
+                for kind in ("notifications", "interceptions")
+                for s in await admin.subscriptions(kind, worker_url)
+            ]  # fmt: skip
+            assert sorted(held_now, key=str) == sorted(
+                [("patient", "_create", None, None), (None, None, PATCH_PATIENT, 2)], key=str
+            )
+            assert len(await unsubscribe(admin, worker_url, out=out.out)) == 2
             assert len(await admin.subscriptions("interceptions", endpoint)) == 1
     assert_no_secret(out.text)
     assert DEFAULT_ADMIN_PASSWORD not in out.text

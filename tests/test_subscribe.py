@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
+
 from tests import fixture_plugin, other_plugin
 from tests.fixture_plugin import PATCH_PATIENT
 from tests.test_deploy import StandIn, assert_no_secret, biot, credentials
 from worker import Router
 from worker.deploy.admin import open_admin
+from worker.deploy.deploy import DeployError
 from worker.deploy.subscribe import Outcome, subscribe, unsubscribe
 from worker.deploy.subscriptions import self_hosted_requests
 
@@ -157,3 +160,19 @@ async def test_unsubscribe_removes_every_subscription_of_the_endpoint_only(biot:
     assert again.getvalue() == f"nothing to remove: no subscription of {ENDPOINT}\n"
     assert biot.subscriptions["notifications"] == []
     assert [s["endpoint"] for s in biot.subscriptions["interceptions"]] == [OTHER]
+
+
+async def test_an_api_id_or_entity_type_biot_does_not_list_is_refused_before_any_subscribe(
+    biot: StandIn,
+) -> None:
+    routes = fixture_plugin.build_routes()
+    routes.pre(fixture_plugin.pre_patient, api_id="PATCH/organization/v1/users/patientz/{id}")
+    routes.adapt_entity(fixture_plugin.adapt_patient, entity="patinet", order=2)
+    with pytest.raises(DeployError) as refused:
+        await run(biot, routes)
+    assert biot.writes() == []  # the good routes were not subscribed either
+    assert [line.split(":")[0] for line in refused.value.lines] == [
+        "unknown entity type patinet (ADAPT_ENTITY)",
+        "unknown apiId PATCH/organization/v1/users/patientz/{id} (PRE_REQUEST)",
+    ]
+    assert "closest known: patient" in refused.value.lines[0]

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import io
 import re
 import tempfile
+import zipfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ DEFAULT_MEMORY: Final = 128
 MAX_VERSION: Final = 32767
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,57}")
 PYTHON_RUNTIME: Final = re.compile(r"python(3\.\d+)")
+#: An extension module built for one CPython (``.abi3.so`` ones run on any later one).
+_EXTENSION_TAG: Final = re.compile(r"\.cpython-3(\d+)-[^/]*\.so\Z")
 #: Keys BioT manages itself in a plugin's environment: left out of the difference.
 SYSTEM_PREFIXES: Final = ("BIOT_", "AWS_")
 HIDDEN: Final = "***"
@@ -332,15 +336,35 @@ def _notification(item: Mapping[str, Any]) -> str:
 
 
 def zip_file(path: Path) -> CodeSource:
-    """The code of an existing zip, read off the event loop."""
+    """The code of an existing zip, read off the event loop; refused when its extension modules
+    were built for another CPython than the runtime's (the plugin could not start)."""
 
     async def read(runtime: str) -> bytes:
         try:
-            return await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(_read_zip, path, runtime)
         except OSError as exc:
             raise DeployError([f"--zip {path}: {exc.strerror or exc}"]) from None
 
     return read
+
+
+def _read_zip(path: Path, runtime: str) -> bytes:
+    data = path.read_bytes()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise DeployError([f"--zip {path}: not a ZIP file"]) from None
+    wanted = PYTHON_RUNTIME.fullmatch(runtime)
+    built = next((m for m in map(_EXTENSION_TAG.search, names) if m is not None), None)
+    if wanted is not None and built is not None and f"3.{built.group(1)}" != wanted.group(1):
+        python = f"3.{built.group(1)}"
+        raise DeployError([
+            f"--zip {path}: built for CPython {python} ({built.string}), but the runtime is "
+            f"{runtime}: package it with --python-version {wanted.group(1)}, or deploy it "
+            f"with --runtime python{python}"
+        ])  # fmt: skip
+    return data
 
 
 def built_package(

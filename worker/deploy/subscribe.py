@@ -8,6 +8,9 @@ whatever order BioT gave). BioT's dispatcher answers 409 to a notification that 
 overrides an interception's ``executionOrder`` in place, so a second run sends nothing and says
 "nothing to change: N subscriptions already in place". With ``prune``, this endpoint's
 subscriptions that no route asks for are unsubscribed; without it they are named as a warning.
+Before anything, every ``apiId`` and entity type is checked against ``GET
+/settings/v1/interceptions``, as ``deploy`` does: an unknown one is refused with the closest
+known names and nothing is subscribed.
 ``dry_run`` prints what would be sent and sends nothing. :func:`unsubscribe` removes every
 subscription of the endpoint.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from worker.deploy.admin import BiotAdmin, Credentials, open_admin
+from worker.deploy.deploy import DeployError, check_targets
 from worker.deploy.subscriptions import Kind, self_hosted_requests, subscriptions_of
 from worker.routing import Router
 
@@ -71,9 +75,15 @@ async def subscribe(
     out: TextIO,
     warn: Warn,
 ) -> Outcome:
-    """Make the dispatcher's subscriptions of ``endpoint`` those of ``routes``."""
-    for line in subscriptions_of(routes).unsupported:
+    """Make the dispatcher's subscriptions of ``endpoint`` those of ``routes``; first, as
+    ``deploy`` does, refuse every ``apiId`` or entity type BioT does not list
+    (:class:`~worker.deploy.deploy.DeployError`), before anything is sent."""
+    subscriptions = subscriptions_of(routes)
+    for line in subscriptions.unsupported:
         warn(line)
+    problems = check_targets(subscriptions.config, await admin.interceptions())
+    if problems:
+        raise DeployError(problems)
     held = {kind: await admin.subscriptions(kind, endpoint) for kind in KINDS}
     wanted = self_hosted_requests(routes, endpoint)
     outcome = Outcome()
