@@ -321,6 +321,47 @@ async def test_a_settle_stuck_on_a_dead_connection_frees_its_slot_after_broker_t
     assert failed[0]["error"] == "TimeoutError"
 
 
+class DeadKeySource(FlakySource):
+    """A dead-letter store that refuses every write (a wrong-typed key): acks still work."""
+
+    async def settle(self, delivery: Delivery, decision: Decision) -> None:
+        if decision.verdict is Verdict.DEAD:
+            raise ConnectionError("WRONGTYPE s:dead holds a string")
+        self.settled.append((delivery.body, decision.verdict))
+
+
+async def test_a_dead_letter_is_logged_once_written_and_a_failed_write_is_not_a_flood() -> None:
+    """'event dead-lettered' is written only for a dead letter the source stored; while its
+    store refuses writes, the messages stay unsettled and one throttled line says why."""
+    inbox, log, stop = DeadKeySource([b"a", b"b", b"c", b"ok"]), FakeLog(), asyncio.Event()
+    inbox.receive_failures = 0
+
+    async def process(delivery: Delivery) -> Decision:
+        if delivery.body == b"ok":
+            stop.set()
+            return Decision(Verdict.ACK)
+        return Decision(Verdict.DEAD, reason="NO_EVENT: not an envelope")
+
+    async with asyncio.timeout(10):
+        await pump(inbox, process, stop=stop, max_in_flight=1, grace=1.0, log=log)
+    assert log.find("event dead-lettered") == []
+    [failed] = log.find("settling a queue message failed; the broker will deliver it again")
+    assert failed["ref"] == "a" and failed["verdict"] == "dead"
+    assert inbox.settled == [(b"ok", Verdict.ACK)]
+    stored, log, stop = FlakySource([b"x"]), FakeLog(), asyncio.Event()
+    stored.receive_failures = stored.settle_failures = 0
+
+    async def dead(delivery: Delivery) -> Decision:
+        stop.set()
+        return Decision(Verdict.DEAD, reason="NO_EVENT: not an envelope")
+
+    async with asyncio.timeout(10):
+        await pump(stored, dead, stop=stop, max_in_flight=1, grace=1.0, log=log)
+    assert log.find("event dead-lettered") == [
+        {"reason": "NO_EVENT: not an envelope", "attempts": 1, "ref": "x"}
+    ]
+
+
 def test_a_throttle_writes_a_repeating_fault_once_per_interval_with_the_count_held_back() -> None:
     now = [0.0]
     log = FakeLog()

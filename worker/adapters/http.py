@@ -160,15 +160,21 @@ def _not_utf8(header: str) -> EventError:
 
 def _undecodable_header(request: web.Request) -> str | None:
     """The name of the first header whose value is not UTF-8 (aiohttp keeps such bytes as lone
-    surrogates), or None. Names are HTTP tokens, which the parser checked: ASCII. The token is
-    the dispatcher's to refuse (400 ``JWT_ERROR``, as in a queue message or a Lambda event)."""
+    surrogates), or None. Names are HTTP tokens, which the parser checked: ASCII. The token of
+    an interceptor or NONSPECIFIC call is the dispatcher's to refuse (400 ``JWT_ERROR``, as in a
+    queue message or a Lambda event); a notification carries its token in its body and ignores
+    the header, so bad bytes there are refused here like any other header's."""
     for name, value in request.headers.items():
         try:
             value.encode()
         except UnicodeEncodeError:
-            if name.lower() != "authorization":
-                return name
+            if name.lower() != "authorization" or _notification(request):
+                return name  # a notification's token is in its body: nothing else refuses it
     return None
+
+
+def _notification(request: web.Request) -> bool:
+    return request.headers.get("hooktype", "").strip().upper() == "NOTIFICATION"
 
 
 def _to_web(response: Response) -> web.Response:

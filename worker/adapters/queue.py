@@ -321,7 +321,8 @@ def published_envelope(delivery: Delivery) -> bytes | None:
 class Processor:
     """Decode, dispatch and judge one delivery; never raises (except ``CancelledError``).
 
-    Logs every retry and dead letter under the message's one trace.
+    The pump logs each retry and dead letter under the message's one trace once the source has
+    settled it (not before: a failed settle means the message comes back).
     """
 
     def __init__(
@@ -372,24 +373,14 @@ class Processor:
         if error is None or isinstance(error, Block):
             return Decision(Verdict.ACK, reply, status=response.status, trace=trace)
         reason = f"{error.code}: {error.message}"
-        token = current_trace.set(trace)
-        try:
-            if outcome.transient and attempt < self._policy.max_attempts:
-                delay = self._policy.delay_for(attempt)
-                self._log.warning(
-                    "event will be retried", reason=reason, attempt=attempt, ref=delivery.ref
-                )
-                body = retry_envelope(delivery.body, trace, headers)
-                return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, body)
-            if outcome.transient:
-                reason += f" (gave up after {attempt} attempts)"
-            self._log.error(
-                "event dead-lettered", reason=reason, attempts=attempt, ref=delivery.ref
-            )
-            return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
-                            envelope=published_envelope(delivery))  # fmt: skip
-        finally:
-            current_trace.reset(token)
+        if outcome.transient and attempt < self._policy.max_attempts:
+            delay = self._policy.delay_for(attempt)
+            body = retry_envelope(delivery.body, trace, headers)
+            return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, body)
+        if outcome.transient:
+            reason += f" (gave up after {attempt} attempts)"
+        return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
+                        envelope=published_envelope(delivery))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the intake loop
@@ -531,6 +522,21 @@ class _Pump:
                 verdict=decision.verdict.value,
             )
             current_trace.reset(token)
+            return
+        if decision.verdict is not Verdict.ACK:
+            self._settled(delivery, decision)
+
+    def _settled(self, delivery: Delivery, decision: Decision) -> None:
+        """The line saying a retry or dead letter happened, under the message's trace; written
+        once it did (a failed settle says so instead, throttled, and the message comes back)."""
+        token = current_trace.set(decision.trace)
+        if decision.verdict is Verdict.RETRY:
+            self._log.warning("event will be retried", reason=decision.reason,
+                              attempt=delivery.attempt, ref=delivery.ref)  # fmt: skip
+        else:
+            self._log.error("event dead-lettered", reason=decision.reason,
+                            attempts=delivery.attempt, ref=delivery.ref)  # fmt: skip
+        current_trace.reset(token)
 
     async def _drain(self, grace: float) -> None:
         tasks = set(self._tasks)
