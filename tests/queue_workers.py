@@ -17,14 +17,16 @@ import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.fixture_plugin import PATIENTS, REFERENCE
-from worker.testing.emulator import Emulator
+from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.testing.events import notification_body
 from worker.tracing import new_trace
 
@@ -158,3 +160,24 @@ def handled(emu: Emulator) -> Counter[str]:
         for record in emu.calls.records(direction="in")
         if (record.method, record.path, record.status) == ("GET", PATIENTS, 200)
     )
+
+
+# ---------------------------------------------------------------- fixtures the process tests share
+# Import them into a test module (and name them in its ``__all__``) to use them.
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[Workers]:
+    started = Workers()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """An emulator on loopback whose call log holds a whole load's calls."""
+    emu = Emulator(EmulatorConfig(call_log_size=50_000))
+    async with EmulatorServer(emu):
+        yield emu

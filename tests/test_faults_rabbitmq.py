@@ -27,10 +27,12 @@ import pytest
 from tests.fixture_plugin import HANDLED, PATIENTS
 from tests.queue_harness import RabbitHarness, make_harness
 from tests.queue_helpers import RABBIT, WAIT, eventually
-from tests.queue_workers import QueueWorker, Workers, handled, signed_notifications
+from tests.queue_workers import QueueWorker, Workers, handled, signed_notifications, workers
 from tests.tcp_proxy import TcpProxy
 from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
 from worker.testing.publish import publish_all
+
+__all__ = ["workers"]  # the shared fixtures, imported for pytest
 
 pytestmark = pytest.mark.broker
 MAX_IN_FLIGHT = 16
@@ -98,15 +100,6 @@ async def emulator(gate: Gate) -> AsyncIterator[Emulator]:
             gate.open()  # nothing waits past the test
 
 
-@pytest.fixture
-async def workers() -> AsyncIterator[Workers]:
-    started = Workers()
-    try:
-        yield started
-    finally:
-        await started.close()
-
-
 def through(proxy: TcpProxy, harness: RabbitHarness) -> str:
     return harness.url.replace(f"{RABBIT[0]}:{RABBIT[1]}", f"127.0.0.1:{proxy.port}", 1)
 
@@ -121,10 +114,10 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
         sys.stdout.write(f"\n  {line}\n")
 
 
-def runs(*workers: QueueWorker) -> int:
-    """Handler runs in ``workers`` (the test plugin logs one per event handled; the emulator's
+def runs(*processes: QueueWorker) -> int:
+    """Handler runs in ``processes`` (the test plugin logs one per event handled; the emulator's
     count of patient searches would add the BioT client's own retries)."""
-    return sum(lines_with(worker, HANDLED.encode()) for worker in workers)
+    return sum(lines_with(worker, HANDLED.encode()) for worker in processes)
 
 
 def lines_with(worker: QueueWorker, text: bytes) -> int:

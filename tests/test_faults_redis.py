@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,32 +30,25 @@ import pytest
 
 from tests.fixture_plugin import PATIENTS
 from tests.queue_helpers import eventually
-from tests.queue_workers import QueueWorker, Workers, handled, signed_notifications
+from tests.queue_workers import (
+    QueueWorker,
+    Workers,
+    emulator,
+    handled,
+    signed_notifications,
+    workers,
+)
 from tests.redis_server import RedisServer
-from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator import Emulator
 from worker.testing.publish import RedisPublisher, publish_all
+
+__all__ = ["emulator", "workers"]  # the shared fixtures, imported for pytest
 
 pytestmark = pytest.mark.broker
 GRACE = 5.0
 ENV = {"WORKER_MAX_IN_FLIGHT": "16", "WORKER_SHUTDOWN_GRACE": str(GRACE)}
 RESUME_BOUND = 10.0  # seconds from Redis being back to the work being done (black box: 15 s)
 FD_SLACK, RSS_SLACK_KB = 16, 40_000  # generous: pools refill lazily, allocators keep pages
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[Workers]:
-    started = Workers()
-    try:
-        yield started
-    finally:
-        await started.close()
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator(EmulatorConfig(call_log_size=50_000))
-    async with EmulatorServer(emu):
-        yield emu
 
 
 @dataclass

@@ -21,12 +21,16 @@ from tests.queue_harness import Harness, make_harness
 from tests.queue_helpers import eventually
 from tests.queue_workers import (
     Workers,
+    emulator,
     handled,
     signed_notifications,
     stop_queue_worker,
+    workers,
 )
-from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
+from worker.testing.emulator import Emulator
 from worker.testing.publish import publish_all
+
+__all__ = ["emulator", "workers"]  # the shared fixtures, imported for pytest
 
 pytestmark = pytest.mark.broker
 BATCH = 1000
@@ -41,22 +45,6 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         yield made
     finally:
         await made.cleanup()
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[Workers]:
-    started = Workers()
-    try:
-        yield started
-    finally:
-        await started.close()
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator(EmulatorConfig(call_log_size=50_000))
-    async with EmulatorServer(emu):
-        yield emu
 
 
 def url(harness: Harness) -> str:
