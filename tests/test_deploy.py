@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import zipfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from aiohttp.typedefs import Handler
 from config.settings import SettingsError
 from tests import fixture_plugin, other_plugin
 from tests.fixture_plugin import PATCH_PATIENT
+from tests.test_emulator_plugins import StandInHost
 from worker import Router
 from worker.deploy.admin import (
     AdminConfigError,
@@ -720,36 +721,6 @@ def test_plugin_name_and_runtime_rules() -> None:
 # ---------------------------------------------------------------- against the real emulator
 
 
-class RecordingHost:
-    """Contract E's methods in memory: the emulator's deployments are recorded, not run (the
-    emulator's own tests run zips on its LambdaHost)."""
-
-    def __init__(self) -> None:
-        self.functions: dict[str, dict[str, Any]] = {}
-
-    async def deploy(
-        self,
-        name: str,
-        code: bytes,
-        *,
-        runtime: str,
-        handler: str = "index.handler",
-        env: Mapping[str, str],
-        timeout: float,  # noqa: ASYNC109 - contract E's signature
-    ) -> str:
-        self.functions[name] = {"code": code, "runtime": runtime, "env": dict(env)}
-        return f"/_lambda/{name}/"
-
-    async def remove(self, name: str) -> None:
-        self.functions.pop(name, None)
-
-    async def close(self) -> None:
-        self.functions.clear()
-
-    def routes(self) -> list[web.RouteDef]:
-        return []
-
-
 def real_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -761,7 +732,7 @@ async def test_deploy_and_subscribe_against_the_emulator() -> None:
     from worker.testing.emulator import Emulator, EmulatorConfig, EmulatorServer
     from worker.testing.emulator.config import DEFAULT_ADMIN_PASSWORD, DEFAULT_ADMIN_USERNAME
 
-    host = RecordingHost()
+    host = StandInHost()  # deployments recorded, not run (test_lambda_host runs zips)
     runtime = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     code = Code(real_zip())
     async with EmulatorServer(Emulator(EmulatorConfig(), function_host=host)) as server:
