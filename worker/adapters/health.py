@@ -262,10 +262,10 @@ def add_health_routes(app: web.Application, health: Health, in_flight: InFlight)
     """``GET /healthz`` and ``GET /readyz`` on ``app``; ``in_flight()`` is the events in hand."""
 
     async def healthz(request: web.Request) -> web.Response:
-        return _to_web(health.liveness(in_flight(), _trace_of(request)))
+        return to_web(health.liveness(in_flight(), trace_of(request)))
 
     async def readyz(request: web.Request) -> web.Response:
-        return _to_web(await health.readiness(_trace_of(request)))
+        return to_web(await health.readiness(trace_of(request)))
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -286,9 +286,12 @@ def health_runner(health: Health, in_flight: InFlight, *, idle_timeout: float) -
     )
 
 
-def _trace_of(request: web.Request) -> TraceContext:
+def trace_of(request: web.BaseRequest) -> TraceContext:
+    """The trace a request names (or a new one): what its answer and log lines carry."""
     return trace_from_headers(lower_headers(request.headers))
 
 
-def _to_web(response: Response) -> web.Response:
+def to_web(response: Response) -> web.Response:
+    """A :class:`~worker.responses.Response` as aiohttp's (this listener's and the HTTP
+    adapter's)."""
     return web.Response(status=response.status, body=response.body, headers=response.headers)

@@ -44,13 +44,12 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from worker.adapters.health import Health, add_health_routes
+from worker.adapters.health import Health, add_health_routes, to_web, trace_of
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, Overloaded, PayloadTooLarge, WorkerError
-from worker.events import event_from_http, lower_headers
+from worker.events import event_from_http
 from worker.logs import Log, Throttle, describe
-from worker.responses import ErrorContext, Response, error_response
-from worker.tracing import trace_from_headers
+from worker.responses import ErrorContext, error_response
 
 #: Descriptors kept for the process's own files (log, event loop, modules, the listening socket)
 #: when the descriptor limit lowers the connection cap, besides the BioT client's pool.
@@ -116,7 +115,7 @@ class HttpAdapter:
         self.in_flight += 1
         try:
             event = event_from_http(request.headers, body, received_at=received_at)
-            return _to_web(await self._dispatcher.dispatch(event))
+            return to_web(await self._dispatcher.dispatch(event))
         finally:
             self.in_flight -= 1
 
@@ -136,11 +135,11 @@ class HttpAdapter:
     def _refuse(
         self, request: web.Request, error: WorkerError, *, retry: bool = False
     ) -> web.Response:
-        trace = trace_from_headers(lower_headers(request.headers))
+        trace = trace_of(request)
         headers = {"retry-after": "1"} if retry else None
         response = error_response(error, trace, self._dispatcher.error_context, headers)
         self._log.warning("event refused", status=error.status, code=error.code)
-        return _to_web(response)
+        return to_web(response)
 
 
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:
@@ -175,10 +174,6 @@ def _undecodable_header(request: web.Request) -> str | None:
 
 def _notification(request: web.Request) -> bool:
     return request.headers.get("hooktype", "").strip().upper() == "NOTIFICATION"
-
-
-def _to_web(response: Response) -> web.Response:
-    return web.Response(status=response.status, body=response.body, headers=response.headers)
 
 
 def connection_cap(max_connections: int, client_connections: int) -> int:
@@ -330,8 +325,8 @@ class _Connection(RequestHandler):
             self._connections.log.error(
                 "request failed", key=error_text, status=error.status, error=error_text
             )
-        trace = trace_from_headers(lower_headers(request.headers))
-        response = _to_web(error_response(error, trace, self._connections.errors))
+        trace = trace_of(request)
+        response = to_web(error_response(error, trace, self._connections.errors))
         response.force_close()
         return response
 
