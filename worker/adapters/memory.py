@@ -19,6 +19,11 @@ the last ``capacity`` replies of each of the last ``capacity`` ``reply_to`` name
 
 URL form (for :func:`~worker.adapters.open_source`):
 ``memory://?capacity=1024&max_attempts=5&retry_delay=1&retry_max_delay=60``.
+
+Observability (:class:`~worker.adapters.queue.Observable`): ``info`` is
+``QueueInfo("memory", "memory")``, :meth:`MemorySource.lag` the messages ready and not taken. A
+message taken and not settled when the source closed is delivered again with ``redelivered``
+set (and its attempt counted up); a retry coming back is not a redelivery.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from worker.adapters.queue import (
     RETRY_PARAMS,
     Decision,
     Delivery,
+    QueueInfo,
     RetryPolicy,
     Verdict,
     positive,
@@ -69,6 +75,7 @@ class _Message:
     reply_to: str | None
     correlation_id: str | None
     attempt: int = 1
+    redelivered: bool = False  # taken before and not settled
 
 
 class MemorySource:
@@ -85,6 +92,7 @@ class MemorySource:
             raise ValueError(f"capacity must be 1 or more, got {capacity}")
         self._log = log
         self.policy = policy or RetryPolicy()
+        self.info = QueueInfo("memory", "memory")
         self.capacity = capacity
         self._slots = asyncio.Semaphore(capacity)
         self._ready: deque[_Message] = deque()
@@ -113,6 +121,7 @@ class MemorySource:
         # does when its consumer goes away; it can be entered again later.
         for message in self._taken:
             message.attempt += 1
+            message.redelivered = True
             self._ready.appendleft(message)
         self._taken.clear()
 
@@ -171,13 +180,22 @@ class MemorySource:
             self._taken.add(message)
             batch.append(
                 Delivery(
-                    message.body, message.attempt, message.reply_to, message.correlation_id, message
+                    message.body,
+                    message.attempt,
+                    message.reply_to,
+                    message.correlation_id,
+                    message,
+                    redelivered=message.redelivered,
                 )
             )
         return batch
 
     async def halt(self) -> None:
         return None
+
+    async def lag(self) -> int | None:
+        """Messages ready and not taken (retries still waiting for their time not counted)."""
+        return len(self._ready)
 
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
         message: _Message = delivery.message
@@ -186,6 +204,7 @@ class MemorySource:
             self._reply(delivery.reply_to, Reply(delivery.correlation_id, decision.reply))
         if decision.verdict is Verdict.RETRY:
             message.attempt = delivery.attempt + 1
+            message.redelivered = False  # settled: it comes back as a retry
             if decision.envelope is not None:
                 message.body = decision.envelope
             due = _now() + decision.delay

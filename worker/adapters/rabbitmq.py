@@ -42,6 +42,11 @@ Faults (every broker operation, connecting included, is bounded by ``WORKER_BROK
   process remembers is bounded (the oldest entries are forgotten first).
 - A receive never loses what it took from the buffer: a message whose redelivery could not be
   counted stays first in the buffer and is tried again by the next receive.
+- Observability (:class:`~worker.adapters.queue.Observable`): ``info`` is
+  ``QueueInfo("rabbitmq", QUEUE)``; :meth:`RabbitSource.lag` the messages ready in ``QUEUE``.
+  A delivery is ``redelivered`` when the broker says so (also one excused as the same attempt),
+  or when it is the copy of a counted redelivery (the ``x-biot-redelivered`` header, which a
+  retry's or a dead letter's copy does not carry): a retry coming back is not a redelivery.
 - Dead-letter length: no queue argument here, because re-declaring an existing queue with other
   arguments fails (``PRECONDITION_FAILED``) and would stop every worker after a change of the
   cap. Cap ``QUEUE.dead`` with a RabbitMQ policy instead (``max-length``), which can change at
@@ -69,13 +74,14 @@ from aio_pika.abc import (
     DeliveryMode,
     ExchangeType,
 )
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 
 from config.settings import Settings
 from worker.adapters.queue import (
     RETRY_PARAMS,
     Decision,
     Delivery,
+    QueueInfo,
     RetryPolicy,
     SourceUnavailable,
     Verdict,
@@ -86,6 +92,7 @@ from worker.adapters.queue import (
 from worker.logs import Log, Throttle, describe
 
 ATTEMPT = "x-biot-attempt"
+REDELIVERED = "x-biot-redelivered"  # on the copy of a counted redelivery (see _count)
 _POLL = 0.25  # longest wait of one receive, so the intake loop sees ``stop`` promptly
 _REMEMBERED = 10_000  # message identities kept per kind (excused, copied); oldest go first
 _T = TypeVar("_T")
@@ -157,6 +164,7 @@ class RabbitSource:
     def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
         self.options, params = RabbitOptions.parse(url)
         self.policy = retry_policy(params)
+        self.info = QueueInfo("rabbitmq", self.options.queue)
         self._settings = settings
         self._timeout = settings.worker.broker_timeout
         self._log = log
@@ -169,6 +177,7 @@ class RabbitSource:
         self._unexplained = 0  # redeliveries a lost link may cause that this process never saw
         self._lost_at: float | None = None
         self._halted = False
+        self._counting: asyncio.Future[int | None] | None = None  # the lag asked of the broker
 
     @property
     def retry_delays_ms(self) -> list[int]:
@@ -186,6 +195,9 @@ class RabbitSource:
             await self._halt(link)
             self._forget(link)
             await self._close(link.connection)
+        counting, self._counting = self._counting, None
+        if counting is not None:  # its link is closed now: it ends at once (or times out)
+            await asyncio.wait([counting], timeout=self._timeout)
 
     async def halt(self) -> None:
         """Cancel the consumer and hand back what was delivered but never started."""
@@ -223,6 +235,33 @@ class RabbitSource:
             raise
         finally:
             link.release(held.key)
+
+    async def lag(self) -> int | None:
+        """Messages ready in the queue (not those delivered and unacknowledged, nor those
+        waiting in a retry queue), from a passive declare on the current link; ``None`` with no
+        live link (nothing is opened for it) or when the queue is gone. Bounded like every
+        operation on the link (a timeout gives the link up, as aiormq closes a channel whose
+        call was abandoned). A caller that stops waiting does not cancel the declare, which
+        would close the channel: it goes on, and the next caller waits for that one."""
+        link = self._link
+        if link is None or not link.alive:
+            return None
+        counting = self._counting
+        if counting is None or counting.done():
+            counting = self._counting = asyncio.ensure_future(self._on(link, self._ready(link)))
+            counting.add_done_callback(_retrieve)
+        return await asyncio.shield(counting)
+
+    async def _ready(self, link: _Link) -> int | None:
+        # The aiormq channel: aio-pika's passive declare may answer from its cache. When the
+        # queue was deleted the broker closes the channel (its consumer is gone anyway), and
+        # the next receive declares it again on a new link.
+        channel = await link.channel.get_underlay_channel()
+        try:
+            declared = await channel.queue_declare(self.options.queue, passive=True)
+        except ChannelNotFoundEntity:
+            return None
+        return declared.message_count or 0
 
     # ------------------------------------------------------------ the link
 
@@ -388,7 +427,7 @@ class RabbitSource:
         if key not in self._copied:
             attempt = delivery_of(message).attempt + 1
             publish = link.channel.default_exchange.publish(
-                copy(message, {ATTEMPT: attempt}), self.options.queue
+                copy(message, {ATTEMPT: attempt, REDELIVERED: True}), self.options.queue
             )
             await self._on(link, publish)
             self._copied.add(key)
@@ -536,9 +575,10 @@ def _ref(message: AbstractIncomingMessage) -> str:
 def copy(
     message: AbstractIncomingMessage, headers: dict[str, Any], body: bytes | None = None
 ) -> aio_pika.Message:
-    """``message`` to publish again, persistent, with ``headers`` added (broker ones dropped),
-    its body replaced by ``body`` when given."""
-    kept = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+    """``message`` to publish again, persistent, with ``headers`` added (broker ones and
+    ``REDELIVERED`` dropped), its body replaced by ``body`` when given."""
+    dropped = (*_BROKER_HEADERS, REDELIVERED)
+    kept = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
     return aio_pika.Message(
         message.body if body is None else body,
         headers={**kept, **headers},
@@ -555,15 +595,18 @@ def copy(
 
 def delivery_of(message: AbstractIncomingMessage, handle: Any = None) -> Delivery:
     """``message`` as a :class:`Delivery` whose ``message`` is ``handle`` (what settling
-    needs)."""
-    raw = (message.headers or {}).get(ATTEMPT, 1)
+    needs); ``redelivered`` when the broker says so or it is a counted redelivery's copy."""
+    headers = message.headers or {}
+    raw = headers.get(ATTEMPT, 1)
     try:
         attempt = max(1, int(raw.decode() if isinstance(raw, bytes) else raw))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         attempt = 1
+    again = bool(message.redelivered) or bool(headers.get(REDELIVERED))
     return Delivery(
-        message.body, attempt, message.reply_to, message.correlation_id, handle, _ref(message)
-    )
+        message.body, attempt, message.reply_to, message.correlation_id, handle, _ref(message),
+        redelivered=again,
+    )  # fmt: skip
 
 
 def envelope_message(

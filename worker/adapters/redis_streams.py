@@ -30,6 +30,13 @@ A dead consumer's pending entries are taken over with ``XAUTOCLAIM`` once idle `
 seconds (keep it above the longest handler deadline, or a slow event is handled twice); each
 redelivery counts as an attempt, so an entry that keeps killing consumers ends dead-lettered.
 One consumer group per stream (settled entries are deleted); a single Redis node.
+
+Observability (:class:`~worker.adapters.queue.Observable`): ``info`` is
+``QueueInfo("redis", STREAM, GROUP)``; :meth:`RedisStreamSource.lag` is the group's ``lag`` in
+``XINFO GROUPS`` (entries never delivered to the group). A delivery is ``redelivered`` when it
+was delivered before and not settled: one of this consumer's own pending entries read again, or
+one taken over by ``XAUTOCLAIM``; an entry read with ``>`` is not, and neither is a retry moved
+back from the retry set (a new entry: the retry was settled).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from worker.adapters.queue import (
     RETRY_PARAMS,
     Decision,
     Delivery,
+    QueueInfo,
     SourceUnavailable,
     Verdict,
     positive,
@@ -220,6 +228,7 @@ class RedisStreamSource:
     def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
         self.options, params = RedisOptions.parse(url)
         self.policy = retry_policy(params)
+        self.info = QueueInfo("redis", self.options.stream, self.options.group)
         self._settings = settings
         self._timeout = settings.worker.broker_timeout
         self._log = log
@@ -308,6 +317,27 @@ class RedisStreamSource:
 
     async def halt(self) -> None:
         return None  # nothing was fetched ahead: XREADGROUP asks for free slots only
+
+    async def lag(self) -> int | None:
+        """Entries of the stream not yet delivered to the group: its ``lag`` in ``XINFO
+        GROUPS`` (Redis 7+). ``None`` when Redis cannot compute it (an entry the group has not
+        read was deleted, or the stream was trimmed past it), when the stream or the group is
+        gone, or when the source is not entered. Entries waiting in the retry set are not
+        counted: they are not due, and each counts once moved back to the stream; nor are
+        pending ones (delivered, not settled). Bounded like every command (the client's socket
+        timeouts); raises when Redis fails."""
+        if self._client is None:
+            return None
+        o = self.options
+        try:
+            groups: Any = await self._client.xinfo_groups(o.stream)
+        except ResponseError as exc:
+            if "no such key" in str(exc):
+                return None
+            raise
+        group = o.group.encode()
+        lag = next((g.get("lag") for g in groups if g.get("name") == group), None)
+        return None if lag is None else int(lag)
 
     async def _leave(self, client: aioredis.Redis) -> None:
         """Remove this consumer from the group when it holds no pending entry (bounded)."""
@@ -428,7 +458,7 @@ class RedisStreamSource:
             o.stream, o.group, entries[0].id, entries[-1].id, count, o.consumer
         )
         times = {row["message_id"]: int(row["times_delivered"]) for row in rows}
-        return [delivery_of(entry, times.get(entry.id, 1) - 1) for entry in entries]
+        return [delivery_of(entry, times.get(entry.id, 1) - 1, again=True) for entry in entries]
 
     def _track(self, batch: list[Delivery]) -> list[Delivery]:
         """``batch`` without what is in flight here already, which is now in flight. Nor what
@@ -491,7 +521,9 @@ def stream_entries(reply: Any) -> list[Entry]:
     return [Entry(i, f) for _, entries in reply or [] for i, f in entries if f is not None]
 
 
-def delivery_of(entry: Entry, redelivered: int = 0) -> Delivery:
+def delivery_of(entry: Entry, redelivered: int = 0, *, again: bool = False) -> Delivery:
+    """``entry`` as a delivery: its ``attempt`` field plus ``redelivered`` deliveries that were
+    never settled; ``again``: Redis delivered this entry before (see the module's doc)."""
     fields = entry.fields
     try:
         attempt = max(1, int(fields.get(b"attempt", b"1")))
@@ -506,6 +538,7 @@ def delivery_of(entry: Entry, redelivered: int = 0) -> Delivery:
         correlation.decode("utf-8", "replace") if correlation is not None else None,
         entry,
         entry.id.decode(),
+        redelivered=again,
     )
 
 
