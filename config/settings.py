@@ -112,6 +112,25 @@ class WorkerSettings(_Section):
     ca_bundle: str | None = None
     routes: str = "handlers:build_routes"
     event_loop: str = "asyncio"
+    metrics: bool = True
+    # The standard OTEL_* variables as given (OpenTelemetry's own names; read by worker.otel).
+    otel: tuple[tuple[str, str], ...] = ()
+
+    def otel_env(self) -> dict[str, str]:
+        """The ``OTEL_*`` variables the settings were read with."""
+        return dict(self.otel)
+
+    @property
+    def otel_requested(self) -> bool:
+        """Whether spans are to be exported: an OTLP endpoint is set, and neither
+        ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` says otherwise."""
+        env = self.otel_env()
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+        return bool(endpoint and endpoint.strip()) and not disabled and exporter != "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +447,11 @@ SETTINGS: Final[tuple[Setting[Any], ...]] = (
         "WORKER_EVENT_LOOP", "worker", "event_loop", _choice(EVENT_LOOPS),
         "asyncio, or uvloop (the uvloop extra)",
     ),
+    Setting(
+        "WORKER_METRICS", "worker", "metrics", _bool,
+        "count events and BioT calls and serve them at GET /metrics (Prometheus); "
+        "false: nothing counted, /metrics answers 404",
+    ),
 )  # fmt: skip
 
 #: Every variable the settings read, with its meaning; the CLI derives its flags from these
@@ -480,7 +504,10 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = 
     if problems:
         raise SettingsError(problems)
     changes = {f"{s.section}_{s.field}": _with_fallback(s, values) for s in SETTINGS}
-    return replace_settings(Settings(), **{k: v for k, v in changes.items() if v is not _UNSET})
+    kept: dict[str, Any] = {k: v for k, v in changes.items() if v is not _UNSET}
+    # OpenTelemetry's own variables, kept as given for its SDK (see WorkerSettings.otel).
+    kept["worker_otel"] = tuple(sorted((k, v) for k, v in source.items() if k.startswith("OTEL_")))
+    return replace_settings(Settings(), **kept)
 
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 import aiohttp
 
@@ -30,7 +30,11 @@ from worker.errors import LoginError
 from worker.logs import Backend, Log, bridge_stdlib_logging, open_log
 from worker.routing import Router
 from worker.tokens import AccessToken, ServiceTokens, parse_expiration
+from worker.tracing import Spans
 from worker.version import __version__
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics
 
 USER_AGENT = f"biot-worker/{__version__}"
 
@@ -48,9 +52,12 @@ class WorkerApp:
         log: Log | None = None,
         stream: TextIO | BinaryIO | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: bool | None = None,
     ) -> None:
         """``log`` replaces the configured backend (tests pass a capturing log); ``clock`` is
-        the wall clock used for token expiries (tests share one with the emulator)."""
+        the wall clock used for token expiries (tests share one with the emulator);
+        ``metrics`` overrides ``WORKER_METRICS`` (the Lambda adapter, with nowhere to serve
+        them, passes ``False``)."""
         if settings.biot.base_url is None:
             raise ValueError("WorkerApp needs settings.biot.base_url (the emulator provides one)")
         self.settings = settings
@@ -59,6 +66,7 @@ class WorkerApp:
         self._given_log = log
         self._stream = stream
         self._clock = clock
+        self._want_metrics = settings.worker.metrics if metrics is None else metrics
         self._stack: AsyncExitStack | None = None
         self._backend: Backend | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -69,6 +77,10 @@ class WorkerApp:
         self.dispatcher: Dispatcher
         #: When BioT last answered, and how many logins and key fetches were tried (health).
         self.contact = BiotContact()
+        #: The Prometheus metrics (``None``: ``WORKER_METRICS=false``), see :mod:`worker.metrics`.
+        self.metrics: Metrics | None = None
+        #: Exported spans (``None``: OpenTelemetry not asked for, or its extra not installed).
+        self.spans: Spans | None = None
 
     async def __aenter__(self) -> WorkerApp:
         stack = AsyncExitStack()
@@ -119,12 +131,18 @@ class WorkerApp:
         except ValueError as exc:  # the CA bundle is missing or not PEM
             raise StartupError(f"WORKER_CA_BUNDLE: {exc}") from exc
         stack.push_async_callback(self._session.close)
+        if self._want_metrics:
+            from worker.metrics import Metrics
+
+            self.metrics = Metrics(token_expires_in=lambda: self.tokens.expires_in())
+        self.spans = await self._open_spans(stack)
         self.tokens = await stack.enter_async_context(
             ServiceTokens(
                 self._service_login(),
                 refresh_margin=worker.token_refresh_margin,
                 clock=self._clock,
                 log=self.log,
+                metrics=self.metrics,
             )
         )
         self.verifier = self._make_verifier()
@@ -139,6 +157,8 @@ class WorkerApp:
             user_agent=USER_AGENT,
             log=self.log,
             contact=self.contact,
+            metrics=self.metrics,
+            spans=self.spans,
         )
         self.dispatcher = Dispatcher(
             routes=self.routes,
@@ -146,7 +166,32 @@ class WorkerApp:
             log=self.log,
             settings=self.settings,
             verifier=self.verifier,
+            metrics=self.metrics,
+            spans=self.spans,
         )
+
+    async def _open_spans(self, stack: AsyncExitStack) -> Spans | None:
+        """OpenTelemetry's spans when the ``OTEL_*`` variables ask for them and the ``otel``
+        extra is installed; nothing of it is imported otherwise."""
+        biot, worker = self.settings.biot, self.settings.worker
+        if not worker.otel_requested:
+            return None
+        try:
+            from worker.otel import OtelSpans
+        except ImportError as exc:
+            self.log.warning(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed; "
+                "no spans are exported (pip install 'biot-worker[otel]')",
+                missing=exc.name,
+            )
+            return None
+        exporter = OtelSpans(
+            worker.otel_env(),
+            service_name=biot.app_name,
+            environment=biot.environment,
+            log=self.log,
+        )
+        return await stack.enter_async_context(exporter)
 
     @property
     def _base_url(self) -> str:
@@ -181,17 +226,30 @@ class WorkerApp:
             biot.service_user_secret,
             timeout=self.settings.worker.api_timeout,
             contact=self.contact,
+            spans=self.spans,
         )
 
     async def _fetch_keys(self) -> PublicKeys:
         assert self._session is not None
-        current, previous = await fetch_public_key_texts(
-            self._session,
-            self._base_url,
-            timeout=self.settings.worker.api_timeout,
-            contact=self.contact,
-        )
+        try:
+            current, previous = await fetch_public_key_texts(
+                self._session,
+                self._base_url,
+                timeout=self.settings.worker.api_timeout,
+                contact=self.contact,
+            )
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.key_fetch(ok=False)
+            raise
+        if self.metrics is not None:
+            self.metrics.key_fetch(ok=True)
         return PublicKeys(current, previous)
+
+    async def flush_spans(self) -> None:
+        """Export the spans ended so far (the Lambda adapter, before its process is frozen)."""
+        if self.spans is not None:
+            await self.spans.flush()
 
     async def flush_log(self) -> None:
         """Return once every log line so far is written (the Lambda adapter, before answering)."""
@@ -203,7 +261,7 @@ class ServiceLogin:
     """The service user's login, holding only what it needs: the token cache calls it, and
     through the BioT client a handler could reach it, so it must not lead to the settings."""
 
-    __slots__ = ("_base_url", "_contact", "_secret", "_session", "_timeout", "_user_id")
+    __slots__ = ("_base_url", "_contact", "_secret", "_session", "_spans", "_timeout", "_user_id")
 
     def __init__(
         self,
@@ -214,8 +272,10 @@ class ServiceLogin:
         *,
         timeout: float,
         contact: BiotContact | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self._session = session
+        self._spans = spans
         self._base_url = base_url
         self._user_id = user_id
         self._secret = secret
@@ -236,6 +296,7 @@ class ServiceLogin:
             timeout=self._timeout,
             user_agent=USER_AGENT,
             contact=self._contact,
+            spans=self._spans,
         )
         try:
             # The JWT's own exp is whole seconds while accessTokenExpiration has milliseconds:

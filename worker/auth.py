@@ -52,11 +52,11 @@ __all__ = ["JwtVerifier", "KeyFetcher", "PublicKeys", "load_public_key"]
 _ALGORITHMS: Final = ["RS512"]
 # exp is checked here against the injected wall clock (PyJWT would read the real clock).
 _OPTIONS: Final[Options] = {"require": ["exp"], "verify_exp": False}
-_REASONS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
-    (jwt.InvalidAlgorithmError, "algorithm not allowed (RS512 only)"),
-    (jwt.ImmatureSignatureError, "token not yet valid"),
-    (jwt.InvalidAudienceError, "unexpected aud claim"),
-    (jwt.DecodeError, "malformed token"),
+_REASONS: Final[tuple[tuple[type[jwt.PyJWTError], str, str], ...]] = (
+    (jwt.InvalidAlgorithmError, "algorithm not allowed (RS512 only)", "algorithm"),
+    (jwt.ImmatureSignatureError, "token not yet valid", "not_yet_valid"),
+    (jwt.InvalidAudienceError, "unexpected aud claim", "claims"),
+    (jwt.DecodeError, "malformed token", "malformed"),
 )
 
 
@@ -85,9 +85,11 @@ def load_public_key(text: str) -> RSAPublicKey:
             key = load_der_public_key(der)
     except (ValueError, UnsupportedAlgorithm):
         # ValueError covers bad base64, bad DER/PEM and non-ASCII text.
-        raise AuthError("invalid BioT public key: not a PEM or base64 SPKI DER key") from None
+        raise AuthError(
+            "invalid BioT public key: not a PEM or base64 SPKI DER key", reason="key_unavailable"
+        ) from None
     if not isinstance(key, RSAPublicKey):
-        raise AuthError("invalid BioT public key: not an RSA key")
+        raise AuthError("invalid BioT public key: not an RSA key", reason="key_unavailable")
     return key
 
 
@@ -115,15 +117,17 @@ def _load_keys(keys: PublicKeys) -> tuple[_Key, ...]:
 class _SignatureFailed(AuthError):
     """No key accepted the signature: the one failure that may warrant a key refetch."""
 
+    reason = "signature"
 
-def _reason(exc: jwt.PyJWTError) -> str:
+
+def _refusal(exc: jwt.PyJWTError) -> AuthError:
     # Our own wording: PyJWT's messages may quote parts of the token.
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"token has no {exc.claim} claim"
-    for kind, reason in _REASONS:
+        return AuthError(f"token has no {exc.claim} claim", reason="claims")
+    for kind, message, reason in _REASONS:
         if isinstance(exc, kind):
-            return reason
-    return "invalid token"
+            return AuthError(message, reason=reason)
+    return AuthError("invalid token")
 
 
 def _check_scope(claims: Mapping[str, Any], scope: str | None) -> None:
@@ -255,9 +259,9 @@ class JwtVerifier:
 
     async def _verify_uncached(self, token: str) -> Mapping[str, Any]:
         if not isinstance(token, str) or not token:
-            raise AuthError("missing token")
+            raise AuthError("missing token", reason="missing")
         if token.count(".") != 2:
-            raise AuthError("malformed token")
+            raise AuthError("malformed token", reason="malformed")
         keys = await self._current_keys()
         version = self._version
         try:
@@ -280,18 +284,18 @@ class JwtVerifier:
             except jwt.InvalidSignatureError:
                 continue
             except jwt.PyJWTError as exc:
-                raise AuthError(_reason(exc)) from None
+                raise _refusal(exc) from None
             except UnicodeError:  # lone surrogates: header bytes that were not UTF-8
-                raise AuthError("malformed token") from None
+                raise AuthError("malformed token", reason="malformed") from None
             return self._check_exp(claims)
         raise _SignatureFailed("signature verification failed")
 
     def _check_exp(self, claims: dict[str, Any]) -> Mapping[str, Any]:
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
-            raise AuthError("token exp claim is not a number")
+            raise AuthError("token exp claim is not a number", reason="claims")
         if self._wall() >= exp + self._leeway:
-            raise AuthError("token expired")
+            raise AuthError("token expired", reason="expired")
         # Read-only: the same mapping is shared by every hit of the cache.
         return MappingProxyType(claims)
 
@@ -328,7 +332,9 @@ class JwtVerifier:
         if self._cooling_down(self._last_failure):
             if self._keys:
                 return
-            raise AuthError(f"could not fetch BioT public key: {self._last_error}")
+            raise AuthError(
+                f"could not fetch BioT public key: {self._last_error}", reason="key_unavailable"
+            )
         try:
             await self._fetch_and_install()
         except AuthError:
@@ -344,7 +350,9 @@ class JwtVerifier:
             self._last_failure = self._clock()
             self._last_error = _describe(exc)
             self._log.warning("could not fetch BioT public key", error=self._last_error)
-            raise AuthError(f"could not fetch BioT public key: {self._last_error}") from exc
+            raise AuthError(
+                f"could not fetch BioT public key: {self._last_error}", reason="key_unavailable"
+            ) from exc
         self._last_error = ""
         self._install(keys)
 

@@ -36,13 +36,14 @@ client as :class:`BiotApi`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random as _random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Final, Protocol, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict, TypeVar, Unpack
 
 import aiohttp
 import orjson
@@ -50,7 +51,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
-from worker.tracing import TraceContext, current_trace, new_trace, remaining
+from worker.tracing import Span, Spans, TraceContext, current_trace, new_trace, remaining
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics
 
 __all__ = [
     "DEFAULT_USER_AGENT", "LOGIN_PATH", "PUBLIC_KEY_PATH", "BiotApi", "BiotClient", "BiotContact",
@@ -202,7 +206,8 @@ class _Call:
     headers: Mapping[str, str]
     allow_interception: bool
     timeout: float
-    trace: TraceContext
+    trace: TraceContext  # the event's, or a new one for a call made outside any event
+    parent: TraceContext | None  # the event's (an exported span's parent)
 
 
 class ApiMethods:
@@ -320,8 +325,12 @@ class BiotClient(ApiMethods):
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         contact: BiotContact | None = None,
+        metrics: Metrics | None = None,
+        spans: Spans | None = None,
     ) -> None:
-        """``contact`` records when BioT last answered (see :class:`BiotContact`)."""
+        """``contact`` records when BioT last answered (see :class:`BiotContact`); ``metrics``
+        counts and times each attempt; ``spans`` gives each attempt a client span, whose id
+        the call's ``traceparent`` carries."""
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._tokens = tokens
@@ -334,6 +343,8 @@ class BiotClient(ApiMethods):
         self._sleep = sleep
         self._random = random
         self._contact = contact
+        self._metrics = metrics
+        self._spans = spans
 
     async def request(
         self,
@@ -347,6 +358,7 @@ class BiotClient(ApiMethods):
         timeout: float | None = None,  # noqa: ASYNC109 - a per-call bound, merged with the deadline
     ) -> Any:
         """See :meth:`BiotApi.request`; ``path`` may be a full URL on the base URL's origin only."""
+        parent = current_trace.get()
         call = _Call(
             method=method.upper(),
             url=_join_url(self._base_url, path),
@@ -355,7 +367,8 @@ class BiotClient(ApiMethods):
             headers=headers or {},
             allow_interception=allow_interception,
             timeout=self._timeout if timeout is None else timeout,
-            trace=current_trace.get() or new_trace(),
+            trace=parent or new_trace(),
+            parent=parent,
         )
         reply = await self._send(call)
         return _decode(reply, call.method, call.url)
@@ -370,7 +383,7 @@ class BiotClient(ApiMethods):
         while True:
             token = await self._tokens.get()
             try:
-                return await self._attempt(call, token)
+                return await self._attempt(call, token, attempt + refreshed + 1)
             except ApiAuthError as error:
                 if refreshed or error.upstream_status != 401:
                     raise
@@ -378,26 +391,68 @@ class BiotClient(ApiMethods):
                                 method=call.method, url=_public_url(call.url))
                 self._tokens.invalidate(token)
                 refreshed = True
+                if self._metrics is not None:
+                    self._metrics.api_retry(call.method)
             except TransientApiError as error:
                 await self._backoff(call, attempt, error)
                 attempt += 1
 
-    async def _attempt(self, call: _Call, token: str) -> _Reply:
+    async def _attempt(self, call: _Call, token: str, number: int) -> _Reply:
         left = remaining()
         if left is not None and left <= 0:
             raise TransientApiError("deadline exceeded before call", method=call.method,
                                     url=_public_url(call.url))
-        headers = _headers(self._user_agent, call.trace, call.body is not None)
+        span = None
+        if self._spans is not None:
+            span = self._spans.call(call.method, _public_url(call.url), call.parent, number)
+            traceparent = span.context.traceparent
+        else:
+            traceparent = call.trace.child().traceparent
+        headers = _headers(self._user_agent, traceparent, call.body is not None)
         if call.allow_interception:
             headers["allow-interception"] = "1"
         headers.update(call.headers)
         headers["Authorization"] = f"Bearer {token}"  # last: a caller's header never replaces it
         limit = call.timeout if left is None else min(call.timeout, left)
-        reply = await _exchange(self._session, call.method, call.url, headers, limit,
-                                params=call.params, body=call.body, contact=self._contact)
-        if reply.status >= 300:
-            raise _error_for(reply, call.method, call.url)
+        if span is None and self._metrics is None:
+            reply = await _exchange(self._session, call.method, call.url, headers, limit,
+                                    params=call.params, body=call.body, contact=self._contact)
+            if reply.status >= 300:
+                raise _error_for(reply, call.method, call.url)
+            return reply
+        return await self._observed(call, headers, limit, span)
+
+    async def _observed(
+        self, call: _Call, headers: Mapping[str, str], limit: float, span: Span | None
+    ) -> _Reply:
+        """One exchange, counted in the metrics and ended in its span."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            reply = await _exchange(self._session, call.method, call.url, headers, limit,
+                                    params=call.params, body=call.body, contact=self._contact)
+        except BaseException as exc:  # no answer (or cancelled by the event's deadline)
+            self._observe(call.method, None, loop.time() - started, span, exc)
+            raise
+        error = _error_for(reply, call.method, call.url) if reply.status >= 300 else None
+        self._observe(call.method, reply.status, loop.time() - started, span, error)
+        if error is not None:
+            raise error
         return reply
+
+    def _observe(
+        self,
+        method: str,
+        status: int | None,
+        seconds: float,
+        span: Span | None,
+        error: BaseException | None,
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.api_request(method, status, seconds)
+        if span is not None:
+            with contextlib.suppress(Exception):  # telemetry must not fail the call
+                span.finish(status, error)
 
     async def _backoff(self, call: _Call, attempt: int, error: TransientApiError) -> None:
         """Sleep before the next attempt, or re-raise ``error`` when none may be made."""
@@ -409,6 +464,8 @@ class BiotClient(ApiMethods):
             raise error
         self._log.warning("retrying BioT call", method=call.method, url=_public_url(call.url),
                           status=error.upstream_status, attempt=attempt + 1, delay=delay)
+        if self._metrics is not None:
+            self._metrics.api_retry(call.method)
         await self._sleep(delay)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -438,19 +495,31 @@ async def service_login(
     timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own: one login serves every event
     user_agent: str = DEFAULT_USER_AGENT,
     contact: BiotContact | None = None,
+    spans: Spans | None = None,
 ) -> tuple[str, str]:
     """``POST`` :data:`LOGIN_PATH` once: ``(accessToken, accessTokenExpiration)``, or LoginError;
-    counted in ``contact.logins``."""
+    counted in ``contact.logins``; a client span of its own when ``spans`` are exported."""
     url = _join_url(base_url, LOGIN_PATH)
     if contact is not None:
         contact.logins += 1
-    trace = current_trace.get() or new_trace()
+    parent = current_trace.get()
+    span = None if spans is None else spans.call("POST", url, parent)
+    traceparent = (parent or new_trace()).child().traceparent if span is None else (
+        span.context.traceparent)  # fmt: skip
     body = orjson.dumps({"id": user_id, "secretKey": secret})
     try:
-        reply = await _exchange(session, "POST", url, _headers(user_agent, trace, True), timeout,
-                                body=body, contact=contact)
-    except ApiError as error:
-        raise _login_error(error.message, url) from error
+        reply = await _exchange(session, "POST", url, _headers(user_agent, traceparent, True),
+                                timeout, body=body, contact=contact)  # fmt: skip
+    except BaseException as error:
+        if span is not None:
+            with contextlib.suppress(Exception):
+                span.finish(None, error)
+        if isinstance(error, ApiError):
+            raise _login_error(error.message, url) from error
+        raise
+    if span is not None:
+        with contextlib.suppress(Exception):
+            span.finish(reply.status, None)
     if reply.status >= 300:
         raise _login_refused(reply, url, secret)
     return _login_answer(reply, url)
@@ -605,11 +674,9 @@ class _Reply:
     raw: bytes
 
 
-def _headers(user_agent: str, trace: TraceContext, has_body: bool) -> CIMultiDict[str]:
-    """The headers every traced call carries; each call gets a new span of ``trace``."""
-    headers = CIMultiDict(
-        {"User-Agent": user_agent, "Accept": _ACCEPT, "traceparent": trace.child().traceparent}
-    )
+def _headers(user_agent: str, traceparent: str, has_body: bool) -> CIMultiDict[str]:
+    """The headers every traced call carries (``traceparent``: the call's own span)."""
+    headers = CIMultiDict({"User-Agent": user_agent, "Accept": _ACCEPT, "traceparent": traceparent})
     if has_body:
         headers["Content-Type"] = _JSON_CONTENT_TYPE
     return headers

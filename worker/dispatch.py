@@ -9,9 +9,10 @@ around :meth:`Dispatcher.dispatch`; it never raises for anything a caller sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from config.settings import Settings
 from worker.client import BiotApi
@@ -42,7 +43,17 @@ from worker.responses import (
     pre_response,
 )
 from worker.routing import Context, Handler, Router, handler_name
-from worker.tracing import TraceContext, current_deadline, current_trace
+from worker.tracing import (
+    Span,
+    Spans,
+    TraceContext,
+    current_deadline,
+    current_span_id,
+    current_trace,
+)
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics
 
 
 class TokenVerifier(Protocol):
@@ -73,9 +84,14 @@ class Dispatcher:
         log: Log,
         settings: Settings,
         verifier: TokenVerifier | None,
+        metrics: Metrics | None = None,
+        spans: Spans | None = None,
     ) -> None:
-        """``verifier=None`` switches JWT validation off (``BIOT_SHOULD_VALIDATE_JWT=false``)."""
+        """``verifier=None`` switches JWT validation off (``BIOT_SHOULD_VALIDATE_JWT=false``);
+        ``metrics`` counts each event, ``spans`` (exported traces) gives each its own span."""
         self._routes = routes
+        self._metrics = metrics
+        self._spans = spans
         self._api = api
         self._log = log
         self._settings = settings
@@ -109,14 +125,41 @@ class Dispatcher:
 
     async def handle(self, event: Event) -> Outcome:
         """Like :meth:`dispatch`, and say why it failed (queue adapters retry transient ones)."""
-        trace = event.trace
+        if self._spans is not None:
+            return await self._handle_in_span(event, self._spans)
+        return await self._handle_counted(event, event.trace)
+
+    async def _handle_in_span(self, event: Event, spans: Spans) -> Outcome:
+        """:meth:`handle` in the event's own span, whose id the trace and log lines carry."""
+        span = spans.event(event.hook.value, event.trace, event.transport)
+        bound = current_span_id.set(span.context.span_id)
+        try:
+            outcome = await self._handle_counted(event, span.context)
+        except BaseException as exc:  # cancelled (a shutdown): the span says so
+            _finish(span, None, exc)
+            raise
+        finally:
+            current_span_id.reset(bound)
+        _finish(span, outcome.response.status, outcome.error)
+        return outcome
+
+    async def _handle_counted(self, event: Event, trace: TraceContext) -> Outcome:
         reset = current_trace.set(trace)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.event_started()
+        outcome: Outcome | None = None
         try:
             outcome = await self._answer(event, trace)
-            self._log_outcome(event, outcome.response)
+            elapsed = asyncio.get_running_loop().time() - event.received_at
+            self._log_outcome(event, outcome.response, elapsed)
+            if metrics is not None:
+                metrics.event_finished(event.hook.value, outcome.response.status, elapsed)
             return outcome
         finally:
             current_trace.reset(reset)
+            if outcome is None and metrics is not None:  # cancelled: in flight no more
+                metrics.event_abandoned()
 
     async def _answer(self, event: Event, trace: TraceContext) -> Outcome:
         try:
@@ -154,12 +197,17 @@ class Dispatcher:
     async def _authenticate(self, event: Event, payload: Any) -> None:
         if self._verifier is None:
             return
-        token = event_token(event.hook, event.headers, payload)
-        if token is None:
-            if event.hook is HookType.NONSPECIFIC and self._allow_anonymous_nonspecific:
-                return
-            raise AuthError("the event carries no JWT")
-        await self._verifier.verify(token, self._scopes[event.hook])
+        try:
+            token = event_token(event.hook, event.headers, payload)
+            if token is None:
+                if event.hook is HookType.NONSPECIFIC and self._allow_anonymous_nonspecific:
+                    return
+                raise AuthError("the event carries no JWT", reason="missing")
+            await self._verifier.verify(token, self._scopes[event.hook])
+        except AuthError as exc:
+            if self._metrics is not None:
+                self._metrics.jwt_refused(exc.reason)
+            raise
 
     @property
     def _allow_anonymous_nonspecific(self) -> bool:
@@ -218,9 +266,8 @@ class Dispatcher:
             return result
         return empty_response(trace) if result is None else json_response(result, trace)
 
-    def _log_outcome(self, event: Event, response: Response) -> None:
+    def _log_outcome(self, event: Event, response: Response, elapsed: float) -> None:
         log = self._hook_logs[event.hook]
-        elapsed = asyncio.get_running_loop().time() - event.received_at
         duration_ms = round(elapsed * 1000, 3)
         if response.status < 400:
             log.info("event handled", status=response.status, duration_ms=duration_ms)
@@ -234,3 +281,9 @@ class Dispatcher:
             code=error.get("code"),
             reason=error.get("message"),
         )
+
+
+def _finish(span: Span, status: int | None, error: BaseException | None) -> None:
+    """End ``span``; a failing exporter never fails the event it traced."""
+    with contextlib.suppress(Exception):  # telemetry must not take an event down with it
+        span.finish(status, error)

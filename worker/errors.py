@@ -62,12 +62,24 @@ class PayloadTooLarge(EventError):
 
 
 class AuthError(WorkerError):
+    """The platform's JWT is refused; ``reason`` is one word from a fixed set (the label of
+    ``biot_worker_jwt_refusals_total``): ``missing``, ``malformed``, ``signature``,
+    ``expired``, ``not_yet_valid``, ``algorithm``, ``claims``, ``scope``, ``key_unavailable``
+    or ``invalid``."""
+
     status = 400
     code = "JWT_ERROR"
+    reason = "invalid"
+
+    def __init__(self, message: str, *, reason: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if reason is not None:
+            self.reason = reason
 
 
 class ScopeError(AuthError):
     status = 403
+    reason = "scope"
 
 
 class Block(WorkerError):

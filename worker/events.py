@@ -93,6 +93,8 @@ class Event:
     trace: TraceContext = field(default_factory=new_trace)
     # Which delivery of the event this is (a queue may deliver one again after a failure).
     attempt: int = 1
+    # The carrier's span attributes (a queue's messaging.*), for the event's exported span.
+    transport: Mapping[str, Any] | None = None
 
 
 def lower_headers(headers: Mapping[str, Any]) -> dict[str, str]:
@@ -163,9 +165,9 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
         return None
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError("authorization header is not a Bearer token")
+        raise AuthError("authorization header is not a Bearer token", reason="malformed")
     if not token.isascii():  # a JWT is base64url and dots; this also stops undecodable bytes
-        raise AuthError("the Bearer token is not ASCII")
+        raise AuthError("the Bearer token is not ASCII", reason="malformed")
     return token.strip()
 
 
@@ -174,7 +176,7 @@ def event_token(hook: HookType, headers: Mapping[str, str], payload: Any) -> str
     if hook is HookType.NOTIFICATION:
         token = payload.get("jwt") if isinstance(payload, dict) else None
         if token is not None and not isinstance(token, str):
-            raise AuthError("jwt must be a string")
+            raise AuthError("jwt must be a string", reason="malformed")
         return token or None
     token = bearer_token(headers)
     if token is None and hook is HookType.NONSPECIFIC and isinstance(payload, dict):

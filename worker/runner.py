@@ -175,6 +175,8 @@ def http_adapter(app: WorkerApp) -> HttpAdapter:
         health=app_health(app),
         log=app.log,
         body_timeout=worker.body_timeout,
+        metrics=app.metrics,
+        traced=app.spans is not None,
     )
 
 
@@ -248,14 +250,16 @@ def app_health(
 async def _health_listener(
     app: WorkerApp, health: Health, intake: IntakeStatus
 ) -> AsyncIterator[str]:
-    """A queue worker's ``/healthz`` and ``/readyz`` on ``WORKER_HEALTH_PORT`` (unset:
-    ``WORKER_PORT``) at ``WORKER_HOST``, for the block; yields its URL. A port that cannot be
-    bound raises :class:`StartupError`."""
+    """A queue worker's ``/healthz``, ``/readyz`` and ``/metrics`` on ``WORKER_HEALTH_PORT``
+    (unset: ``WORKER_PORT``) at ``WORKER_HOST``, for the block; yields its URL. A port that
+    cannot be bound raises :class:`StartupError`."""
     worker = app.settings.worker
     port = worker.port if worker.health_port is None else worker.health_port
     names = ("WORKER_PORT", "--port") if worker.health_port is None else (
         "WORKER_HEALTH_PORT", "--health-port")  # fmt: skip
-    runner = health_runner(health, lambda: intake.in_flight, idle_timeout=worker.header_timeout)
+    runner = health_runner(
+        health, lambda: intake.in_flight, idle_timeout=worker.header_timeout, metrics=app.metrics
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, worker.host, port)
@@ -314,6 +318,6 @@ async def run_queue(
             with _signals_unless_given(stop, app.log) as stopping:
                 await queue.consume(
                     source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log,
-                    status=intake,
+                    status=intake, metrics=app.metrics,
                 )  # fmt: skip
         app.log.info("worker stopped; closing resources")

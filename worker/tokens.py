@@ -30,10 +30,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from worker.errors import LoginError
 from worker.logs import Log, LoggerLog
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics
 
 __all__ = ["AccessToken", "LoginFn", "ServiceTokens", "parse_expiration"]
 
@@ -114,7 +117,9 @@ class ServiceTokens:
         retry_backoff: float = 1.0,
         max_backoff: float = 30.0,
         log: Log | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics`` counts each login by outcome."""
         if retry_backoff <= 0 or max_backoff < retry_backoff:
             raise ValueError("need 0 < retry_backoff <= max_backoff")
         self._login = login
@@ -124,6 +129,7 @@ class ServiceTokens:
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
         self._log: Log = log if log is not None else LoggerLog(__name__)
+        self._metrics = metrics
         self._token: AccessToken | None = None
         self._refresh_at = 0.0
         self._inflight: asyncio.Task[AccessToken | LoginError] | None = None
@@ -243,6 +249,8 @@ class ServiceTokens:
         return token
 
     def _on_success(self, token: AccessToken) -> None:
+        if self._metrics is not None:
+            self._metrics.login("success")
         lifetime = token.expires_at - self._clock()
         self._token = token
         self._refresh_at = token.expires_at - min(self._margin, _MAX_MARGIN_SHARE * lifetime)
@@ -250,6 +258,8 @@ class ServiceTokens:
         self._log.info("service-user token refreshed", expires_in=round(lifetime, 3))
 
     def _on_failure(self, error: LoginError) -> None:
+        if self._metrics is not None:  # refused: BioT said no, and will say it again
+            self._metrics.login("failed" if error.transient else "refused")
         self._failures += 1
         self._failed_at = self._clock()
         self._last_error = error

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
@@ -86,6 +87,9 @@ def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:
 
 
 current_trace: ContextVar[TraceContext | None] = ContextVar("biot_trace", default=None)
+#: The span id log lines carry as ``spanId``: the event's own span, bound only when spans are
+#: exported (without them, the trace's span id is BioT's, not ours, and lines stay as they were).
+current_span_id: ContextVar[str | None] = ContextVar("biot_span_id", default=None)
 
 
 def current_trace_id() -> str | None:
@@ -107,3 +111,44 @@ def remaining(deadline: float | None = None) -> float | None:
     if deadline is None:
         return None
     return deadline - asyncio.get_running_loop().time()
+
+
+# ---------------------------------------------------------------- spans
+# Exported spans are optional (OpenTelemetry, ``worker.otel``): without them ``Spans`` is None
+# where it is passed and the worker makes a child span id per outgoing call itself.
+
+
+class Span(Protocol):
+    """One span the worker opened; :meth:`finish` ends it (once; later calls do nothing)."""
+
+    @property
+    def context(self) -> TraceContext:
+        """This span: the trace's id and this span's own id (what a child's parent is, what an
+        outgoing call's ``traceparent`` carries)."""
+        ...
+
+    def finish(self, status: int | None, error: BaseException | None = None) -> None:
+        """End the span with the answer's status (``None``: none came) and, when it failed,
+        the error (a :class:`~worker.errors.WorkerError`, a transport error, or
+        ``CancelledError`` when the event's deadline or a shutdown cut it short)."""
+        ...
+
+
+class Spans(Protocol):
+    """Makes the spans of events and of their BioT calls (see ``worker.otel``)."""
+
+    def event(
+        self, hook: str, parent: TraceContext, attributes: Mapping[str, Any] | None = None
+    ) -> Span:
+        """An event's span, continuing ``parent`` (BioT's ``traceparent``): a server span, or a
+        consumer span when ``attributes`` name a ``messaging.system``."""
+        ...
+
+    def call(self, method: str, url: str, parent: TraceContext | None, attempt: int = 1) -> Span:
+        """A client span for one attempt of a call to BioT (``url`` without its query), under
+        ``parent`` (the current event's span; ``None``: a new trace)."""
+        ...
+
+    async def flush(self) -> None:
+        """Export what has ended, bounded (a Lambda's process is frozen once it answers)."""
+        ...

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +45,7 @@ from worker.tracing import TraceContext, trace_from_headers
 
 if TYPE_CHECKING:  # the queue seam is imported only when a queue is used
     from worker.adapters.queue import IntakeStatus
+    from worker.metrics import Metrics
 
 __all__ = [
     "BrokerCheck",
@@ -258,8 +259,12 @@ def _ago(then: float | None, now: float) -> float | None:
 # ---------------------------------------------------------------- HTTP
 
 
-def add_health_routes(app: web.Application, health: Health, in_flight: InFlight) -> None:
-    """``GET /healthz`` and ``GET /readyz`` on ``app``; ``in_flight()`` is the events in hand."""
+def add_health_routes(
+    app: web.Application, health: Health, in_flight: InFlight, metrics: Metrics | None = None
+) -> None:
+    """``GET /healthz`` and ``GET /readyz`` on ``app``; ``in_flight()`` is the events in hand;
+    with ``metrics``, ``GET /metrics`` too (Prometheus' text format, or OpenMetrics when the
+    scraper asks for it)."""
 
     async def healthz(request: web.Request) -> web.Response:
         return to_web(health.liveness(in_flight(), trace_of(request)))
@@ -269,14 +274,26 @@ def add_health_routes(app: web.Application, health: Health, in_flight: InFlight)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_handler(metrics))
 
 
-def health_runner(health: Health, in_flight: InFlight, *, idle_timeout: float) -> web.AppRunner:
-    """aiohttp's runner (not set up) of a listener with only the two probes (anything else is
-    404, another method 405, a body is never read); a connection idle or still sending its
-    headers for ``idle_timeout`` seconds is closed."""
+def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def serve_metrics(request: web.Request) -> web.Response:
+        body, content_type = await metrics.render(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return serve_metrics
+
+
+def health_runner(
+    health: Health, in_flight: InFlight, *, idle_timeout: float, metrics: Metrics | None = None
+) -> web.AppRunner:
+    """aiohttp's runner (not set up) of a listener with only the two probes and, with
+    ``metrics``, ``/metrics`` (anything else is 404, another method 405, a body is never read);
+    a connection idle or still sending its headers for ``idle_timeout`` seconds is closed."""
     app = web.Application(client_max_size=1024)
-    add_health_routes(app, health, in_flight)
+    add_health_routes(app, health, in_flight, metrics)
     return web.AppRunner(
         app,
         access_log=None,

@@ -37,7 +37,7 @@ import re
 import resource
 import socket
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -47,9 +47,12 @@ from aiohttp.web_request import BaseRequest
 from worker.adapters.health import Health, add_health_routes, to_web, trace_of
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, Overloaded, PayloadTooLarge, WorkerError
-from worker.events import event_from_http
+from worker.events import event_from_http, hook_from_header
 from worker.logs import Log, Throttle, describe
 from worker.responses import ErrorContext, error_response
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics
 
 #: Descriptors kept for the process's own files (log, event loop, modules, the listening socket)
 #: when the descriptor limit lowers the connection cap, besides the BioT client's pool.
@@ -73,8 +76,14 @@ class HttpAdapter:
         health: Health,
         log: Log,
         body_timeout: float = 10.0,
+        metrics: Metrics | None = None,
+        traced: bool = False,
     ) -> None:
+        """``metrics`` are served at ``GET /metrics`` and count the events refused here;
+        ``traced`` (spans are exported) gives each event its HTTP span attributes."""
         self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._traced = traced
         self._max_in_flight = max_in_flight
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout
@@ -85,7 +94,7 @@ class HttpAdapter:
     def application(self) -> web.Application:
         # client_max_size bounds what aiohttp buffers; we check Content-Length before reading.
         app = web.Application(client_max_size=self._max_body)
-        add_health_routes(app, self._health, lambda: self.in_flight)
+        add_health_routes(app, self._health, lambda: self.in_flight, self._metrics)
         app.router.add_post("/{tail:.*}", self._event)
         return app
 
@@ -94,27 +103,30 @@ class HttpAdapter:
         if not "".join(request.headers.values()).isascii():  # O(1) per value: the common case
             bad = _undecodable_header(request)
             if bad is not None:
-                return self._refuse(request, _not_utf8(bad))
+                return self._refuse(request, _not_utf8(bad), received_at)
         length = request.content_length
         if length is not None and length > self._max_body:
-            return self._refuse(request, _too_large(length, self._max_body))
+            return self._refuse(request, _too_large(length, self._max_body), received_at)
         try:
             if request.content.is_eof():  # the whole body came with the headers: no timer
                 body = await request.read()
             else:
                 body = await self._read_slow_body(request)
         except web.HTTPRequestEntityTooLarge:
-            return self._refuse(request, _too_large(None, self._max_body))
+            return self._refuse(request, _too_large(None, self._max_body), received_at)
         except TimeoutError:
-            response = self._refuse(request, _body_too_slow(self._body_timeout))
+            response = self._refuse(request, _body_too_slow(self._body_timeout), received_at)
             response.force_close()  # the rest of the body may still come: do not wait for it
             return response
         # The slot is taken only now: a client sending its body slowly holds none.
         if self.in_flight >= self._max_in_flight:
-            return self._refuse(request, Overloaded("too many events in flight"), retry=True)
+            overloaded = Overloaded("too many events in flight")
+            return self._refuse(request, overloaded, received_at, retry=True)
         self.in_flight += 1
         try:
             event = event_from_http(request.headers, body, received_at=received_at)
+            if self._traced:
+                event.transport = _span_attributes(request)
             return to_web(await self._dispatcher.dispatch(event))
         finally:
             self.in_flight -= 1
@@ -133,13 +145,40 @@ class HttpAdapter:
                 connection.reading_body = False
 
     def _refuse(
-        self, request: web.Request, error: WorkerError, *, retry: bool = False
+        self, request: web.Request, error: WorkerError, received_at: float, *, retry: bool = False
     ) -> web.Response:
         trace = trace_of(request)
         headers = {"retry-after": "1"} if retry else None
         response = error_response(error, trace, self._dispatcher.error_context, headers)
         self._log.warning("event refused", status=error.status, code=error.code)
+        if self._metrics is not None:  # an event answered, though the dispatcher never saw it
+            hook = hook_from_header(request.headers.get("hooktype"))[0].value
+            elapsed = asyncio.get_running_loop().time() - received_at
+            self._metrics.event_answered(hook, error.status, elapsed)
+            if isinstance(error, Overloaded):
+                self._metrics.overloaded(hook)
         return to_web(response)
+
+
+def _span_attributes(request: web.Request) -> dict[str, Any]:
+    """The HTTP server span's attributes (OpenTelemetry's semantic conventions)."""
+    host, _, port = (request.host or "").rpartition(":")
+    attributes: dict[str, Any] = {
+        "http.request.method": request.method,
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+        "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+    }
+    if host and port.isdigit():
+        attributes["server.address"], attributes["server.port"] = host, int(port)
+    elif request.host:
+        attributes["server.address"] = request.host
+    if request.remote:
+        attributes["client.address"] = request.remote
+    agent = request.headers.get("User-Agent")
+    if agent:
+        attributes["user_agent.original"] = agent
+    return attributes
 
 
 def _too_large(length: int | None, limit: int) -> PayloadTooLarge:

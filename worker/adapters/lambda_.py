@@ -42,7 +42,8 @@ class LambdaRuntime:
         self, settings: Settings, routes: Router, stream: TextIO | BinaryIO | None = None
     ) -> None:
         self.loop = asyncio.new_event_loop()
-        self.app = WorkerApp(settings, routes, stream=stream)
+        # No listener to serve metrics from, and nothing lives past the container: none kept.
+        self.app = WorkerApp(settings, routes, stream=stream, metrics=False)
         try:
             self.loop.run_until_complete(self.app.__aenter__())
         except BaseException:
@@ -61,7 +62,8 @@ class LambdaRuntime:
         try:
             return await self._handle(raw, context)
         finally:
-            # Lambda freezes the container once we answer: no log line may wait for later.
+            # Lambda freezes the container once we answer: no log line (nor span) may wait.
+            await self.app.flush_spans()
             await self.app.flush_log()
 
     async def _handle(self, raw: Any, context: LambdaContext | None) -> Response:

@@ -49,7 +49,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -61,6 +61,9 @@ from worker.events import Event, HookType, event_from_envelope, lower_headers
 from worker.logs import Log, Throttle, describe
 from worker.responses import ErrorContext, Response, error_response
 from worker.tracing import TraceContext, current_trace, trace_from_headers
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from worker.metrics import Metrics, QueueMetrics
 
 #: What the dispatcher offers a source: ``Dispatcher.handle``.
 Handle = Callable[[Event], Awaitable[Outcome]]
@@ -94,6 +97,9 @@ class Delivery:
     correlation_id: str | None = None
     message: Any = field(default=None, compare=False, repr=False)
     ref: str = field(default="", compare=False)
+    #: The broker delivered it before and it was not settled (a consumer died, a link was cut,
+    #: a settle failed): counted in ``biot_worker_queue_messages_redelivered_total``.
+    redelivered: bool = field(default=False, compare=False)
 
 
 class Verdict(StrEnum):
@@ -171,6 +177,32 @@ class Source(Protocol):
 
     async def halt(self) -> None:
         """Stop taking messages from the broker (on ``stop``, before in-flight ones drain)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """What a source tells about itself, for metrics and traces: ``system`` is OpenTelemetry's
+    ``messaging.system`` (``redis``, ``rabbitmq``, ``memory``), ``destination`` the stream or
+    queue it consumes (the ``queue`` label of the metrics), ``group`` its consumer group."""
+
+    system: str
+    destination: str
+    group: str | None = None
+
+
+class Observable(Protocol):
+    """Optional for a :class:`Source`: what it is, and the broker's count of what waits."""
+
+    @property
+    def info(self) -> QueueInfo:
+        """Fixed once the source is built."""
+        ...
+
+    async def lag(self) -> int | None:
+        """Messages in the queue not yet delivered to this consumer (group), as the broker
+        tells it; ``None`` when it cannot. Raises when the broker fails (bounded by the
+        caller)."""
         ...
 
 
@@ -333,8 +365,11 @@ class Processor:
         policy: RetryPolicy,
         max_body_bytes: int,
         log: Log,
+        info: QueueInfo | None = None,
     ) -> None:
+        """``info`` names the source in each event's span attributes (``messaging.*``)."""
         self._handle = handle
+        self._transport = _span_attributes(info)
         self._errors = errors
         self._policy = policy
         self._max_body = max_body_bytes
@@ -351,6 +386,7 @@ class Processor:
             event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
         except WorkerError as exc:
             return self._refusal(delivery, exc)
+        event.transport = {**self._transport, "messaging.message.id": delivery.ref}
         outcome = await self._handle(event)
         return self._judge(delivery, outcome, event.trace, event.headers)
 
@@ -381,6 +417,21 @@ class Processor:
             reason += f" (gave up after {attempt} attempts)"
         return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
                         envelope=published_envelope(delivery))  # fmt: skip
+
+
+def _span_attributes(info: QueueInfo | None) -> dict[str, Any]:
+    """A consumer span's attributes (OpenTelemetry's messaging conventions)."""
+    if info is None:
+        return {"messaging.system": "unknown", "messaging.operation.type": "process"}
+    attributes: dict[str, Any] = {
+        "messaging.system": info.system,
+        "messaging.destination.name": info.destination,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+    }
+    if info.group is not None:
+        attributes["messaging.consumer.group.name"] = info.group
+    return attributes
 
 
 # ---------------------------------------------------------------- the intake loop
@@ -432,8 +483,10 @@ class _Pump:
         log: Log,
         op_timeout: float,
         status: IntakeStatus,
+        metrics: QueueMetrics | None = None,
     ) -> None:
         self._source = source
+        self._metrics = metrics
         self._process = process
         self._log = log
         self._throttle = Throttle(log)
@@ -478,6 +531,8 @@ class _Pump:
             except Exception as exc:  # broker trouble: keep the worker alive and try again
                 error = describe(exc)
                 status.failed(error, loop.time())
+                if self._metrics is not None:
+                    self._metrics.receive_failures.inc()
                 self._throttle.warning(
                     "receiving from the queue failed; trying again", key=error, error=error,
                     retry_in=pause,
@@ -489,11 +544,20 @@ class _Pump:
             status.received(loop.time())
             if not batch:
                 await asyncio.sleep(0)  # a receive that never suspends must not starve the loop
+            elif self._metrics is not None:
+                self._count_received(batch, self._metrics)
             for delivery in batch:
                 task = group.create_task(self._one(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
             status.in_flight = len(self._tasks)
+
+    @staticmethod
+    def _count_received(batch: Sequence[Delivery], metrics: QueueMetrics) -> None:
+        metrics.received.inc(len(batch))
+        again = sum(1 for delivery in batch if delivery.redelivered)
+        if again:
+            metrics.redelivered.inc(again)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -512,6 +576,8 @@ class _Pump:
             async with asyncio.timeout(self._op_timeout):
                 await self._source.settle(delivery, decision)
         except Exception as exc:
+            if self._metrics is not None:
+                self._metrics.settle_failures.inc()
             token = current_trace.set(decision.trace)
             error = describe(exc)
             self._throttle.error(
@@ -523,8 +589,19 @@ class _Pump:
             )
             current_trace.reset(token)
             return
+        if self._metrics is not None:
+            self._count_settled(decision.verdict, self._metrics)
         if decision.verdict is not Verdict.ACK:
             self._settled(delivery, decision)
+
+    @staticmethod
+    def _count_settled(verdict: Verdict, metrics: QueueMetrics) -> None:
+        if verdict is Verdict.ACK:
+            metrics.acknowledged.inc()
+        elif verdict is Verdict.RETRY:
+            metrics.retried.inc()
+        else:
+            metrics.dead_lettered.inc()
 
     def _settled(self, delivery: Delivery, decision: Decision) -> None:
         """The line saying a retry or dead letter happened, under the message's trace; written
@@ -568,14 +645,16 @@ async def pump(
     log: Log,
     op_timeout: float = 10.0,
     status: IntakeStatus | None = None,
+    metrics: QueueMetrics | None = None,
 ) -> None:
     """Receive from ``source``, process at most ``max_in_flight`` at once, settle each; drain on
     ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled). One receive and
     one settle may take ``op_timeout`` seconds at most (then it counts as failed). ``status``,
-    when given, follows the loop for health probes (see :class:`IntakeStatus`).
+    when given, follows the loop for health probes (see :class:`IntakeStatus`); ``metrics``
+    count what is received and how each message was settled.
 
     Repeated identical failures (the broker is down) are logged at most once a second each."""
-    pumping = _Pump(source, process, log, op_timeout, status or IntakeStatus())
+    pumping = _Pump(source, process, log, op_timeout, status or IntakeStatus(), metrics)
     await pumping.run(stop=stop, max_in_flight=max_in_flight, grace=grace)
 
 
@@ -596,18 +675,24 @@ async def consume(
     stop: asyncio.Event,
     log: Log,
     status: IntakeStatus | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Serve the (entered) ``source`` through ``handle`` (``Dispatcher.handle``) until ``stop``
     is set, then drain: :func:`pump` with the worker's settings and the source's retry policy;
-    ``status`` follows the intake loop for health probes."""
+    ``status`` follows the intake loop for health probes; ``metrics`` count the source's
+    messages under its name (and its consumer lag, when it can tell)."""
     biot, worker = settings.biot, settings.worker
+    info = source_info(source)
     process = Processor(
         handle,
         errors=ErrorContext(biot.app_name, biot.environment),
         policy=source.policy,
         max_body_bytes=worker.max_body_bytes,
         log=log,
+        info=info,
     )
+    counted = None if metrics is None else metrics.watch_queue(
+        info.destination if info is not None else "unknown", _lag_of(source))  # fmt: skip
     await pump(
         source,
         process,
@@ -617,7 +702,19 @@ async def consume(
         log=log,
         op_timeout=worker.broker_timeout,
         status=status,
+        metrics=counted,
     )
+
+
+def source_info(source: Source) -> QueueInfo | None:
+    """What ``source`` says it is (see :class:`Observable`), if it says."""
+    info = getattr(source, "info", None)
+    return info if isinstance(info, QueueInfo) else None
+
+
+def _lag_of(source: Source) -> Callable[[], Awaitable[int | None]] | None:
+    lag = getattr(source, "lag", None)
+    return lag if callable(lag) else None
 
 
 # ---------------------------------------------------------------- URLs

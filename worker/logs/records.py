@@ -26,7 +26,7 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from worker.tracing import current_trace_id
+from worker.tracing import current_span_id, current_trace_id
 
 # ---------------------------------------------------------------------------------------------
 # Levels
@@ -152,7 +152,9 @@ def redact_text(text: str) -> str:
 # Records
 
 
-_CORE: Final = frozenset({"@timestamp", "message", "level", "level_value", "appName", "traceId"})
+_CORE: Final = frozenset(
+    {"@timestamp", "message", "level", "level_value", "appName", "traceId", "spanId"}
+)
 
 
 @lru_cache(maxsize=4)
@@ -195,6 +197,9 @@ def make_record(
         "appName": app_name,
         "traceId": current_trace_id(),
     }
+    span_id = current_span_id.get()
+    if span_id is not None:  # bound only while spans are exported (worker.otel)
+        record["spanId"] = span_id
     if bound:
         record.update(bound)
     add_fields(record, fields)
