@@ -242,3 +242,32 @@ def test_readme_table_matches_the_settings() -> None:
         assert (flag == "(environment only)") == secret, variable
         assert default == (f"`{shown[variable]}`" if shown[variable] else "—"), variable
         assert meaning == VARIABLES[variable], variable
+
+
+def test_opentelemetry_variables_are_kept_as_given_and_say_when_spans_are_wanted() -> None:
+    unset = load_settings({"WORKER_PORT": "9000"}).worker
+    assert unset.otel_env() == {}
+    assert not unset.otel_requested
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "OTEL_SERVICE_NAME": "my-plugin",
+        "UNRELATED": "x",
+    }
+    worker = load_settings(env).worker
+    assert worker.otel_env() == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "OTEL_SERVICE_NAME": "my-plugin",
+    }
+    assert worker.otel_requested
+    only_traces = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}
+    assert load_settings(only_traces).worker.otel_requested
+    for off in ({"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"},
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": " "}):  # fmt: skip
+        assert not load_settings({**env, **off}).worker.otel_requested, off
+
+
+def test_metrics_are_on_unless_switched_off() -> None:
+    assert load_settings({}).worker.metrics
+    assert not load_settings({"WORKER_METRICS": "false"}).worker.metrics
+    with pytest.raises(SettingsError, match="WORKER_METRICS"):
+        load_settings({"WORKER_METRICS": "maybe"})
