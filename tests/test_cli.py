@@ -612,3 +612,19 @@ def test_package_without_a_wheel_names_the_package(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].startswith("biot-worker package: no wheel of ")
     assert not output.exists()
+
+
+def test_config_says_whether_spans_are_exported_and_hides_otlp_headers() -> None:
+    done = worker("config")
+    assert done.returncode == 0, done.stderr
+    assert "opentelemetry: off (set OTEL_EXPORTER_OTLP_ENDPOINT to export spans)" in done.stdout
+    done = worker(
+        "config",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:pw0rd@127.0.0.1:4318",
+        OTEL_EXPORTER_OTLP_HEADERS="api-key=k3y-never-printed",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "opentelemetry: spans exported over OTLP/HTTP" in done.stdout
+    assert "  OTEL_EXPORTER_OTLP_HEADERS  (set, hidden)" in done.stdout
+    assert "  OTEL_EXPORTER_OTLP_ENDPOINT  http://collector:***@127.0.0.1:4318" in done.stdout
+    assert "k3y-never-printed" not in done.stdout and "pw0rd" not in done.stdout

@@ -72,6 +72,8 @@ def test_urls_keep_client_parameters_and_hide_passwords() -> None:
     assert redact_url("amqp://guest:guest@h/") == "amqp://guest:***@h/"
     assert redact_url("redis://127.0.0.1/0") == "redis://127.0.0.1/0"
     assert redact_url("redis://h/0?password=p%40ss&stream=s") == "redis://h/0?password=***&stream=s"
+    hidden = redact_url("https://h/v1?token=abc&api_key=k&Secret=s&stream=s")
+    assert hidden == "https://h/v1?token=***&api_key=***&Secret=***&stream=s"
     assert retry_policy({"retry_delay": "2"}) == RetryPolicy(5, 2.0, 60.0)
     with pytest.raises(ValueError, match="bad retry parameter"):
         retry_policy({"max_attempts": "many"})

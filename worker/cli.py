@@ -383,10 +383,39 @@ def cmd_config(args: argparse.Namespace) -> int:
         from worker.adapters.queue import redact_url
 
         lines.append(f"source: {redact_url(args.source)}")
+    lines += _otel_lines(settings)
     lines.append(f"routes ({len(routes)}, from WORKER_ROUTES={settings.worker.routes}):")
     lines += [f"  {route.describe()} -> {route.handler_name}" for route in routes]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _otel_lines(settings: Settings) -> list[str]:
+    """What ``config`` says of OpenTelemetry: off, or on with its variables (header values,
+    which may hold API keys, hidden; a password in a URL too)."""
+    import importlib.util
+
+    from worker.adapters.queue import redact_url
+
+    worker = settings.worker
+    if not worker.otel_requested:
+        return ["opentelemetry: off (set OTEL_EXPORTER_OTLP_ENDPOINT to export spans)"]
+    try:  # finding a submodule imports its parent: absent, that raises
+        installed = importlib.util.find_spec("opentelemetry.sdk") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if not installed:
+        state = "asked for, but the otel extra is not installed: pip install 'biot-worker[otel]'"
+    else:
+        state = "spans exported over OTLP/HTTP"
+    lines = [f"opentelemetry: {state}"]
+    for name, value in sorted(worker.otel_env().items()):
+        if "HEADERS" in name:
+            value = "(set, hidden)"
+        elif "://" in value:
+            value = redact_url(value)
+        lines.append(f"  {name}  {value}")
+    return lines
 
 
 def cmd_package(args: argparse.Namespace) -> int:

@@ -761,15 +761,19 @@ def positive(params: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+_SECRET_PARAM = re.compile(r"pass|token|secret|key|auth|credential", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs: the one in its user part and a
-    ``password`` query parameter (redis-py takes either)."""
+    """``url`` with its password replaced by ``***``, for logs: the one in its user part and
+    any query parameter whose name speaks of a password, token, secret, key or credential
+    (redis-py takes ``password``; other URLs carry ``token`` or ``api_key``)."""
     parts = urlsplit(url)
     if parts.password is not None:
         host = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if "password" in parts.query:
-        query = [(k, "***" if k == "password" else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]  # fmt: skip
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+        query = [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
