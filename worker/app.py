@@ -237,6 +237,7 @@ class WorkerApp:
                 self._base_url,
                 timeout=self.settings.worker.api_timeout,
                 contact=self.contact,
+                spans=self.spans,
             )
         except Exception:
             if self.metrics is not None:

@@ -450,9 +450,7 @@ class BiotClient(ApiMethods):
     ) -> None:
         if self._metrics is not None:
             self._metrics.api_request(method, status, seconds)
-        if span is not None:
-            with contextlib.suppress(Exception):  # telemetry must not fail the call
-                span.finish(status, error)
+        _finish_span(span, status, error)
 
     async def _backoff(self, call: _Call, attempt: int, error: TransientApiError) -> None:
         """Sleep before the next attempt, or re-raise ``error`` when none may be made."""
@@ -511,15 +509,11 @@ async def service_login(
         reply = await _exchange(session, "POST", url, _headers(user_agent, traceparent, True),
                                 timeout, body=body, contact=contact)  # fmt: skip
     except BaseException as error:
-        if span is not None:
-            with contextlib.suppress(Exception):
-                span.finish(None, error)
+        _finish_span(span, None, error)
         if isinstance(error, ApiError):
             raise _login_error(error.message, url) from error
         raise
-    if span is not None:
-        with contextlib.suppress(Exception):
-            span.finish(reply.status, None)
+    _finish_span(span, reply.status, None)
     if reply.status >= 300:
         raise _login_refused(reply, url, secret)
     return _login_answer(reply, url)
@@ -562,13 +556,24 @@ async def fetch_public_key_texts(
     *,
     timeout: float = _TIMEOUT,  # noqa: ASYNC109 - bounded on its own, like the login
     contact: BiotContact | None = None,
+    spans: Spans | None = None,
 ) -> tuple[str, str | None]:
-    """``GET`` :data:`PUBLIC_KEY_PATH`, no token nor trace: ``(publicKey, previous or None)``;
-    counted in ``contact.key_fetches``."""
+    """``GET`` :data:`PUBLIC_KEY_PATH`, no token (nor trace, unless ``spans`` are exported: then
+    a client span of its own, named in the call's ``traceparent``): ``(publicKey, previous or
+    None)``; counted in ``contact.key_fetches``."""
     url = _join_url(base_url, PUBLIC_KEY_PATH)
     if contact is not None:
         contact.key_fetches += 1
-    reply = await _exchange(session, "GET", url, {"Accept": _ACCEPT}, timeout, contact=contact)
+    headers = {"Accept": _ACCEPT}
+    span = None if spans is None else spans.call("GET", url, current_trace.get())
+    if span is not None:
+        headers["traceparent"] = span.context.traceparent
+    try:
+        reply = await _exchange(session, "GET", url, headers, timeout, contact=contact)
+    except BaseException as error:
+        _finish_span(span, None, error)
+        raise
+    _finish_span(span, reply.status, None)
     if reply.status >= 300:
         raise _error_for(reply, "GET", url)
     answer = _decode(reply, "GET", url)
@@ -578,6 +583,12 @@ async def fetch_public_key_texts(
                        url=_public_url(url))
     previous = answer.get("previousPublicKey")
     return current, previous if isinstance(previous, str) and previous else None
+
+
+def _finish_span(span: Span | None, status: int | None, error: BaseException | None) -> None:
+    if span is not None:
+        with contextlib.suppress(Exception):  # telemetry must not fail the call
+            span.finish(status, error)
 
 
 # ---------------------------------------------------------------- fan-out

@@ -1,6 +1,7 @@
 """What the emulator received and what it sent to plugins, with trace ids, for tests and people.
 
-Incoming calls are recorded with ``direction="in"`` and the kind of token they carried; calls the
+Incoming calls are recorded with ``direction="in"``, the kind of token they carried and the
+span id of their ``traceparent``; calls the
 emulator made to plugins (interceptors, notifications) with ``direction="out"``, the hook type,
 and ``status=None`` plus an ``error`` when the plugin timed out or was unreachable. An incoming
 call is recorded when its answer is ready, so the interceptor calls it caused come before it.
@@ -28,6 +29,9 @@ class CallRecord:
     token: str
     hook: str | None = None
     error: str | None = None
+    #: The span id of the ``traceparent`` an incoming call carried (the caller's span for the
+    #: call: with exported spans, the id of the worker's client span), ``None`` without one.
+    span_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -53,9 +57,10 @@ class CallLog:
         *,
         hook: str | None = None,
         error: str | None = None,
+        span_id: str | None = None,
     ) -> CallRecord:
         record = CallRecord(
-            self._clock(), direction, method, path, status, trace_id, token, hook, error
+            self._clock(), direction, method, path, status, trace_id, token, hook, error, span_id
         )
         self._records.append(record)
         return record

@@ -20,7 +20,7 @@ from worker.testing.emulator.calllog import CallLog
 from worker.testing.emulator.faults import Faults
 from worker.testing.emulator.identity import Caller, Rejected, TokenService
 from worker.testing.emulator.wire import ApiFailure, PassThrough, error_body, json_response
-from worker.tracing import TraceContext, trace_from_headers
+from worker.tracing import TraceContext, parse_traceparent, trace_from_headers
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -67,8 +67,9 @@ def observe(tokens: TokenService, call_log: CallLog) -> Middleware:
         if not response.prepared:
             response.headers["traceparent"] = trace.child().traceparent
         if not is_admin(request.path):
-            kind = auth.kind
-            call_log.add("in", request.method, request.path, response.status, trace.trace_id, kind)
+            sent = parse_traceparent(headers.get("traceparent"))
+            call_log.add("in", request.method, request.path, response.status, trace.trace_id,
+                         auth.kind, span_id=None if sent is None else sent.span_id)  # fmt: skip
         return response
 
     return middleware
