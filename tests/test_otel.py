@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,28 @@ async def test_the_service_login_is_a_client_span_with_the_id_biot_saw(
     assert login.parent_span_id is None  # made at start, outside any event: a trace of its own
     assert login.attributes["http.response.status_code"] == 200
     assert [s.traceparent for s in logins] == [TraceContext(login.trace_id, login.span_id)]
+
+
+@pytest.mark.parametrize("header", ["x-b3-traceid", None])
+async def test_an_event_without_a_traceparent_is_a_root_span_in_its_trace(
+    receiver: OtlpReceiver, header: str | None
+) -> None:
+    async with worker_box(routes(), **otel_env(receiver)) as box:
+        event = notification_event(keys=box.signer, traceparent=None)
+        headers = dict(event.headers)
+        if header is not None:
+            headers[header] = "a3ce929d0e0e4736"  # 64 bits, as B3 may send
+        response = await box.send(replace(event, headers=headers))
+        assert response.status == 200
+        trace_id = response.headers["traceparent"].split("-")[1]
+        spans = await traced(receiver, trace_id, 3)
+        calls = box.api_span_ids(trace_id, PATIENTS)
+    if header is not None:
+        assert trace_id == "0000000000000000a3ce929d0e0e4736"
+    server = one(spans, kind="SERVER")
+    assert server.parent_span_id is None  # no caller's span to name: a root, not a dangling id
+    assert {s.span_id for s in spans if s.kind == "CLIENT"} == calls
+    assert {s.parent_span_id for s in spans if s.kind == "CLIENT"} == {server.span_id}
 
 
 async def test_the_public_key_fetch_is_a_client_span_the_call_log_names(

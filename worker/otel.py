@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from functools import lru_cache
 from types import TracebackType
 from typing import Any, Final
@@ -71,6 +72,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -442,6 +444,19 @@ def _mark_error(span: OtelSpan, error: BaseException | None, fallback: str = "no
     span.set_status(Status(StatusCode.ERROR, description))
 
 
+_KEPT_TRACE_ID: ContextVar[int | None] = ContextVar("biot_kept_trace_id", default=None)
+
+
+class _KeptTraceIds(RandomIdGenerator):
+    """Random ids, except the trace id of a root span started for an event that came with a
+    trace id but no caller's span (``x-b3-traceid``, or one made up): that event's trace id,
+    which its log lines and BioT calls already carry."""
+
+    def generate_trace_id(self) -> int:
+        kept = _KEPT_TRACE_ID.get()
+        return super().generate_trace_id() if kept is None else kept
+
+
 def _remote(parent: TraceContext, remote: bool) -> Context:
     """An SDK context whose current span is ``parent`` (BioT's, or our event's)."""
     flags = TraceFlags(int(parent.flags, 16))
@@ -533,7 +548,10 @@ class OtelSpans:
         )
         self._exporter = _WatchedExporter(exporter)
         provider = TracerProvider(
-            sampler=self._sampler, resource=self._resource, shutdown_on_exit=False
+            sampler=self._sampler,
+            resource=self._resource,
+            shutdown_on_exit=False,
+            id_generator=_KeptTraceIds(),
         )
         batch = batch_settings(env, log)
         processor = BatchSpanProcessor(
@@ -611,7 +629,14 @@ class OtelSpans:
             given = (
                 {**attributes, "biot.hook.type": hook} if attributes else self._for_hook(hook)
             )  # fmt: skip
-            span = tracer.start_span(name, _remote(parent, True), kind, given)
+            if parent.inherited:
+                span = tracer.start_span(name, _remote(parent, True), kind, given)
+            else:  # no caller's span to name: a root span, in the trace id the event has
+                kept = _KEPT_TRACE_ID.set(int(parent.trace_id, 16))
+                try:
+                    span = tracer.start_span(name, _EMPTY, kind, given)
+                finally:
+                    _KEPT_TRACE_ID.reset(kept)
             return _OpenSpan(span, _context_of(span, parent), key)
         except Exception as exc:
             return self._unexported(parent.child(), exc)

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -29,6 +29,9 @@ class TraceContext:
     trace_id: str
     span_id: str
     flags: str = "01"
+    #: Whether ``span_id`` is a caller's span (a ``traceparent`` came), or one made up here
+    #: (none came, or only a bare trace id): then an exported span has no parent to name.
+    inherited: bool = field(default=True, compare=False)
 
     @property
     def traceparent(self) -> str:
@@ -44,7 +47,7 @@ def _new_span_id() -> str:
 
 
 def new_trace() -> TraceContext:
-    return TraceContext(os.urandom(16).hex(), _new_span_id(), "01")
+    return TraceContext(os.urandom(16).hex(), _new_span_id(), "01", inherited=False)
 
 
 def parse_traceparent(value: str | None) -> TraceContext | None:
@@ -70,7 +73,7 @@ def _from_bare_id(value: str | None) -> TraceContext | None:
     trace_id = candidate.rjust(32, "0")
     if trace_id == _ZERO_TRACE:
         return None
-    return TraceContext(trace_id, _new_span_id(), "01")
+    return TraceContext(trace_id, _new_span_id(), "01", inherited=False)
 
 
 def trace_from_headers(headers: Mapping[str, str]) -> TraceContext:
