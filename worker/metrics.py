@@ -11,7 +11,8 @@ id, a path, a trace id or anything a caller chooses.
 
 Names (all under ``biot_worker_``), base units, ``_total`` for counters:
 
-- ``events_total{hook,status}``: events answered, by hook type and status
+- ``events_total{hook,status}``: events answered, by hook type and status (those refused
+  before dispatch too: by the HTTP adapter, or a queue message that never became an event)
 - ``event_duration_seconds{hook}``: histogram, receipt to answer
 - ``events_in_flight``: events being handled now
 - ``events_overloaded_total{hook}``: refused with 503 for too many in flight

@@ -57,7 +57,7 @@ import orjson
 from config.settings import Settings
 from worker.dispatch import Outcome
 from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
-from worker.events import Event, HookType, event_from_envelope, lower_headers
+from worker.events import Event, HookType, event_from_envelope, hook_from_header, lower_headers
 from worker.logs import Log, Throttle, describe
 from worker.responses import ErrorContext, Response, error_response
 from worker.tracing import TraceContext, current_trace, trace_from_headers
@@ -366,9 +366,13 @@ class Processor:
         max_body_bytes: int,
         log: Log,
         info: QueueInfo | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        """``info`` names the source in each event's span attributes (``messaging.*``)."""
+        """``info`` names the source in each event's span attributes (``messaging.*``);
+        ``metrics`` count a message refused before it became an event as an event answered
+        (as the HTTP adapter counts its refusals), the dispatcher counting the others."""
         self._handle = handle
+        self._metrics = metrics
         self._transport = _span_attributes(info)
         self._errors = errors
         self._policy = policy
@@ -385,15 +389,20 @@ class Processor:
                 )
             event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
         except WorkerError as exc:
-            return self._refusal(delivery, exc)
+            return self._refusal(delivery, exc, received_at)
         event.transport = {**self._transport, "messaging.message.id": delivery.ref}
         outcome = await self._handle(event)
         return self._judge(delivery, outcome, event.trace, event.headers)
 
-    def _refusal(self, delivery: Delivery, exc: WorkerError) -> Decision:
+    def _refusal(self, delivery: Delivery, exc: WorkerError, received_at: float) -> Decision:
         """The decision on a message that never became an event, under its one trace."""
         too_large = _too_large(delivery.body, self._max_body)
-        trace = trace_from_headers({} if too_large else _headers_of(delivery.body))
+        headers = {} if too_large else _headers_of(delivery.body)
+        trace = trace_from_headers(headers)
+        if self._metrics is not None:
+            hook = hook_from_header(headers.get("hooktype"))[0].value
+            elapsed = asyncio.get_running_loop().time() - received_at
+            self._metrics.event_answered(hook, exc.status, elapsed)
         return self._judge(delivery, Outcome(error_response(exc, trace, self._errors), exc), trace)
 
     def _judge(
@@ -690,6 +699,7 @@ async def consume(
         max_body_bytes=worker.max_body_bytes,
         log=log,
         info=info,
+        metrics=metrics,
     )
     counted = None if metrics is None else metrics.watch_queue(
         info.destination if info is not None else "unknown", _lag_of(source))  # fmt: skip
