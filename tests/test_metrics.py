@@ -437,11 +437,6 @@ async def test_worker_metrics_false_counts_nothing_and_still_serves_events(
         await stopped(worker)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README and WORKER_METRICS' help promise 404; the HTTP adapter's catch-all POST "
-    "route makes GET /metrics answer 405 (Allow: POST) when metrics are off",
-)
 async def test_worker_metrics_false_answers_404_at_metrics(
     emulator: tuple[Emulator, str], http: aiohttp.ClientSession
 ) -> None:

@@ -263,8 +263,8 @@ def add_health_routes(
     app: web.Application, health: Health, in_flight: InFlight, metrics: Metrics | None = None
 ) -> None:
     """``GET /healthz`` and ``GET /readyz`` on ``app``; ``in_flight()`` is the events in hand;
-    with ``metrics``, ``GET /metrics`` too (Prometheus' text format, or OpenMetrics when the
-    scraper asks for it)."""
+    ``GET /metrics`` serves ``metrics`` (Prometheus' text format, or OpenMetrics when the
+    scraper asks for it), or answers 404 without them."""
 
     async def healthz(request: web.Request) -> web.Response:
         return to_web(health.liveness(in_flight(), trace_of(request)))
@@ -274,12 +274,15 @@ def add_health_routes(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if metrics is not None:
-        app.router.add_get("/metrics", _metrics_handler(metrics))
+    app.router.add_get("/metrics", _metrics_handler(metrics))
 
 
-def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _metrics_handler(
+    metrics: Metrics | None,
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def serve_metrics(request: web.Request) -> web.Response:
+        if metrics is None:  # a 404 that says why (the HTTP adapter would answer 405)
+            raise web.HTTPNotFound(text="metrics are off (WORKER_METRICS=false)\n")
         body, content_type = await metrics.render(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
