@@ -113,6 +113,7 @@ async def test_closed_loop_counts_what_it_measured(echo_server: tuple[int, list[
     assert 0 < result.completed <= 40
     assert set(result.cpu_s) == {"server", "loadgen"}
     assert len(seen) >= 45
+    assert result.answered == len(seen)  # warm-up and drain too: what the server served
     again = await pool.take(4)  # the connections are kept for the next point
     assert all(not c.closed for c in again)
     pool.give(again)
@@ -126,6 +127,7 @@ async def test_closed_loop_reports_error_statuses(echo_server: tuple[int, list[i
     result = await closed_loop(pool, _source(port), spec, {}, _check)
     assert result.errors == {"status 500": 1}
     assert len(result.latencies_us) == 9
+    assert result.answered == 11  # an error status is an answer too
     pool.close()
 
 

@@ -10,10 +10,19 @@ from typing import Any
 
 import pytest
 
+from worker.bench.collector import expected_spans, span_figures
 from worker.bench.load import LoadResult
 from worker.bench.plan import FULL, QUICK, Plan, Point
 from worker.bench.profiles import IDLE, component, summarize_profile
-from worker.bench.report import aggregate, bound, log_backends, point_record, targets
+from worker.bench.report import (
+    METRICS_TARGET,
+    aggregate,
+    bound,
+    log_backends,
+    observability,
+    point_record,
+    targets,
+)
 from worker.bench.table import render
 
 
@@ -38,9 +47,11 @@ def test_point_record_turns_a_window_into_figures() -> None:
     assert record["errors_total"] == 0
 
 
-def records_for(variant: str, p50s: list[float], cpu: float) -> list[dict[str, Any]]:
+def records_for(
+    variant: str, p50s: list[float], cpu: float, scenario: str = "a", concurrency: int = 1
+) -> list[dict[str, Any]]:
     return [
-        point_record(Point(rep, "a", False, variant, 1), result([p50], 1000, cpu))
+        point_record(Point(rep, scenario, False, variant, concurrency), result([p50], 1000, cpu))
         for rep, p50 in enumerate(p50s)
     ]
 
@@ -161,6 +172,10 @@ def test_full_plan_runs_e_at_every_concurrency_level() -> None:
 @pytest.mark.parametrize(
     ("filename", "function", "expected"),
     [
+        ("/work/main/worker/metrics.py", "observe", "worker: metrics"),
+        ("/x/site-packages/prometheus_client/metrics.py", "inc", "worker: metrics"),
+        ("/x/site-packages/opentelemetry/sdk/trace/__init__.py", "end", "OpenTelemetry"),
+        ("/work/main/worker/otel.py", "finish", "OpenTelemetry"),
         ("~", "<method 'poll' of 'select.epoll' objects>", IDLE),
         ("~", "<built-in method orjson.loads>", "JSON (orjson)"),
         ("/x/site-packages/aiohttp/web_protocol.py", "data_received", "aiohttp server (HTTP in)"),
@@ -186,3 +201,129 @@ def test_summarize_profile_gives_microseconds_per_event(tmp_path: Path) -> None:
     assert summary["profiled_us_per_event"] > 0
     assert sum(c["share"] for c in summary["components"]) == pytest.approx(1.0)
     assert summary["top"][0]["own_us_per_event"] > 0
+
+
+# ---------------------------------------------------------------- what observability costs
+
+
+def test_plans_measure_metrics_off_and_opentelemetry_in_a_and_b_interleaved() -> None:
+    for plan in (QUICK, FULL):
+        measured = {(p.scenario, p.tls) for p in plan.points()
+                    if p.variant in ("worker-nometrics", "worker-otel")}  # fmt: skip
+        assert measured == {("a", False), ("b", False)}
+        assert {"worker-nometrics@http", "worker-otel@http", "worker@http"} <= set(plan.targets())
+    plan = QUICK.with_(scenarios=("a",), concurrency=(1,), reps=3)
+    orders = [[p.variant for p in plan.points() if p.rep == rep] for rep in range(3)]
+    assert all(set(order) >= {"worker", "worker-nometrics", "worker-otel"} for order in orders)
+    assert orders[0] != orders[1] != orders[2]  # the same variants, rotated per repetition
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
+
+
+def otel_record(concurrency: int, cpu: float, expected: int, received: int) -> dict[str, Any]:
+    record = records_for("worker-otel", [1.0], cpu, concurrency=concurrency)[0]
+    record.update(span_figures(expected, received))
+    return record
+
+
+def cost_rows() -> list[dict[str, Any]]:
+    """(a) at c=1 and c=32 with every variant, (b) c=1 without worker-nometrics."""
+    records = [
+        *records_for("worker-nometrics", [1.0], 0.200),
+        *records_for("worker", [1.0], 0.206),
+        otel_record(1, 0.300, expected=3000, received=3000),
+        *records_for("worker-nometrics", [1.0], 0.100, concurrency=32),
+        *records_for("worker", [1.0], 0.110, concurrency=32),
+        otel_record(32, 0.150, expected=5000, received=4000),
+        *records_for("worker", [1.0], 0.500, scenario="b"),
+        *records_for("worker-otel", [1.0], 0.600, scenario="b"),
+    ]
+    return aggregate(records, {})
+
+
+def test_observability_divides_metrics_on_by_off_and_otel_by_the_worker() -> None:
+    section = observability(cost_rows())
+    assert section is not None
+    c1, c32 = section["scenarios"]["a"]["c=1"], section["scenarios"]["a"]["c=32"]
+    assert c1["metrics cpu ratio"] == pytest.approx(1.03)
+    assert c1["metrics cpu µs/event"] == pytest.approx(6.0)
+    assert c1["otel cpu ratio"] == pytest.approx(300 / 206)
+    assert c1["otel cpu µs/event"] == pytest.approx(94.0)
+    assert (c1["otel spans"], c1["otel spans expected"], c1["otel spans dropped"]) == (
+        3000, 3000, 0,
+    )  # fmt: skip
+    assert c32["metrics cpu ratio"] == pytest.approx(1.10)
+    assert c32["otel spans dropped"] == 1000
+    assert section["summary"]["a"]["metrics cpu ratio"] == pytest.approx(1.065)  # median
+    assert section["profiled"] is None  # no profile in this run
+
+
+def test_observability_gives_none_for_a_missing_row_and_no_section_without_the_variants() -> None:
+    section = observability(cost_rows())
+    assert section is not None
+    b1 = section["scenarios"]["b"]["c=1"]
+    assert b1["metrics cpu ratio"] is None and b1["metrics cpu µs/event"] is None
+    assert b1["otel cpu ratio"] == pytest.approx(1.2)
+    assert b1["otel spans"] is None  # the synthetic (b) row carries no span check
+    assert section["summary"]["b"]["metrics cpu ratio"] is None
+    only_otel = aggregate(records_for("worker-otel", [1.0], 0.3), {})
+    alone = observability(only_otel)
+    assert alone is not None
+    assert alone["scenarios"]["a"]["c=1"]["otel cpu ratio"] is None  # no worker row
+    assert observability(aggregate(records_for("worker", [1.0], 0.2), {})) is None
+
+
+def test_observability_reads_the_metrics_and_opentelemetry_components_of_the_profile() -> None:
+    profiles = {"a": {"profiled_us_per_event": 400.0, "components": [
+        {"component": "worker: metrics", "us_per_event": 12.0, "share": 0.03},
+        {"component": "aiohttp server (HTTP in)", "us_per_event": 120.0, "share": 0.3},
+    ]}}  # fmt: skip
+    section = observability(cost_rows(), profiles)
+    assert section is not None
+    assert section["profiled"] == {"a": {"metrics": 12.0, "opentelemetry": 0.0, "profiled": 400.0}}
+
+
+def test_metrics_target_is_the_median_over_the_closed_loop_levels_of_a() -> None:
+    by_name = {t["target"]: t for t in targets(cost_rows(), None)}
+    metrics = by_name[METRICS_TARGET]
+    assert metrics["measured"] == pytest.approx(1.065)
+    assert metrics["met"] is False
+    assert "median over (a)'s closed-loop levels" in metrics["wanted"]
+    cheap = aggregate(records_for("worker-nometrics", [1.0], 0.2)
+                      + records_for("worker", [1.0], 0.204), {})  # fmt: skip
+    assert {t["target"]: t for t in targets(cheap, None)}[METRICS_TARGET]["met"] is True
+    unmeasured = aggregate(records_for("worker", [1.0], 0.2), {})
+    assert {t["target"]: t for t in targets(unmeasured, None)}[METRICS_TARGET]["met"] is None
+
+
+def test_span_checks_add_up_over_repetitions_and_flag_the_drops() -> None:
+    records = [otel_record(1, 0.3, 100, 100), otel_record(1, 0.3, 100, 60)]
+    records[1]["rep"] = 1
+    (row,) = aggregate(records, {})
+    assert (row["otel_spans"], row["otel_expected"], row["otel_dropped"]) == (160, 200, 40)
+    assert row["otel_dropped_points"] == 1
+    (plain,) = aggregate(records_for("worker", [1.0], 0.2), {})
+    assert "otel_spans" not in plain
+
+
+def test_expected_spans_count_the_event_and_each_api_call() -> None:
+    assert expected_spans("a", 100) == 100
+    assert expected_spans("b", 100) == 200
+    assert span_figures(200, 210) == {"otel_spans": 210, "otel_expected": 200, "otel_dropped": 0}
+    assert span_figures(200, 150)["otel_dropped"] == 50
+
+
+def test_render_prints_the_observability_rows_spans_and_summary() -> None:
+    rows = cost_rows()
+    text = render({
+        "meta": {"mode": "quick", "api_latency_ms": 2.0, "pinning": "off"},
+        "rows": rows, "targets": targets(rows, None), "observability": observability(rows),
+        "skipped": [],
+    })  # fmt: skip
+    assert "biot-worker, metrics off" in text and "biot-worker + OpenTelemetry" in text
+    assert "worker-otel otel spans 3000 of 3000\n" in text
+    assert "worker-otel otel spans 4000 of 5000 (1000 DROPPED" in text
+    assert "(a) c=1         metrics 1.03 (+6 µs)  otel 1.46 (+94 µs)  spans 3000/3000" in text
+    assert "spans 4000/5000 (1000 DROPPED)" in text
+    assert "(b) c=1         metrics - (- µs)  otel 1.20 (+100 µs)" in text
+    assert "(a) median over closed-loop levels: metrics 1.06, otel 1.41" in text
+    assert f"[NOT MET] {METRICS_TARGET}" in text

@@ -52,6 +52,36 @@ def test_tiny_bench_run_writes_the_table_and_the_json(
     assert {t["target"] for t in result["targets"]} >= {"(a) c=1 p50 vs floor"}
 
 
+def test_tiny_bench_run_measures_what_metrics_and_opentelemetry_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args([
+        "bench", "--quick", "--scenarios", "b", "--variants", "worker,worker-nometrics,worker-otel",
+        "--concurrency", "1", "--requests", "30", "--warmup", "10", "--rates", "none",
+        "--no-tls", "--no-profile", "--no-pin", "--no-chart", "--output", str(tmp_path),
+    ])  # fmt: skip
+    assert bench_main(args) == 0
+
+    table = capsys.readouterr().out
+    assert "biot-worker, metrics off" in table and "biot-worker + OpenTelemetry" in table
+    assert "worker-otel otel spans" in table and "DROPPED" not in table
+    assert "observability, CPU per event" in table
+
+    result = orjson.loads((tmp_path / "bench-quick.json").read_bytes())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"worker", "worker-nometrics", "worker-otel"}
+    assert all(row["errors"] + row["incomplete"] == 0 for row in rows.values())
+    otel = rows["worker-otel"]
+    assert otel["otel_expected"] == 2 * (10 + 30)  # a server span and a client span per event
+    assert otel["otel_spans"] >= otel["otel_expected"] and otel["otel_dropped"] == 0
+    assert "otel_spans" not in rows["worker"] and "otel_spans" not in rows["worker-nometrics"]
+    costs = result["observability"]["scenarios"]["b"]["c=1"]
+    assert costs["metrics cpu ratio"] is not None and costs["otel cpu ratio"] is not None
+    assert costs["otel spans dropped"] == 0
+    [metrics] = [t for t in result["targets"] if t["target"].startswith("metrics add")]
+    assert metrics["met"] is None  # (a) was not measured
+
+
 def tiny_e(tmp_path: Path, *extra: str) -> list[str]:
     return [
         "bench", "--quick", "--scenarios", "e", "--variants", "worker,worker-queue",

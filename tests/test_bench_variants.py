@@ -18,6 +18,7 @@ from worker.bench import payloads
 from worker.bench.floor import Floor
 from worker.bench.httpload import Reply
 from worker.bench.lambda_style import make_server
+from worker.bench.procs import child_env, target_env
 from worker.bench.scenarios import build_routes
 from worker.events import event_from_http
 from worker.logs import CapturingLog
@@ -151,3 +152,39 @@ async def test_lambda_style_refuses_a_bad_jwt_as_the_seed_does(
     (reply, *_) = await post_all(lambda_server, "a", events)
     assert reply.status == 400
     assert b"JWT_ERROR" in reply.body
+
+
+IDENTITY = {"serviceUserId": "svc", "serviceUserSecretKey": "secret"}
+
+
+def env_of(variant: str, endpoint: str | None = None) -> dict[str, str]:
+    return target_env(variant, 8080, "http://127.0.0.1:1", IDENTITY, None, None, endpoint)
+
+
+def test_target_env_turns_metrics_off_or_exports_spans_to_the_stand_in_collector() -> None:
+    plain = env_of("worker")
+    assert "WORKER_METRICS" not in plain  # the worker row is the default: metrics on
+    assert not any(name.startswith("OTEL_") for name in plain)
+    off = env_of("worker-nometrics")
+    assert off["WORKER_METRICS"] == "false"
+    assert not any(name.startswith("OTEL_") for name in off)
+    otel = env_of("worker-otel", "http://127.0.0.1:4999")
+    assert otel["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4999"
+    assert otel["OTEL_SERVICE_NAME"] == "biot-bench"
+    assert "WORKER_METRICS" not in otel  # metrics on, as in the worker row it is divided by
+    assert not any(name.startswith("OTEL_BSP_") for name in otel)  # default batch settings
+    assert {k: v for k, v in otel.items() if not k.startswith("OTEL_")} == plain
+    with pytest.raises(ValueError, match="collector"):
+        env_of("worker-otel")
+
+
+def test_no_target_inherits_the_callers_opentelemetry_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.example:4318")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    env = child_env(env_of("worker"))
+    assert not any(name.startswith("OTEL_") for name in env)
+    env = child_env(env_of("worker-otel", "http://127.0.0.1:4999"))
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4999"
+    assert "OTEL_TRACES_EXPORTER" not in env

@@ -13,5 +13,7 @@ loops), :mod:`.procstat` (CPU and RSS from ``/proc``), :mod:`.stats` / :mod:`.re
 :mod:`.table` / :mod:`.chart` (figures, ratios, targets, output), :mod:`.extras` /
 :mod:`.profiles` / :mod:`.worker_proc` (memory trend, cProfile summary), :mod:`.spin` (keeps
 vCPUs out of idle), :mod:`.queue_hook` / :mod:`.redisload` (scenario (e): the worker consuming a
-Redis stream, lean channels publishing to it and reading the replies, the run's stream cleanup).
+Redis stream, lean channels publishing to it and reading the replies, the run's stream cleanup),
+:mod:`.collector` (the stand-in OpenTelemetry collector the ``worker-otel`` rows export to, and
+the span check of their points).
 """

@@ -12,6 +12,8 @@ from typing import Any
 from worker.bench.plan import VARIANTS, heading
 
 PERCENTILES = ("p50", "p90", "p99", "p99.9")
+# One colour per variant in every panel: matplotlib's ten, then two more (there are 12).
+COLORS = (*(f"C{i}" for i in range(10)), "#00ced1", "#b8860b")
 
 
 def available() -> bool:
@@ -57,7 +59,7 @@ def _panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
                 value = row["latency_ms"][name]
                 if value is not None:
                     ax.plot([x], [value], marker=marker, color="black", markersize=5)
-        color = f"C{list(VARIANTS).index(variant) % 10}"  # one colour per variant in every panel
+        color = COLORS[list(VARIANTS).index(variant) % len(COLORS)]
         ax.bar(xs, p50s, width=width * 0.95, label=VARIANTS[variant].title, color=color)
     ax.set_xticks(range(len(levels)), levels)
     ax.set_yscale("log")

@@ -101,10 +101,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     variants = list(args.variants or plan.variants)
     if args.uvloop and importlib.util.find_spec("uvloop") and "worker-uvloop" not in variants:
         variants.append("worker-uvloop")
-    if importlib.util.find_spec("requests") is None and {"docs", "sample"} & set(variants):
-        sys.stderr.write("biot-worker bench: requests is not installed, so the baselines (ii) "
-                         "and (iii) are left out (pip install 'biot-worker[bench]')\n")  # fmt: skip
-        variants = [v for v in variants if v not in ("docs", "sample")]
+    variants = _installed(variants)
     if args.candidate:
         changes["candidate"] = args.candidate
         if "worker-candidate" not in variants:
@@ -121,6 +118,29 @@ def plan_from(args: argparse.Namespace) -> Plan:
     if args.busy_cpus:
         changes["busy_cpus"] = True
     return plan.with_(**changes)
+
+
+def _installed(variants: list[str]) -> list[str]:
+    """``variants`` without those whose optional extra is missing (said on stderr)."""
+    if importlib.util.find_spec("requests") is None and {"docs", "sample"} & set(variants):
+        sys.stderr.write("biot-worker bench: requests is not installed, so the baselines (ii) "
+                         "and (iii) are left out (pip install 'biot-worker[bench]')\n")  # fmt: skip
+        variants = [v for v in variants if v not in ("docs", "sample")]
+    if "worker-otel" in variants and not _otel_installed():
+        sys.stderr.write("biot-worker bench: OpenTelemetry is not installed, so the worker-otel "
+                         "rows are left out (pip install 'biot-worker[otel]')\n")  # fmt: skip
+        variants = [v for v in variants if v != "worker-otel"]
+    return variants
+
+
+def _otel_installed() -> bool:
+    """The otel extra: the SDK the worker exports with, and the protobuf messages the stand-in
+    collector reads."""
+    names = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http", "opentelemetry.proto")
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -160,7 +180,7 @@ async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, 
 
 
 def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) -> dict[str, Any]:
-    from worker.bench.report import aggregate, log_backends, targets
+    from worker.bench.report import aggregate, log_backends, observability, targets
 
     rows = aggregate(raw["points"], raw["samples"])
     memory = raw.get("memory")
@@ -176,11 +196,14 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
             "load_client": "raw asyncio HTTP/1.1 keep-alive (worker.bench.httpload)",
             "cpu_source": "utime+stime of /proc/PID/stat (10 ms ticks)",
             "uvloop": _uvloop_state(plan),
+            "otel": "worker-otel rows export to a stand-in OTLP/HTTP collector on loopback "
+            "(worker.testing.otlp, counting spans), OpenTelemetry's default batch settings",
         },
         "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
         "rows": rows,
         "targets": targets(rows, memory),
         "log_backends": log_backends(rows),
+        "observability": observability(rows, raw.get("profiles")),
         "memory": memory,
         "profiles": raw.get("profiles"),
         "queue": raw.get("queue"),

@@ -57,6 +57,9 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     incomplete: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Every answer of the point, warm-up and drain included (what the target served; the
+    # stand-in collector's span count is checked against it).
+    answered: int = 0
 
 
 class Pool:
@@ -126,6 +129,8 @@ class Window:
         return True
 
     def record(self, started: float, ended: float, error: str | None, lag: float = 0.0) -> None:
+        if error != "connection":
+            self.result.answered += 1
         if self.t0 is None or started < self.t0:
             self.warm += 1
             if self.spec.rate is None and self.warm >= self.spec.warmup_requests:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from worker.bench import procs
+from worker.bench.collector import Collector, expected_spans, span_figures
 from worker.bench.httpload import RequestSource, request_template
 from worker.bench.load import LoadResult, LoadSpec, Pool, closed_loop
 from worker.bench.openloop import open_loop
@@ -48,6 +49,7 @@ class Bench:
         self.pools: dict[str, ChannelPool] = {}
         self.spinners: list[procs.Proc] = []
         self.queue: QueueRun | None = None
+        self.collector: Collector | None = None  # the stand-in OTLP collector (worker-otel)
         self.left_out: list[dict[str, Any]] = []  # scenarios that could not run, and why
         self._sources: dict[tuple[str, str], RequestSource] = {}
         cpus = available_cpus()
@@ -72,6 +74,8 @@ class Bench:
         needs_tls = any(tls for _, tls in self.plan.groups())
         await asyncio.gather(*(self._start_upstream(tls) for tls in {False, needs_tls}))
         names = self.plan.targets()
+        if any(name.startswith("worker-otel@") for name in names):
+            self.collector = await Collector.start(self.run_dir)
         if self.plan.profile_seconds > 0:
             names.append("worker-profile@http")
         self.progress(f"starting {len(names)} targets: {', '.join(names)}")
@@ -111,9 +115,9 @@ class Bench:
         kind = _kind(name)
         source = self.queue.worker_url() if kind == "queue" and self.queue else None
         args = procs.target_args(kind, variant, port, upstream.url, source)
-        env = procs.target_env(
-            variant, port, upstream.url, upstream.identity, upstream.ca, self.plan.candidate
-        )
+        endpoint = self.collector.endpoint if self.collector else None
+        env = procs.target_env(variant, port, upstream.url, upstream.identity, upstream.ca,
+                               self.plan.candidate, endpoint)  # fmt: skip
         if variant == "worker-profile":
             env["BENCH_PROFILE"] = str(self.run_dir / "profile.pstats")
         if kind == "floor" and upstream.ca:
@@ -144,6 +148,8 @@ class Bench:
             pin(proc.pid, {under_test})
         for upstream in self.upstreams.values():
             pin(upstream.proc.pid, {load_side})
+        if self.collector is not None:
+            pin(self.collector.proc.pid, {load_side})
         pin(os.getpid(), {load_side})
 
     async def aclose(self) -> None:
@@ -157,6 +163,9 @@ class Bench:
             *(u.proc for u in self.upstreams.values()),
         ]
         await asyncio.gather(*(procs.stop(p) for p in procs_), return_exceptions=True)
+        collector, self.collector = self.collector, None
+        if collector is not None:  # after the targets, whose last spans go out as they stop
+            await collector.aclose()
         queue, self.queue = self.queue, None
         if queue is not None:  # after the worker stopped: it would recreate a deleted stream
             await queue.close(self.progress)
@@ -221,8 +230,15 @@ class Bench:
             source, spec = await self._fresh_tokens(point, spec)
         else:
             source = self.source(point.scenario, point.target)
+        collector = self.collector if point.variant == "worker-otel" else None
+        before = await collector.count() if collector else 0
         result = await self.run_load(point, source, spec)
-        return point_record(point, result), result.latencies_us
+        record = point_record(point, result)
+        if collector is not None:
+            expected = expected_spans(point.scenario, result.answered)
+            received = await collector.wait_count(before + expected) - before
+            record.update(span_figures(expected, received))
+        return record, result.latencies_us
 
     async def _fresh_tokens(self, point: Point, spec: LoadSpec) -> tuple[RequestSource, LoadSpec]:
         upstream = self.upstreams[point.tls]

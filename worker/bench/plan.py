@@ -53,6 +53,12 @@ VARIANTS: Final = {
     "sample": Variant("sample", "(iii) sample plugin", "lambda"),
     "worker-aiolog": Variant("worker-aiolog", "biot-worker, aiologger", "worker", ("a",)),
     "worker-quiet": Variant("worker-quiet", "biot-worker, no event log", "worker", ("a", "b")),
+    # What observability costs: the worker row counts Prometheus metrics (the default);
+    # these turn them off, or also export OpenTelemetry spans to the run's stand-in collector.
+    "worker-nometrics": Variant(
+        "worker-nometrics", "biot-worker, metrics off", "worker", ("a", "b")
+    ),
+    "worker-otel": Variant("worker-otel", "biot-worker + OpenTelemetry", "worker", ("a", "b")),
     "worker-uvloop": Variant("worker-uvloop", "biot-worker on uvloop", "worker", ("a", "b")),
     "worker-fresh-jwt": Variant("worker-fresh-jwt", "biot-worker, new JWT/event", "worker", ("a",)),
     "worker-queue": Variant("worker-queue", "biot-worker via Redis Streams", "queue", ("e",)),
@@ -60,6 +66,7 @@ VARIANTS: Final = {
     "worker-candidate": Variant("worker-candidate", "biot-worker + candidate", "worker"),
 }
 BASE_VARIANTS: Final = ("floor", "worker", "docs", "sample")
+OBSERVABILITY_VARIANTS: Final = ("worker-nometrics", "worker-otel")
 FRESH_JWT_TOKENS: Final = 2500  # distinct tokens signed for one fresh-JWT point
 
 
@@ -92,7 +99,13 @@ class Plan:
     mode: str = "quick"
     scenarios: tuple[str, ...] = ("a", "b", "c", "d", "e")
     tls_scenarios: tuple[str, ...] = ("b", "c")
-    variants: tuple[str, ...] = (*BASE_VARIANTS, "worker-aiolog", "worker-quiet", "worker-queue")
+    variants: tuple[str, ...] = (
+        *BASE_VARIANTS,
+        "worker-aiolog",
+        "worker-quiet",
+        *OBSERVABILITY_VARIANTS,
+        "worker-queue",
+    )
     concurrency: tuple[int, ...] = (1, 32)
     rates: tuple[float, ...] = (200.0,)
     open_scenarios: tuple[str, ...] = ("b",)
@@ -173,6 +186,7 @@ FULL: Final = Plan(
         *BASE_VARIANTS,
         "worker-aiolog",
         "worker-quiet",
+        *OBSERVABILITY_VARIANTS,
         "worker-fresh-jwt",
         "worker-queue",
     ),

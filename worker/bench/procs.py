@@ -40,8 +40,10 @@ def free_port() -> int:
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment without BioT/worker settings, plus ``extra`` and the repo on the path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BIOT_", "WORKER_", "BENCH_"))}
+    """This environment without BioT/worker/OpenTelemetry settings, plus ``extra`` and the repo
+    on the path (an ``OTEL_*`` variable of the caller's would make every worker row export)."""
+    own = ("BIOT_", "WORKER_", "BENCH_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     env.pop("REQUESTS_CA_BUNDLE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
@@ -142,7 +144,11 @@ def target_env(
     identity: dict[str, Any],
     ca: str | None,
     candidate: str | None = None,
+    otlp_endpoint: str | None = None,
 ) -> dict[str, str]:
+    """The environment of a target: the worker's settings for ``variant``. ``otlp_endpoint``
+    is the run's stand-in collector, which the ``worker-otel`` variant exports its spans to
+    (OpenTelemetry's default batch settings); every other row exports nothing."""
     env = {
         "BIOT_BASE_URL": base_url,
         "BIOT_SERVICE_USER_ID": str(identity["serviceUserId"]),
@@ -160,6 +166,13 @@ def target_env(
         env["BENCH_PRELOAD"] = candidate
     if variant == "worker-uvloop":
         env["BENCH_UVLOOP"] = "1"
+    if variant == "worker-nometrics":
+        env["WORKER_METRICS"] = "false"
+    if variant == "worker-otel":
+        if otlp_endpoint is None:
+            raise ValueError("the worker-otel variant needs the stand-in collector's endpoint")
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
+        env["OTEL_SERVICE_NAME"] = "biot-bench"
     if ca is not None:
         env["WORKER_CA_BUNDLE"] = ca
     return env

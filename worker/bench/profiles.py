@@ -15,6 +15,8 @@ IDLE: Final = "idle (epoll wait)"
 # (component, substrings of the file path), first match wins.
 _BY_PATH: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("worker: JWT check (auth)", ("/worker/auth.py",)),
+    ("worker: metrics", ("/worker/metrics.py", "/prometheus_client/")),
+    ("OpenTelemetry", ("/worker/otel.py", "/opentelemetry/", "/google/protobuf/")),
     ("worker: log", ("/worker/log", "/logging/")),
     ("worker: BioT client", ("/worker/client.py", "/worker/tokens.py", "/worker/tracing.py")),
     ("worker: dispatch, events, responses", ("/worker/",)),

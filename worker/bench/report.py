@@ -6,6 +6,11 @@ the same scenario, transport and load level, so they are same-run ratios: each r
 and the two baselines, and in a scenario with a ``baseline`` variant ((e): the worker over HTTP)
 to that variant too. Scenario (e) rows also carry redis-server's CPU (``cpu_util["redis"]`` and
 ``redis_cpu_us_per_event``), which is not part of the worker's CPU per event.
+
+What observability costs (:func:`observability`): the worker row counts Prometheus metrics (the
+default), ``worker-nometrics`` does not, ``worker-otel`` also exports OpenTelemetry spans to the
+run's stand-in collector; its rows carry the span check (``otel_spans`` received,
+``otel_expected``, ``otel_dropped``: owed but never received, the exporter's queue overflowed).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from worker.bench.load import LoadResult
-from worker.bench.plan import SCENARIOS, Point
+from worker.bench.plan import OBSERVABILITY_VARIANTS, SCENARIOS, Point
 from worker.bench.stats import median, per_event, ratio, summarize
 
 REFERENCES: Final = ("floor", "docs", "sample")
@@ -33,6 +38,13 @@ TARGETS: Final[tuple[tuple[str, Spec, float], ...]] = (
 )
 COMPARED: Final = ("p50", "p99", "cpu", "throughput")
 SATURATED: Final = 0.9
+# Issue 11: metrics add at most 5 % CPU per event in (a), judged on the median over (a)'s
+# closed-loop levels (one level's ratio moves by a few % between runs on these VMs).
+METRICS_SCENARIO: Final = "a"
+METRICS_LIMIT: Final = 1.05
+METRICS_TARGET: Final = "metrics add <= 5 % CPU per event in (a)"
+# The cProfile components (worker.bench.profiles) the observability section reads.
+PROFILED: Final = {"metrics": "worker: metrics", "opentelemetry": "OpenTelemetry"}
 
 
 def _ms(summary: Mapping[str, float | int | None]) -> dict[str, float | None]:
@@ -125,6 +137,21 @@ def _row(
         "bound": bound(util),
         "few_events": any(r["completed"] < max(10, 2 * r["concurrency"]) for r in reps),
         "latency_ms": _ms(summarize(pooled)),
+        **_span_check(reps),
+    }
+
+
+def _span_check(reps: list[Mapping[str, Any]]) -> dict[str, int]:
+    """A ``worker-otel`` row's spans, summed over its repetitions, and in how many of them
+    spans were dropped; nothing for a row that exports none."""
+    checked = [r for r in reps if "otel_spans" in r]
+    if not checked:
+        return {}
+    return {
+        "otel_spans": sum(r["otel_spans"] for r in checked),
+        "otel_expected": sum(r["otel_expected"] for r in checked),
+        "otel_dropped": sum(r["otel_dropped"] for r in checked),
+        "otel_dropped_points": sum(1 for r in checked if r["otel_dropped"] > 0),
     }
 
 
@@ -201,7 +228,99 @@ def targets(rows: list[dict[str, Any]], memory: Mapping[str, Any] | None) -> lis
     flat = None if memory is None else memory.get("flat")
     growth = None if memory is None else memory.get("growth_mb_per_min")
     checks.append(_target("worker RSS flat over 60 s at c=128", "growth < 1 MB/min", growth, flat))
+    checks.append(_metrics_target(rows))
     return checks
+
+
+def _metrics_target(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    value = median(_closed_ratios(rows, METRICS_SCENARIO, "worker", "worker-nometrics"))
+    wanted = (
+        f"worker/worker-nometrics cpu <= {METRICS_LIMIT:g}, median over "
+        f"({METRICS_SCENARIO})'s closed-loop levels"
+    )
+    return _target(METRICS_TARGET, wanted, value, None if value is None else value <= METRICS_LIMIT)
+
+
+def _closed_ratios(
+    rows: list[dict[str, Any]], scenario: str, top: str, bottom: str
+) -> list[float | None]:
+    """``top``/``bottom`` CPU per event at each closed-loop level of ``scenario`` (plain HTTP)."""
+    levels = [
+        r["level"]
+        for r in rows
+        if (r["scenario"], r["tls"], r["variant"], r["rate"]) == (scenario, False, top, None)
+    ]
+    return [_cpu_ratio(rows, scenario, level, top, bottom) for level in levels]
+
+
+def _cpu_ratio(
+    rows: list[dict[str, Any]], scenario: str, level: str, top: str, bottom: str
+) -> float | None:
+    a, b = find(rows, scenario, False, level, top), find(rows, scenario, False, level, bottom)
+    return ratio(figure(a, "cpu"), figure(b, "cpu")) if a and b else None
+
+
+def _cpu_added(
+    rows: list[dict[str, Any]], scenario: str, level: str, top: str, bottom: str
+) -> float | None:
+    """The CPU µs per event ``top`` uses beyond ``bottom`` (negative: less, i.e. noise)."""
+    a, b = find(rows, scenario, False, level, top), find(rows, scenario, False, level, bottom)
+    x, y = (figure(a, "cpu"), figure(b, "cpu")) if a and b else (None, None)
+    return None if x is None or y is None else x - y
+
+
+def observability(
+    rows: list[dict[str, Any]], profiles: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """What metrics and OpenTelemetry add to the worker's CPU per event, per scenario and level
+    (plain HTTP API): ``metrics cpu ratio`` = worker / worker-nometrics, ``otel cpu ratio`` =
+    worker-otel / worker, each with the µs per event it adds, and the span check; per scenario
+    the median ratio over the closed-loop levels; under ``profiled``, the µs per event the
+    cProfile'd worker (metrics on, OpenTelemetry off) spent in each. ``None`` (a figure) when
+    a row is missing; ``None`` (the section) when neither variant was measured."""
+    scenarios: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if not row["tls"] and row["variant"] in OBSERVABILITY_VARIANTS:
+            levels = scenarios.setdefault(row["scenario"], {})
+            if row["level"] not in levels:
+                levels[row["level"]] = _costs(rows, row["scenario"], row["level"])
+    if not scenarios:
+        return None
+    summary = {
+        scenario: {
+            "metrics cpu ratio": median(_closed_ratios(rows, scenario, "worker",
+                                                       "worker-nometrics")),
+            "otel cpu ratio": median(_closed_ratios(rows, scenario, "worker-otel", "worker")),
+        }
+        for scenario in scenarios
+    }  # fmt: skip
+    return {"scenarios": scenarios, "summary": summary, "profiled": _profiled(profiles)}
+
+
+def _costs(rows: list[dict[str, Any]], scenario: str, level: str) -> dict[str, Any]:
+    otel = find(rows, scenario, False, level, "worker-otel") or {}
+    return {
+        "metrics cpu ratio": _cpu_ratio(rows, scenario, level, "worker", "worker-nometrics"),
+        "metrics cpu µs/event": _cpu_added(rows, scenario, level, "worker", "worker-nometrics"),
+        "otel cpu ratio": _cpu_ratio(rows, scenario, level, "worker-otel", "worker"),
+        "otel cpu µs/event": _cpu_added(rows, scenario, level, "worker-otel", "worker"),
+        "otel spans": otel.get("otel_spans"),
+        "otel spans expected": otel.get("otel_expected"),
+        "otel spans dropped": otel.get("otel_dropped"),
+    }
+
+
+def _profiled(profiles: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """Per profiled scenario, the µs per event (under cProfile, so inflated) of the metrics
+    and of OpenTelemetry's code in the worker as it runs by default (0: none ran)."""
+    if not profiles:
+        return None
+    found: dict[str, dict[str, float]] = {}
+    for scenario, profile in profiles.items():
+        spent = {c["component"]: c["us_per_event"] for c in profile["components"]}
+        found[scenario] = {key: spent.get(name, 0.0) for key, name in PROFILED.items()}
+        found[scenario]["profiled"] = profile["profiled_us_per_event"]
+    return found
 
 
 def log_backends(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -238,4 +357,12 @@ def describe(record: Mapping[str, Any]) -> str:
         f"({record['scenario']}{' https' if record['tls'] else ''}) {record['level']:<10} "
         f"{record['variant']:<16} {record['throughput']:8.0f} ev/s  p50 {p50} ms  p99 {p99} ms  "
         f"cpu {'-' if cpu is None else f'{cpu:.0f}'} µs/ev  errors {record['errors_total']}"
+        + (f"  {spans_text(record)}" if "otel_spans" in record else "")
     )
+
+
+def spans_text(figures: Mapping[str, Any]) -> str:
+    """``otel spans 600 of 600``, and how many were dropped when some were."""
+    text = f"otel spans {figures['otel_spans']} of {figures['otel_expected']}"
+    dropped = figures["otel_dropped"]
+    return text + (f" ({dropped} DROPPED: the exporter's queue overflowed)" if dropped else "")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.bench.plan import VARIANTS, heading
-from worker.bench.report import references
+from worker.bench.report import references, spans_text
 
 _REF_NAMES = {"floor": "floor", "docs": "(ii)", "sample": "(iii)", "worker": "HTTP"}
 _HEAD = (
@@ -86,8 +86,11 @@ def render(result: Mapping[str, Any]) -> str:
             lines.append(format_row(row))
             if row.get("ratios"):
                 lines.append(format_ratios(row))
+            if "otel_spans" in row:
+                lines.append(f"{'':<11}  {row['variant']} {spans_text(row)}")
     lines += _targets(result.get("targets") or [])
     lines += _log_backends(result.get("log_backends"))
+    lines += _observability(result.get("observability"))
     lines += _memory(result.get("memory"))
     lines += _profiles(result.get("profiles") or {})
     lines += ["", f"uvloop: {meta.get('uvloop', '-')}"]
@@ -106,7 +109,7 @@ def _queue(section: Mapping[str, Any] | None) -> list[str]:
 
 
 def _targets(targets: list[Mapping[str, Any]]) -> list[str]:
-    lines = ["", "targets (issue 5):"]
+    lines = ["", "targets (issues 5 and 11):"]
     for t in targets:
         state = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t["met"]]
         lines.append(f"  [{state}] {t['target']}: {t['wanted']}; measured {_num(t['measured'], 2)}")
@@ -122,6 +125,44 @@ def _log_backends(section: Mapping[str, Any] | None) -> list[str]:
         lines.append(f"  {level:<10} {shown}")
     lines.append(f"  verdict: {section['verdict']}")
     return lines
+
+
+def _observability(section: Mapping[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    lines = [
+        "",
+        "observability, CPU per event: metrics = worker (metrics on) ÷ worker-nometrics, "
+        "otel = worker-otel ÷ worker (+ the µs/event each adds)",
+    ]
+    for scenario, levels in section["scenarios"].items():
+        for level, c in levels.items():
+            spans = ""
+            if c["otel spans"] is not None:
+                spans = f"  spans {c['otel spans']}/{c['otel spans expected']}" + (
+                    f" ({c['otel spans dropped']} DROPPED)" if c["otel spans dropped"] else ""
+                )
+            lines.append(
+                f"  ({scenario}) {level:<11} metrics {_num(c['metrics cpu ratio'], 2)} "
+                f"({_signed(c['metrics cpu µs/event'])} µs)  otel {_num(c['otel cpu ratio'], 2)} "
+                f"({_signed(c['otel cpu µs/event'])} µs){spans}"
+            )
+    for scenario, s in section["summary"].items():
+        lines.append(
+            f"  ({scenario}) median over closed-loop levels: metrics "
+            f"{_num(s['metrics cpu ratio'], 2)}, otel {_num(s['otel cpu ratio'], 2)}"
+        )
+    for scenario, p in (section.get("profiled") or {}).items():
+        lines.append(
+            f"  profile ({scenario}), worker with metrics on and OpenTelemetry off: metrics "
+            f"{_num(p['metrics'], 1)} µs/event, OpenTelemetry {_num(p['opentelemetry'], 1)} µs of "
+            f"{_num(p['profiled'])} (under cProfile)"
+        )
+    return lines
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.0f}"
 
 
 def _memory(section: Mapping[str, Any] | None) -> list[str]:
