@@ -82,6 +82,26 @@ def test_tiny_bench_run_measures_what_metrics_and_opentelemetry_cost(
     assert metrics["met"] is None  # (a) was not measured
 
 
+def test_fresh_processes_serve_each_repetition_from_new_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args([
+        "bench", "--quick", "--scenarios", "a", "--variants", "worker,worker-nometrics",
+        "--concurrency", "1", "--requests", "30", "--warmup", "10", "--rates", "none",
+        "--reps", "2", "--fresh-processes", "--no-tls", "--no-profile", "--no-pin", "--no-chart",
+        "--output", str(tmp_path),
+    ])  # fmt: skip
+    assert bench_main(args) == 0
+
+    progress = capsys.readouterr().err
+    [restart] = [line for line in progress.splitlines() if "fresh processes" in line]
+    assert "worker@http" in restart and "worker-nometrics@http" in restart
+    result = orjson.loads((tmp_path / "bench-quick.json").read_bytes())
+    assert result["plan"]["fresh_processes"] is True
+    for row in result["rows"]:
+        assert (row["reps"], row["n"], row["errors"], row["incomplete"]) == (2, 60, 0, 0)
+
+
 def tiny_e(tmp_path: Path, *extra: str) -> list[str]:
     return [
         "bench", "--quick", "--scenarios", "e", "--variants", "worker,worker-queue",

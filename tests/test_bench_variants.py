@@ -18,7 +18,7 @@ from worker.bench import payloads
 from worker.bench.floor import Floor
 from worker.bench.httpload import Reply
 from worker.bench.lambda_style import make_server
-from worker.bench.procs import child_env, target_env
+from worker.bench.procs import child_env, target_args, target_env
 from worker.bench.scenarios import build_routes
 from worker.events import event_from_http
 from worker.logs import CapturingLog
@@ -188,3 +188,11 @@ def test_no_target_inherits_the_callers_opentelemetry_settings(
     env = child_env(env_of("worker-otel", "http://127.0.0.1:4999"))
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4999"
     assert "OTEL_TRACES_EXPORTER" not in env
+
+
+def test_the_observability_variants_start_as_the_worker_row_does() -> None:
+    assert target_args("worker", "worker", 1, "http://x") == ["worker", "run"]
+    for variant in ("worker-nometrics", "worker-otel"):
+        assert target_args("worker", variant, 1, "http://x") == ["worker", "run"]
+    for variant in ("worker-quiet", "worker-uvloop", "worker-candidate"):  # bench-only switches
+        assert target_args("worker", variant, 1, "http://x") == ["worker.bench.worker_proc", "run"]

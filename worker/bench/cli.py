@@ -74,6 +74,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
     add(
+        "--fresh-processes",
+        action="store_true",
+        help="start new target processes (HTTP) at each repetition: two processes of the same "
+        "code were seen 15-20 %% apart in CPU per event here, so a small difference (what "
+        "metrics cost) needs several processes per variant (with --reps)",
+    )
+    add(
         "--busy-cpus",
         action="store_true",
         help="keep both vCPUs out of idle with SCHED_IDLE spinners, removing this VM's 2-5 ms "
@@ -117,6 +124,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         changes["pin"] = False
     if args.busy_cpus:
         changes["busy_cpus"] = True
+    if args.fresh_processes:
+        changes["fresh_processes"] = True
     return plan.with_(**changes)
 
 

@@ -252,6 +252,18 @@ class Bench:
         spec = LoadSpec(**{**_fields(spec), "max_requests": min(spec.max_requests, budget)})
         return self.source(point.scenario, point.target, events), spec
 
+    async def restart_targets(self) -> None:
+        """New processes for the targets served over HTTP (``--fresh-processes``), so that each
+        repetition measures other processes; the profiled worker and queue targets stay."""
+        names = [n for n in self.targets if _kind(n) != "queue" and "-profile@" not in n]
+        self.progress(f"fresh processes for the next repetition: {', '.join(names)}")
+        for name in names:
+            self.pools.pop(name).close()
+            self._sources = {key: s for key, s in self._sources.items() if key[1] != name}
+            await procs.stop(self.targets.pop(name))
+        await asyncio.gather(*(self._start_target(name) for name in names))
+        self._pin_all()
+
     async def settle(self, limit: float = 30.0) -> float:
         """Wait until no process under test or upstream uses CPU (a 100 ms window without a
         clock tick), so a slow target's backlog does not spill into the next point."""
@@ -274,7 +286,11 @@ class Bench:
         samples: dict[str, list[float]] = {}
         skipped: list[dict[str, Any]] = list(self.left_out)
         peaks: dict[tuple[int, str, bool, str], float] = {}
+        rep = 0
         for index, point in enumerate(points, 1):
+            if self.plan.fresh_processes and point.rep != rep:
+                rep = point.rep
+                await self.restart_targets()
             peak_key = (point.rep, point.scenario, point.tls, point.variant)
             peak = peaks.get(peak_key)
             if _unsustainable(point, peak, self.plan.open_headroom):
@@ -407,6 +423,7 @@ async def profile_scenario(bench: Bench, scenario: str) -> dict[str, Any]:
     await asyncio.to_thread(path.replace, kept)
     summary = await asyncio.to_thread(summarize_profile, str(kept), result.completed)
     summary["throughput_under_profiler"] = point_record(point, result)["throughput"]
+    summary["concurrency"] = PROFILE_CONCURRENCY
     return summary
 
 

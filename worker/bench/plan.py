@@ -124,6 +124,9 @@ class Plan:
     memory_seconds: float = 0.0  # 0: no memory check
     pin: bool = True
     busy_cpus: bool = False  # SCHED_IDLE spinners keep the vCPUs out of idle
+    # New target processes at each repetition: one process's CPU per event can sit 15-20 %
+    # off another's of the same code, and only more processes average that out.
+    fresh_processes: bool = False
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
     redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)

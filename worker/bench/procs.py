@@ -133,8 +133,10 @@ def target_args(
     if variant_kind == "queue":
         assert source is not None, "a queue target needs its source URL"
         return ["worker", "run", "--source", source]
-    module = "worker.bench.worker_proc" if variant != "worker" else "worker"
-    return [module, "run"]
+    # The observability variants differ from the worker row by their environment alone, so
+    # they start as it does (worker_proc is for the variants that need its bench-only switches).
+    same = variant in ("worker", "worker-nometrics", "worker-otel")
+    return ["worker" if same else "worker.bench.worker_proc", "run"]
 
 
 def target_env(

@@ -183,7 +183,7 @@ def _profiles(profiles: Mapping[str, Any]) -> list[str]:
         lines += [
             "",
             f"profile ({scenario}): {_num(p['profiled_us_per_event'])} µs of main-thread CPU per "
-            f"event under cProfile ({p['events']} events, c=8)",
+            f"event under cProfile ({p['events']} events, c={p.get('concurrency', 8)})",
         ]
         lines += [
             f"  {c['share']:>5.0%} {_num(c['us_per_event']):>6} µs  {c['component']}"
