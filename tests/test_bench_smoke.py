@@ -78,6 +78,8 @@ def test_tiny_bench_run_measures_what_metrics_and_opentelemetry_cost(
     costs = result["observability"]["scenarios"]["b"]["c=1"]
     assert costs["metrics cpu ratio"] is not None and costs["otel cpu ratio"] is not None
     assert costs["otel spans dropped"] == 0
+    assert result["observability"]["processes_per_variant"] == 1
+    assert "from 1 process(es) per variant" in table
     [metrics] = [t for t in result["targets"] if t["target"].startswith("metrics add")]
     assert metrics["met"] is None  # (a) was not measured
 
@@ -98,6 +100,7 @@ def test_fresh_processes_serve_each_repetition_from_new_targets(
     assert "worker@http" in restart and "worker-nometrics@http" in restart
     result = orjson.loads((tmp_path / "bench-quick.json").read_bytes())
     assert result["plan"]["fresh_processes"] is True
+    assert result["observability"]["processes_per_variant"] == 2
     for row in result["rows"]:
         assert (row["reps"], row["n"], row["errors"], row["incomplete"]) == (2, 60, 0, 0)
 

@@ -189,7 +189,7 @@ async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, 
 
 
 def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) -> dict[str, Any]:
-    from worker.bench.report import aggregate, log_backends, observability, targets
+    from worker.bench.report import aggregate, log_backends, targets
 
     rows = aggregate(raw["points"], raw["samples"])
     memory = raw.get("memory")
@@ -212,13 +212,24 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
         "rows": rows,
         "targets": targets(rows, memory),
         "log_backends": log_backends(rows),
-        "observability": observability(rows, raw.get("profiles")),
+        "observability": _observability(plan, rows, raw.get("profiles")),
         "memory": memory,
         "profiles": raw.get("profiles"),
         "queue": raw.get("queue"),
         "skipped": raw.get("skipped", []),
         "points": raw["points"],
     }
+
+
+def _observability(
+    plan: Plan, rows: list[dict[str, Any]], profiles: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    from worker.bench.report import observability
+
+    section = observability(rows, profiles)
+    if section is not None:  # how many processes each variant's figures come from
+        section["processes_per_variant"] = plan.reps if plan.fresh_processes else 1
+    return section
 
 
 def _uvloop_state(plan: Plan) -> str:

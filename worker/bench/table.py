@@ -152,6 +152,13 @@ def _observability(section: Mapping[str, Any] | None) -> list[str]:
             f"  ({scenario}) median over closed-loop levels: metrics "
             f"{_num(s['metrics cpu ratio'], 2)}, otel {_num(s['otel cpu ratio'], 2)}"
         )
+    processes = section.get("processes_per_variant")
+    if processes is not None:
+        lines.append(
+            f"  from {processes} process(es) per variant: two processes of the same code were "
+            "measured 15-20 % apart here, so one process's ratio within ±0.2 of 1 is noise "
+            "(--fresh-processes --reps 10 for a small difference)"
+        )
     for scenario, p in (section.get("profiled") or {}).items():
         lines.append(
             f"  profile ({scenario}), worker with metrics on and OpenTelemetry off: metrics "
