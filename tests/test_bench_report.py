@@ -212,11 +212,28 @@ def test_plans_measure_metrics_off_and_opentelemetry_in_a_and_b_interleaved() ->
                     if p.variant in ("worker-nometrics", "worker-otel")}  # fmt: skip
         assert measured == {("a", False), ("b", False)}
         assert {"worker-nometrics@http", "worker-otel@http", "worker@http"} <= set(plan.targets())
-    plan = QUICK.with_(scenarios=("a",), concurrency=(1,), reps=3)
+    plan = QUICK.with_(scenarios=("a",), concurrency=(1,), reps=3, paired_reps=0)
     orders = [[p.variant for p in plan.points() if p.rep == rep] for rep in range(3)]
     assert all(set(order) >= {"worker", "worker-nometrics", "worker-otel"} for order in orders)
     assert orders[0] != orders[1] != orders[2]  # the same variants, rotated per repetition
     assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
+
+
+def test_the_metrics_pair_is_measured_again_side_by_side_after_the_repetitions() -> None:
+    plan = QUICK.with_(scenarios=("a", "b"), concurrency=(1, 32), reps=1, paired_reps=3)
+    points = list(plan.points())
+    main = [p for p in points if p.rep == 0][: -3 * 2 * 2]
+    extra = points[len(main) :]
+    assert [(p.scenario, p.tls, p.variant, p.concurrency) for p in extra] == [
+        ("a", False, variant, level)
+        for pair in (("worker", "worker-nometrics"), ("worker-nometrics", "worker"),
+                     ("worker", "worker-nometrics"))
+        for level in (1, 32)
+        for variant in pair
+    ]  # fmt: skip
+    assert {p.rep for p in extra} == {0}  # the last repetition's processes: no restart
+    without = QUICK.with_(variants=("floor", "worker"), paired_reps=3)
+    assert not [p for p in without.points() if p.variant == "worker-nometrics"]
 
 
 def otel_record(concurrency: int, cpu: float, expected: int, received: int) -> dict[str, Any]:

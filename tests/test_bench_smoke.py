@@ -90,7 +90,8 @@ def test_fresh_processes_serve_each_repetition_from_new_targets(
     args = build_parser().parse_args([
         "bench", "--quick", "--scenarios", "a", "--variants", "worker,worker-nometrics",
         "--concurrency", "1", "--requests", "30", "--warmup", "10", "--rates", "none",
-        "--reps", "2", "--fresh-processes", "--no-tls", "--no-profile", "--no-pin", "--no-chart",
+        "--reps", "2", "--paired-reps", "0", "--fresh-processes", "--no-tls", "--no-profile",
+        "--no-pin", "--no-chart",
         "--output", str(tmp_path),
     ])  # fmt: skip
     assert bench_main(args) == 0

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from worker.bench.procstat import parse_stat, read_stat, thread_ids
+from worker.bench.procstat import cpu_seconds, parse_stat, read_stat, thread_ids
 from worker.bench.stats import median, per_event, percentile, ratio, slope, summarize
 
 
@@ -106,3 +106,14 @@ def test_read_stat_of_this_process() -> None:
     assert os.getpid() in thread_ids(os.getpid())
     with pytest.raises(FileNotFoundError):
         read_stat(2**22 + 12345)  # above pid_max's default: never a live process
+
+
+def test_cpu_seconds_reads_the_process_clock_to_below_a_tick() -> None:
+    here = os.getpid()
+    first = cpu_seconds(here)
+    while (second := cpu_seconds(here)) == first:  # bounded: this loop itself uses CPU
+        pass
+    assert 0 < second - first < 0.01  # finer than /proc/PID/stat's 10 ms ticks
+    assert abs(second - read_stat(here).cpu_seconds) < 0.05
+    with pytest.raises(FileNotFoundError):
+        cpu_seconds(2**22 + 12345)  # above pid_max's default: never a live process

@@ -59,6 +59,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(e) is reported as skipped when it cannot be reached",
     )
     add("--reps", type=int, help="interleaved repetitions")
+    add(
+        "--paired-reps",
+        type=int,
+        help="extra adjacent measurements of worker and worker-nometrics in (a) at each "
+        "closed-loop level, after the repetitions, for the metrics' cost [4]",
+    )
     add("--requests", type=int, help="most events measured per point")
     add("--seconds", type=float, help="most seconds measured per point")
     add("--warmup", type=int, help="events excluded at the start of each point (at least 2c)")
@@ -101,7 +107,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         ("open_scenarios", "open_scenarios"), ("reps", "reps"), ("requests", "max_requests"),
         ("seconds", "max_seconds"), ("warmup", "warmup_requests"),
         ("api_latency", "api_latency"), ("memory_seconds", "memory_seconds"),
-        ("redis", "redis_url"),
+        ("redis", "redis_url"), ("paired_reps", "paired_reps"),
     ):  # fmt: skip
         if getattr(args, name, None) is not None:
             changes[field] = getattr(args, name)

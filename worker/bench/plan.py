@@ -127,6 +127,9 @@ class Plan:
     # New target processes at each repetition: one process's CPU per event can sit 15-20 %
     # off another's of the same code, and only more processes average that out.
     fresh_processes: bool = False
+    # More adjacent measurements of worker and worker-nometrics in (a), after the repetitions:
+    # the metrics' cost (a few µs) is read from their medians, which one pair cannot resolve.
+    paired_reps: int = 4
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
     redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)
@@ -168,6 +171,19 @@ class Plan:
                 for concurrency, rate in self.levels_for(scenario):
                     for variant in order:
                         yield Point(rep, scenario, tls, variant, concurrency, rate)
+        yield from self._paired_points()
+
+    def _paired_points(self) -> Iterator[Point]:
+        pair = ["worker", "worker-nometrics"]
+        if "a" not in self.scenarios or not set(pair) <= set(self.variants_for("a")):
+            return
+        for extra in range(self.paired_reps):
+            order = pair[extra % 2 :] + pair[: extra % 2]
+            for concurrency, rate in self.levels_for("a"):
+                if rate is None:
+                    for variant in order:
+                        # In the last repetition's processes (no restart for them).
+                        yield Point(self.reps - 1, "a", False, variant, concurrency, None)
 
     def targets(self) -> list[str]:
         """Every process the points need, e.g. ``worker@http``."""

@@ -1,15 +1,18 @@
 """What the OS says about a process: CPU time, resident memory, CPU pinning.
 
-CPU time is ``utime + stime`` of ``/proc/PID/stat`` (every thread of the process, including
-threads that have exited), in clock ticks (``SC_CLK_TCK``, 100 a second on Linux, so a reading
-is good to 10 ms: measure windows of at least a few hundred milliseconds of CPU). Reads of
-``/proc`` never wait on a disk, so they are safe to call from the event loop.
+CPU time is the process's CPU-time clock (every thread of the process, including threads that
+have exited), read to the nanosecond with ``clock_gettime`` on the clock id Linux gives another
+process (``clock_getcpuclockid``); where that is refused, ``utime + stime`` of
+``/proc/PID/stat``, in clock ticks (``SC_CLK_TCK``, 100 a second, so good to 10 ms only: a
+quick point's 0.3 s of CPU would be off by up to 3 %). Neither read waits on a disk, so both are
+safe to call from the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,18 @@ def read_stat(pid: int) -> ProcStat:
 
 
 def cpu_seconds(pid: int) -> float:
-    return read_stat(pid).cpu_seconds
+    """The CPU seconds ``pid`` has used, to the nanosecond where the kernel lets us read its
+    CPU-time clock; ``FileNotFoundError`` when it is gone (as :func:`read_stat`)."""
+    try:
+        return time.clock_gettime(process_cpu_clock(pid))
+    except OSError:
+        return read_stat(pid).cpu_seconds  # refused (or gone: then this raises)
+
+
+def process_cpu_clock(pid: int) -> int:
+    """The clock id of ``pid``'s CPU time, as glibc's ``clock_getcpuclockid`` makes it
+    (``CPUCLOCK_SCHED`` of the whole process: ``(~pid << 3) | 2``)."""
+    return ((~pid) << 3) | 2
 
 
 def rss_bytes(pid: int) -> int:
