@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import os
 import signal
 import sys
@@ -567,6 +568,22 @@ async def test_flush_exports_what_has_ended_and_headers_go_to_the_collector_only
     assert receiver.headers[0]["content-encoding"] == "gzip"
     assert "s3cr" not in repr(log.records)
     assert log.find("an entry is not key=value; left out", entry=2)
+
+
+async def test_a_malformed_header_never_reaches_any_log_with_its_value(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The SDK parses os.environ's headers itself and its own warning quotes the entry.
+    bad = "x-api-key:supers3cret111"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", bad)
+    log = CapturingLog()
+    with caplog.at_level(logging.DEBUG):
+        async with spans_of(receiver, log, OTEL_EXPORTER_OTLP_HEADERS=bad) as spans:
+            spans.event("NONSPECIFIC", new_trace()).finish(200)
+            await spans.flush()
+    assert len(receiver.spans) == 1
+    assert "supers3cret111" not in caplog.text and "supers3cret111" not in repr(log.records)
+    assert log.find("an entry is not key=value; left out", entry=1)
 
 
 async def test_a_failing_collector_is_one_warning_per_flush(receiver: OtlpReceiver) -> None:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -457,6 +458,24 @@ class _KeptTraceIds(RandomIdGenerator):
         return super().generate_trace_id() if kept is None else kept
 
 
+#: The SDK's loggers whose lines the worker keeps out of its log: the header parser quotes a
+#: malformed ``OTEL_EXPORTER_OTLP_HEADERS`` entry, secret and all (our own parser says which
+#: entry without its value), and the exporter writes a warning for each retry of a batch (its
+#: error line when the batch is given up stays).
+_SDK_HEADER_LOGGER: Final = "opentelemetry.util.re"
+_SDK_RETRY_LOGGERS: Final = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.common.http",
+)
+
+
+def _quiet_sdk_logs() -> None:
+    """Keep secrets and per-retry noise of the SDK out of the log (process-wide, idempotent)."""
+    logging.getLogger(_SDK_HEADER_LOGGER).setLevel(logging.CRITICAL)
+    for name in _SDK_RETRY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _remote(parent: TraceContext, remote: bool) -> Context:
     """An SDK context whose current span is ``parent`` (BioT's, or our event's)."""
     flags = TraceFlags(int(parent.flags, 16))
@@ -537,6 +556,7 @@ class OtelSpans:
     def _start(self) -> None:
         env, log = self._env, self._log
         _check_protocol(env, log)
+        _quiet_sdk_logs()
         exporter = OTLPSpanExporter(
             endpoint=self.endpoint,
             certificate_file=_otlp(env, "CERTIFICATE"),
