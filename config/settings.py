@@ -501,6 +501,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = 
     source = {**env, **(overrides or {})}
     problems: list[str] = []
     values = {s.variable: _read(s, source, problems) for s in SETTINGS}
+    problems += _otlp_endpoint_problems(source)
     if problems:
         raise SettingsError(problems)
     changes = {f"{s.section}_{s.field}": _with_fallback(s, values) for s in SETTINGS}
@@ -508,6 +509,25 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, str] | None = 
     # OpenTelemetry's own variables, kept as given for its SDK (see WorkerSettings.otel).
     kept["worker_otel"] = tuple(sorted((k, v) for k, v in source.items() if k.startswith("OTEL_")))
     return replace_settings(Settings(), **kept)
+
+
+_OTLP_ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def _otlp_endpoint_problems(source: Mapping[str, str]) -> list[str]:
+    """An OTLP endpoint that is set must be an http(s) URL: without a scheme every export
+    would fail, each with an error line, while the worker looked configured."""
+    problems = []
+    for variable in _OTLP_ENDPOINTS:
+        value = (source.get(variable) or "").strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(
+                    f"{variable}: not an http(s) URL: {_without_password(value)!r} "
+                    "(e.g. http://127.0.0.1:4318)"
+                )
+    return problems
 
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:

@@ -21,10 +21,11 @@ import pytest
 
 from config.settings import Settings
 from tests.conftest import settings_for
-from worker.adapters.queue import Source, consume
+from worker.adapters.queue import Refuse, Source, consume
 from worker.dispatch import Outcome
 from worker.errors import AuthError, TransientApiError, WorkerError
 from worker.events import Event
+from worker.logs import Log
 from worker.responses import Response
 from worker.tracing import current_trace_id
 
@@ -171,16 +172,20 @@ async def serving(
     source: Source,
     handle: Handle,
     settings: Settings | None = None,
-    log: FakeLog | None = None,
+    log: Log | None = None,
+    refuse: Refuse | None = None,
 ) -> AsyncIterator[asyncio.Event]:
     """``source`` entered and consumed in a task (with ``settings``, default
-    :func:`queue_settings`, logging to ``log``); leaving sets ``stop`` and waits (bounded) for
-    the drain, then closes the source."""
+    :func:`queue_settings`, logging to ``log``, messages that never became events answered by
+    ``refuse``); leaving sets ``stop`` and waits (bounded) for the drain, then closes the
+    source."""
     stop = asyncio.Event()
     settings = settings or queue_settings()
     async with source:
         task = asyncio.create_task(
-            consume(source, handle, settings=settings, stop=stop, log=log or FakeLog())
+            consume(
+                source, handle, settings=settings, stop=stop, log=log or FakeLog(), refuse=refuse
+            )
         )
         try:
             yield stop

@@ -625,6 +625,9 @@ def test_config_says_whether_spans_are_exported_and_hides_otlp_headers() -> None
     )
     assert done.returncode == 0, done.stderr
     assert "opentelemetry: spans exported over OTLP/HTTP" in done.stdout
-    assert "  OTEL_EXPORTER_OTLP_HEADERS  (set, hidden)" in done.stdout
+    assert "  OTEL_EXPORTER_OTLP_HEADERS   (set, hidden)" in done.stdout
     assert "  OTEL_EXPORTER_OTLP_ENDPOINT  http://collector:***@127.0.0.1:4318" in done.stdout
     assert "k3y-never-printed" not in done.stdout and "pw0rd" not in done.stdout
+    done = worker("config", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+                  OTEL_SDK_DISABLED="true")  # fmt: skip
+    assert "opentelemetry: off (OTEL_SDK_DISABLED=true)" in done.stdout

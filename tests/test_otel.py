@@ -357,6 +357,49 @@ async def test_a_queue_event_is_a_consumer_span(receiver: OtlpReceiver) -> None:
     assert {c.span_id for c in calls} == api_saw
 
 
+async def test_a_queue_message_refused_before_dispatch_is_a_consumer_span_too(
+    receiver: OtlpReceiver,
+) -> None:
+    header, trace_id, biot_span = traceparent("00")
+    async with worker_box(routes(), **otel_env(receiver)) as box:
+        source = MemorySource(log=box.log)
+        headers = {"traceparent": header, "hooktype": "NOTIFICATION"}
+        unreadable = {"headers": headers, "body": "!!", "isBase64Encoded": True}
+        async with serving(source, box.app.dispatcher.handle, box.app.settings, box.log,
+                           refuse=box.app.dispatcher.refuse):  # fmt: skip
+            await source.publish(unreadable)
+            (consumer,) = await traced(receiver, trace_id, 1)
+            async with asyncio.timeout(WAIT):
+                await source.settled()
+        lines = [r for r in box.log.records if r["message"] == "event dead-lettered"]
+
+    assert consumer.kind == "CONSUMER" and consumer.parent_span_id == biot_span
+    assert consumer.attributes["error.type"] == "NO_EVENT"
+    assert consumer.attributes["biot.response.status_code"] == 400
+    assert "messaging.message.id" in consumer.attributes  # the memory source's refs are ""
+    # The dead letter's line carries the message's trace and its event's span.
+    assert [(r["traceId"], r.get("spanId")) for r in lines] == [(trace_id, consumer.span_id)]
+
+
+async def test_an_event_the_http_adapter_refuses_is_a_server_span_too(
+    receiver: OtlpReceiver,
+) -> None:
+    header, trace_id, biot_span = traceparent()
+    env = otel_env(receiver, WORKER_MAX_BODY_BYTES="64")
+    async with worker_box(routes(), **env) as box:
+        response = await box.send(notification_event(keys=box.signer, traceparent=header))
+        assert response.status == 413
+        (server,) = await traced(receiver, trace_id, 1)
+        lines = [r for r in box.log.records if r["message"] == "event refused"]
+
+    assert server.kind == "SERVER" and server.parent_span_id == biot_span
+    assert server.attributes["http.response.status_code"] == 413
+    assert server.attributes["error.type"] == "PAYLOAD_TOO_LARGE"
+    assert server.status_code == "UNSET"  # a 4xx: the caller's doing
+    assert response.headers["traceparent"] == f"00-{trace_id}-{server.span_id}-01"
+    assert [(r["traceId"], r.get("spanId")) for r in lines] == [(trace_id, server.span_id)]
+
+
 # ---------------------------------------------------------------- 2. errors mark the spans
 
 
@@ -398,7 +441,7 @@ async def test_a_deadline_marks_the_event_and_the_call_it_cut(receiver: OtlpRece
     assert call.parent_span_id == server.span_id
     assert {call.span_id} == api_saw
     assert call.status_code == "ERROR"
-    assert call.attributes["error.type"] == "asyncio.exceptions.CancelledError"
+    assert call.attributes["error.type"] == "DEADLINE_EXCEEDED"  # not a bare CancelledError
     assert "http.response.status_code" not in call.attributes  # no answer came
 
 

@@ -252,7 +252,9 @@ async def test_rabbit_info_names_the_queue_and_lag_needs_a_live_link(
 ) -> None:
     harness = rabbit_harness(rabbit_made)
     source = rabbit_source(harness)
-    assert observable(source).info == QueueInfo("rabbitmq", harness.queue)
+    assert observable(source).info == QueueInfo(
+        "rabbitmq", harness.queue, ref_attribute="messaging.rabbitmq.message.delivery_tag"
+    )
     assert await source.lag() is None  # no link: nothing is opened for it
     async with source:
         assert await source.lag() == 0

@@ -271,3 +271,11 @@ def test_metrics_are_on_unless_switched_off() -> None:
     assert not load_settings({"WORKER_METRICS": "false"}).worker.metrics
     with pytest.raises(SettingsError, match="WORKER_METRICS"):
         load_settings({"WORKER_METRICS": "maybe"})
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:4318", "notaurl", "ftp://collector:21"])
+def test_an_otlp_endpoint_without_http_is_refused_at_start(endpoint: str) -> None:
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        with pytest.raises(SettingsError, match=f"{variable}: not an http\\(s\\) URL"):
+            load_settings({variable: endpoint})
+    assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example:4318"})

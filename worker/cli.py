@@ -398,7 +398,12 @@ def _otel_lines(settings: Settings) -> list[str]:
     from worker.adapters.queue import redact_url
 
     worker = settings.worker
+    env = worker.otel_env()
     if not worker.otel_requested:
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return ["opentelemetry: off (OTEL_SDK_DISABLED=true)"]
+        if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+            return ["opentelemetry: off (OTEL_TRACES_EXPORTER=none)"]
         return ["opentelemetry: off (set OTEL_EXPORTER_OTLP_ENDPOINT to export spans)"]
     try:  # finding a submodule imports its parent: absent, that raises
         installed = importlib.util.find_spec("opentelemetry.sdk") is not None
@@ -409,12 +414,13 @@ def _otel_lines(settings: Settings) -> list[str]:
     else:
         state = "spans exported over OTLP/HTTP"
     lines = [f"opentelemetry: {state}"]
-    for name, value in sorted(worker.otel_env().items()):
+    width = max(map(len, env))
+    for name, value in sorted(env.items()):
         if "HEADERS" in name:
             value = "(set, hidden)"
         elif "://" in value:
             value = redact_url(value)
-        lines.append(f"  {name}  {value}")
+        lines.append(f"  {name:<{width}}  {value}")
     return lines
 
 

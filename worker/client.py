@@ -50,7 +50,13 @@ import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
-from worker.errors import ApiAuthError, ApiError, LoginError, TransientApiError
+from worker.errors import (
+    ApiAuthError,
+    ApiError,
+    DeadlineExceeded,
+    LoginError,
+    TransientApiError,
+)
 from worker.tracing import Span, Spans, TraceContext, current_trace, new_trace, remaining
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
@@ -432,7 +438,7 @@ class BiotClient(ApiMethods):
             reply = await _exchange(self._session, call.method, call.url, headers, limit,
                                     params=call.params, body=call.body, contact=self._contact)
         except BaseException as exc:  # no answer (or cancelled by the event's deadline)
-            self._observe(call.method, None, loop.time() - started, span, exc)
+            self._observe(call.method, None, loop.time() - started, span, _cut_short(exc))
             raise
         error = _error_for(reply, call.method, call.url) if reply.status >= 300 else None
         self._observe(call.method, reply.status, loop.time() - started, span, error)
@@ -583,6 +589,14 @@ async def fetch_public_key_texts(
                        url=_public_url(url))
     previous = answer.get("previousPublicKey")
     return current, previous if isinstance(previous, str) and previous else None
+
+
+def _cut_short(error: BaseException) -> BaseException:
+    """A cancellation that the event's deadline caused, named so (for the call's span)."""
+    left = remaining()
+    if isinstance(error, asyncio.CancelledError) and left is not None and left <= 0:
+        return DeadlineExceeded("the event's deadline cut the call short")
+    return error
 
 
 def _finish_span(span: Span | None, status: int | None, error: BaseException | None) -> None:

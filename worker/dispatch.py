@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,6 +69,8 @@ class Outcome:
 
     response: Response
     error: WorkerError | None = None
+    #: The event's own span id while spans are exported (its log lines carry it).
+    span_id: str | None = None
 
     @property
     def transient(self) -> bool:
@@ -141,7 +144,40 @@ class Dispatcher:
         finally:
             current_span_id.reset(bound)
         _finish(span, outcome.response.status, outcome.error)
-        return outcome
+        return dataclasses.replace(outcome, span_id=span.context.span_id)
+
+    def refuse(
+        self,
+        hook: HookType,
+        trace: TraceContext,
+        error: WorkerError,
+        received_at: float,
+        transport: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        log: bool = True,
+    ) -> Outcome:
+        """Answer an event its adapter refused before it could be dispatched (too large, too
+        slow, too many in flight, unreadable): counted, traced and (with ``log``) logged as a
+        dispatched event is, under ``trace`` (what its headers named)."""
+        span = None
+        if self._spans is not None:
+            span = self._spans.event(hook.value, trace, transport)
+            trace = span.context
+        response = error_response(error, trace, self._errors, headers)
+        if log:
+            bound_trace = current_trace.set(trace)
+            bound_span = current_span_id.set(None if span is None else trace.span_id)
+            self._hook_logs[hook].warning("event refused", status=error.status, code=error.code)
+            current_span_id.reset(bound_span)
+            current_trace.reset(bound_trace)
+        if self._metrics is not None:
+            elapsed = asyncio.get_running_loop().time() - received_at
+            self._metrics.event_answered(hook.value, error.status, elapsed)
+        if span is None:
+            return Outcome(response, error)
+        _finish(span, error.status, error)
+        return Outcome(response, error, span.context.span_id)
 
     async def _handle_counted(self, event: Event, trace: TraceContext) -> Outcome:
         reset = current_trace.set(trace)

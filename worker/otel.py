@@ -18,8 +18,9 @@ the variable nothing of OpenTelemetry is imported. :class:`OtelSpans` implements
   any event), named after its method, whose span id is the one the call's ``traceparent``
   carries; attributes ``http.request.method``, ``url.full`` (never a query string),
   ``server.address``, ``server.port``, ``http.request.resend_count`` for a retry, on finish
-  ``http.response.status_code`` and ``error.type`` (the status for a 4xx/5xx, else the
-  exception's class); ERROR when no answer came or the status is 4xx/5xx.
+  ``http.response.status_code`` and ``error.type`` (the status for a 4xx/5xx,
+  ``DEADLINE_EXCEEDED`` when the event's deadline cut it, else the exception's class); ERROR
+  when no answer came or the status is 4xx/5xx.
 
 Configuration is read from the mapping given (the settings' ``OTEL_*`` variables), with
 OpenTelemetry's names and defaults (the SDK itself still reads ``os.environ`` for what is not
@@ -418,6 +419,8 @@ def _call_failure(error: BaseException | None) -> str:
     behind the worker's ``TransientApiError`` when there is one."""
     if error is None:
         return "_OTHER"
+    if isinstance(error, DeadlineExceeded):  # the event's deadline cancelled the call
+        return error.code
     cause = error.__cause__ or error.__context__
     if isinstance(error, WorkerError) and cause is not None:
         return _kind(cause)

@@ -318,6 +318,6 @@ async def run_queue(
             with _signals_unless_given(stop, app.log) as stopping:
                 await queue.consume(
                     source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log,
-                    status=intake, metrics=app.metrics,
+                    status=intake, metrics=app.metrics, refuse=app.dispatcher.refuse,
                 )  # fmt: skip
         app.log.info("worker stopped; closing resources")

@@ -147,17 +147,16 @@ class HttpAdapter:
     def _refuse(
         self, request: web.Request, error: WorkerError, received_at: float, *, retry: bool = False
     ) -> web.Response:
-        trace = trace_of(request)
-        headers = {"retry-after": "1"} if retry else None
-        response = error_response(error, trace, self._dispatcher.error_context, headers)
-        self._log.warning("event refused", status=error.status, code=error.code)
-        if self._metrics is not None:  # an event answered, though the dispatcher never saw it
-            hook = hook_from_header(request.headers.get("hooktype"))[0].value
-            elapsed = asyncio.get_running_loop().time() - received_at
-            self._metrics.event_answered(hook, error.status, elapsed)
-            if isinstance(error, Overloaded):
-                self._metrics.overloaded(hook)
-        return to_web(response)
+        """An event answered here, before dispatch: counted, traced and logged as one."""
+        hook = hook_from_header(request.headers.get("hooktype"))[0]
+        transport = _span_attributes(request) if self._traced else None
+        outcome = self._dispatcher.refuse(
+            hook, trace_of(request), error, received_at, transport,
+            headers={"retry-after": "1"} if retry else None,
+        )  # fmt: skip
+        if self._metrics is not None and isinstance(error, Overloaded):
+            self._metrics.overloaded(hook.value)
+        return to_web(outcome.response)
 
 
 def _span_attributes(request: web.Request) -> dict[str, Any]:

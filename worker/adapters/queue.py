@@ -60,13 +60,29 @@ from worker.errors import Block, EventError, PayloadTooLarge, WorkerError
 from worker.events import Event, HookType, event_from_envelope, hook_from_header, lower_headers
 from worker.logs import Log, Throttle, describe
 from worker.responses import ErrorContext, Response, error_response
-from worker.tracing import TraceContext, current_trace, trace_from_headers
+from worker.tracing import TraceContext, current_span_id, current_trace, trace_from_headers
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from worker.metrics import Metrics, QueueMetrics
 
 #: What the dispatcher offers a source: ``Dispatcher.handle``.
 Handle = Callable[[Event], Awaitable[Outcome]]
+
+
+class Refuse(Protocol):
+    """``Dispatcher.refuse``: the answer to a message that never became an event."""
+
+    def __call__(
+        self,
+        hook: HookType,
+        trace: TraceContext,
+        error: WorkerError,
+        received_at: float,
+        transport: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        log: bool = True,
+    ) -> Outcome: ...
 
 HOOKS = tuple(hook.value for hook in HookType)
 RETRY_PARAMS = ("max_attempts", "retry_delay", "retry_max_delay")
@@ -118,6 +134,7 @@ class Decision:
     delay: float = 0.0  # seconds before the retry
     status: int | None = None  # the response status, when there was one
     trace: TraceContext | None = field(default=None, compare=False)  # the message's, for logs
+    span_id: str | None = field(default=None, compare=False)  # its event's span's, for logs
     # What to re-queue (retry) or dead-letter (dead) in place of the delivered body; None: the
     # delivered body. Set only off the success path: a retry's envelope with the message's
     # trace added, a dead letter's envelope as published (see :func:`retry_envelope`).
@@ -184,11 +201,14 @@ class Source(Protocol):
 class QueueInfo:
     """What a source tells about itself, for metrics and traces: ``system`` is OpenTelemetry's
     ``messaging.system`` (``redis``, ``rabbitmq``, ``memory``), ``destination`` the stream or
-    queue it consumes (the ``queue`` label of the metrics), ``group`` its consumer group."""
+    queue it consumes (the ``queue`` label of the metrics), ``group`` its consumer group,
+    ``ref_attribute`` what a delivery's ``ref`` is in a span."""
 
     system: str
     destination: str
     group: str | None = None
+    #: The span attribute a delivery's ``ref`` is (a message id, or RabbitMQ's delivery tag).
+    ref_attribute: str = "messaging.message.id"
 
 
 class Observable(Protocol):
@@ -366,14 +386,15 @@ class Processor:
         max_body_bytes: int,
         log: Log,
         info: QueueInfo | None = None,
-        metrics: Metrics | None = None,
+        refuse: Refuse | None = None,
     ) -> None:
         """``info`` names the source in each event's span attributes (``messaging.*``);
-        ``metrics`` count a message refused before it became an event as an event answered
-        (as the HTTP adapter counts its refusals), the dispatcher counting the others."""
+        ``refuse`` (``Dispatcher.refuse``) answers a message refused before it became an
+        event, counted and traced as an event, as the HTTP adapter's refusals are."""
         self._handle = handle
-        self._metrics = metrics
+        self._refuse = refuse
         self._transport = _span_attributes(info)
+        self._ref_attribute = "messaging.message.id" if info is None else info.ref_attribute
         self._errors = errors
         self._policy = policy
         self._max_body = max_body_bytes
@@ -390,20 +411,26 @@ class Processor:
             event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
         except WorkerError as exc:
             return self._refusal(delivery, exc, received_at)
-        event.transport = {**self._transport, "messaging.message.id": delivery.ref}
+        event.transport = self._attributes(delivery)
         outcome = await self._handle(event)
         return self._judge(delivery, outcome, event.trace, event.headers)
+
+    def _attributes(self, delivery: Delivery) -> dict[str, Any]:
+        return {**self._transport, self._ref_attribute: delivery.ref}
 
     def _refusal(self, delivery: Delivery, exc: WorkerError, received_at: float) -> Decision:
         """The decision on a message that never became an event, under its one trace."""
         too_large = _too_large(delivery.body, self._max_body)
         headers = {} if too_large else _headers_of(delivery.body)
         trace = trace_from_headers(headers)
-        if self._metrics is not None:
-            hook = hook_from_header(headers.get("hooktype"))[0].value
-            elapsed = asyncio.get_running_loop().time() - received_at
-            self._metrics.event_answered(hook, exc.status, elapsed)
-        return self._judge(delivery, Outcome(error_response(exc, trace, self._errors), exc), trace)
+        if self._refuse is None:
+            outcome = Outcome(error_response(exc, trace, self._errors), exc)
+        else:
+            hook = hook_from_header(headers.get("hooktype"))[0]
+            outcome = self._refuse(
+                hook, trace, exc, received_at, self._attributes(delivery), log=False
+            )
+        return self._judge(delivery, outcome, trace)
 
     def _judge(
         self,
@@ -415,17 +442,20 @@ class Processor:
         attempt = delivery.attempt
         response, error = outcome.response, outcome.error
         reply = encode_reply(response) if delivery.reply_to else None
+        span_id = outcome.span_id
         if error is None or isinstance(error, Block):
-            return Decision(Verdict.ACK, reply, status=response.status, trace=trace)
+            return Decision(Verdict.ACK, reply, status=response.status, trace=trace,
+                            span_id=span_id)  # fmt: skip
         reason = f"{error.code}: {error.message}"
         if outcome.transient and attempt < self._policy.max_attempts:
             delay = self._policy.delay_for(attempt)
             body = retry_envelope(delivery.body, trace, headers)
-            return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, body)
+            return Decision(Verdict.RETRY, None, reason, delay, response.status, trace, span_id,
+                            body)  # fmt: skip
         if outcome.transient:
             reason += f" (gave up after {attempt} attempts)"
         return Decision(Verdict.DEAD, reply, reason, status=response.status, trace=trace,
-                        envelope=published_envelope(delivery))  # fmt: skip
+                        span_id=span_id, envelope=published_envelope(delivery))  # fmt: skip
 
 
 def _span_attributes(info: QueueInfo | None) -> dict[str, Any]:
@@ -587,7 +617,7 @@ class _Pump:
         except Exception as exc:
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()
-            token = current_trace.set(decision.trace)
+            token, span = current_trace.set(decision.trace), current_span_id.set(decision.span_id)
             error = describe(exc)
             self._throttle.error(
                 "settling a queue message failed; the broker will deliver it again",
@@ -596,6 +626,7 @@ class _Pump:
                 ref=delivery.ref,
                 verdict=decision.verdict.value,
             )
+            current_span_id.reset(span)
             current_trace.reset(token)
             return
         if self._metrics is not None:
@@ -615,13 +646,14 @@ class _Pump:
     def _settled(self, delivery: Delivery, decision: Decision) -> None:
         """The line saying a retry or dead letter happened, under the message's trace; written
         once it did (a failed settle says so instead, throttled, and the message comes back)."""
-        token = current_trace.set(decision.trace)
+        token, span = current_trace.set(decision.trace), current_span_id.set(decision.span_id)
         if decision.verdict is Verdict.RETRY:
             self._log.warning("event will be retried", reason=decision.reason,
                               attempt=delivery.attempt, ref=delivery.ref)  # fmt: skip
         else:
             self._log.error("event dead-lettered", reason=decision.reason,
                             attempts=delivery.attempt, ref=delivery.ref)  # fmt: skip
+        current_span_id.reset(span)
         current_trace.reset(token)
 
     async def _drain(self, grace: float) -> None:
@@ -685,11 +717,13 @@ async def consume(
     log: Log,
     status: IntakeStatus | None = None,
     metrics: Metrics | None = None,
+    refuse: Refuse | None = None,
 ) -> None:
     """Serve the (entered) ``source`` through ``handle`` (``Dispatcher.handle``) until ``stop``
     is set, then drain: :func:`pump` with the worker's settings and the source's retry policy;
     ``status`` follows the intake loop for health probes; ``metrics`` count the source's
-    messages under its name (and its consumer lag, when it can tell)."""
+    messages under its name (and its consumer lag, when it can tell); ``refuse``
+    (``Dispatcher.refuse``) answers messages that never became events."""
     biot, worker = settings.biot, settings.worker
     info = source_info(source)
     process = Processor(
@@ -699,7 +733,7 @@ async def consume(
         max_body_bytes=worker.max_body_bytes,
         log=log,
         info=info,
-        metrics=metrics,
+        refuse=refuse,
     )
     counted = None if metrics is None else metrics.watch_queue(
         info.destination if info is not None else "unknown", _lag_of(source))  # fmt: skip

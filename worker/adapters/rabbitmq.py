@@ -164,7 +164,10 @@ class RabbitSource:
     def __init__(self, url: str, *, settings: Settings, log: Log) -> None:
         self.options, params = RabbitOptions.parse(url)
         self.policy = retry_policy(params)
-        self.info = QueueInfo("rabbitmq", self.options.queue)
+        # A delivery's ref is its delivery tag, a per-channel counter, not a message id.
+        self.info = QueueInfo(
+            "rabbitmq", self.options.queue, ref_attribute="messaging.rabbitmq.message.delivery_tag"
+        )
         self._settings = settings
         self._timeout = settings.worker.broker_timeout
         self._log = log
