@@ -231,7 +231,8 @@ def test_the_metrics_pair_is_measured_again_side_by_side_after_the_repetitions()
         for level in (1, 32)
         for variant in pair
     ]  # fmt: skip
-    assert {p.rep for p in extra} == {0}  # the last repetition's processes: no restart
+    assert [p.pair for p in extra] == [k for k in range(3) for _ in range(4)]  # new processes
+    assert {p.pair for p in main} == {-1}
     without = QUICK.with_(variants=("floor", "worker"), paired_reps=3)
     assert not [p for p in without.points() if p.variant == "worker-nometrics"]
 

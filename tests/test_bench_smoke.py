@@ -79,7 +79,7 @@ def test_tiny_bench_run_measures_what_metrics_and_opentelemetry_cost(
     assert costs["metrics cpu ratio"] is not None and costs["otel cpu ratio"] is not None
     assert costs["otel spans dropped"] == 0
     assert result["observability"]["processes_per_variant"] == 1
-    assert "from 1 process(es) per variant" in table
+    assert "the metrics ratio of (a) from 1 process(es) each" in table  # (b) only: no pairs
     [metrics] = [t for t in result["targets"] if t["target"].startswith("metrics add")]
     assert metrics["met"] is None  # (a) was not measured
 

@@ -235,6 +235,10 @@ def _observability(
     section = observability(rows, profiles)
     if section is not None:  # how many processes each variant's figures come from
         section["processes_per_variant"] = plan.reps if plan.fresh_processes else 1
+        paired = [p for p in plan.points() if p.pair >= 0]
+        # The metrics' pair in (a): the main repetitions' processes plus one per extra pair.
+        pairs = len({p.pair for p in paired})
+        section["metrics_processes"] = section["processes_per_variant"] + pairs
     return section
 
 

@@ -13,7 +13,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Final
 
@@ -252,10 +252,14 @@ class Bench:
         spec = LoadSpec(**{**_fields(spec), "max_requests": min(spec.max_requests, budget)})
         return self.source(point.scenario, point.target, events), spec
 
-    async def restart_targets(self) -> None:
-        """New processes for the targets served over HTTP (``--fresh-processes``), so that each
-        repetition measures other processes; the profiled worker and queue targets stay."""
-        names = [n for n in self.targets if _kind(n) != "queue" and "-profile@" not in n]
+    async def restart_targets(self, only: Collection[str] | None = None) -> None:
+        """New processes for the targets served over HTTP (``--fresh-processes``; ``only``
+        those named), so that each repetition measures other processes; the profiled worker
+        and queue targets stay."""
+        names = [n for n in self.targets if _kind(n) != "queue" and "-profile@" not in n
+                 and (only is None or n in only)]  # fmt: skip
+        if not names:
+            return
         self.progress(f"fresh processes for the next repetition: {', '.join(names)}")
         for name in names:
             self.pools.pop(name).close()
@@ -286,11 +290,14 @@ class Bench:
         samples: dict[str, list[float]] = {}
         skipped: list[dict[str, Any]] = list(self.left_out)
         peaks: dict[tuple[int, str, bool, str], float] = {}
-        rep = 0
+        rep, pair = 0, -1
         for index, point in enumerate(points, 1):
             if self.plan.fresh_processes and point.rep != rep:
                 rep = point.rep
                 await self.restart_targets()
+            if point.pair != pair:  # each extra pair of the metrics' comparison: new processes
+                pair = point.pair
+                await self.restart_targets(PAIRED_TARGETS)
             peak_key = (point.rep, point.scenario, point.tls, point.variant)
             peak = peaks.get(peak_key)
             if _unsustainable(point, peak, self.plan.open_headroom):
@@ -314,6 +321,10 @@ class Bench:
             await self.settle()
             extras["memory"] = await measure_memory(self)
         return {"points": records, "samples": samples, "skipped": skipped, **extras}
+
+
+#: The processes the metrics' extra pairs are measured on (see Plan.paired_reps).
+PAIRED_TARGETS: Final = ("worker@http", "worker-nometrics@http")
 
 
 def _kind(target: str) -> str:

@@ -78,6 +78,9 @@ class Point:
     variant: str
     concurrency: int
     rate: float | None = None  # open loop when set
+    # Which extra pair of the metrics' comparison this is (-1: none): each pair is served by
+    # new worker and worker-nometrics processes (see Plan.paired_reps).
+    pair: int = -1
 
     @property
     def group(self) -> tuple[str, bool]:
@@ -127,8 +130,9 @@ class Plan:
     # New target processes at each repetition: one process's CPU per event can sit 15-20 %
     # off another's of the same code, and only more processes average that out.
     fresh_processes: bool = False
-    # More adjacent measurements of worker and worker-nometrics in (a), after the repetitions:
-    # the metrics' cost (a few µs) is read from their medians, which one pair cannot resolve.
+    # More measurements of worker and worker-nometrics in (a), after the repetitions, each pair
+    # from two new processes: the metrics' cost (a few µs) is read from the medians over
+    # several processes, since one process's CPU per event can sit 10-20 % off another's.
     paired_reps: int = 4
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
@@ -182,8 +186,7 @@ class Plan:
             for concurrency, rate in self.levels_for("a"):
                 if rate is None:
                     for variant in order:
-                        # In the last repetition's processes (no restart for them).
-                        yield Point(self.reps - 1, "a", False, variant, concurrency, None)
+                        yield Point(self.reps - 1, "a", False, variant, concurrency, None, extra)
 
     def targets(self) -> list[str]:
         """Every process the points need, e.g. ``worker@http``."""

@@ -154,10 +154,12 @@ def _observability(section: Mapping[str, Any] | None) -> list[str]:
         )
     processes = section.get("processes_per_variant")
     if processes is not None:
+        metrics = section.get("metrics_processes", processes)
         lines.append(
-            f"  from {processes} process(es) per variant: two processes of the same code were "
-            "measured 15-20 % apart here, so one process's ratio within ±0.2 of 1 is noise "
-            "(--fresh-processes --reps 10 for a small difference)"
+            f"  the metrics ratio of (a) from {metrics} process(es) each of worker and "
+            f"worker-nometrics, the rest from {processes} per variant: two processes of the same "
+            "code were measured 10-20 % apart here, so one process's ratio within ±0.2 of 1 is "
+            "noise (--fresh-processes --reps 10 for a small difference)"
         )
     for scenario, p in (section.get("profiled") or {}).items():
         lines.append(
