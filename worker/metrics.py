@@ -40,18 +40,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import math
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from worker.version import __version__
 
@@ -119,30 +128,12 @@ class Metrics:
         ProcessCollector(registry=registry)
         Gauge(PREFIX + "build_info", "The running biot-worker's version.", ["version"],
               registry=registry).labels(__version__).set(1)  # fmt: skip
-        self._events = Counter(
-            PREFIX + "events", "Events answered, by hook type and response status.",
-            ["hook", "status"], registry=registry,
-        )  # fmt: skip
-        self._durations = Histogram(
-            PREFIX + "event_duration_seconds",
-            "Seconds from an event's receipt to its answer, by hook type.",
-            ["hook"], buckets=EVENT_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self._in_flight = Gauge(
-            PREFIX + "events_in_flight", "Events being handled now.", registry=registry
-        )
+        # The per-event series are plain numbers this loop adds to (no lock, no lookup of a
+        # child), turned into metric families at scrape time by the same thread.
+        self._hot = _HotCollector(registry)
         self._overloaded = Counter(
             PREFIX + "events_overloaded", "Events refused (503) because too many were in flight.",
             ["hook"], registry=registry,
-        )  # fmt: skip
-        self._api = Counter(
-            PREFIX + "api_requests",
-            "BioT API attempts, by method and status class (error: no answer).",
-            ["method", "status_class"], registry=registry,
-        )  # fmt: skip
-        self._api_durations = Histogram(
-            PREFIX + "api_request_duration_seconds", "Seconds one BioT API attempt took.",
-            ["method"], buckets=API_BUCKETS, registry=registry,
         )  # fmt: skip
         self._retries = Counter(
             PREFIX + "api_retries", "BioT API attempts made again after a transient failure.",
@@ -178,23 +169,20 @@ class Metrics:
         )  # fmt: skip
         self._lags: list[tuple[str, Lag]] = []
         self._lag_read_at = -_LAG_REFRESH
-        # Children by label values, made on first use and kept (labels() costs a lock).
-        self._event_children: dict[tuple[str, int], Counter] = {}
-        self._duration_children = {hook: self._durations.labels(hook) for hook in HOOKS}
-        self._api_children: dict[tuple[str, int | None], tuple[Counter, Histogram]] = {}
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:
         """Make the bounded series exist from the start (see :data:`_STATUSES`)."""
+        hot = self._hot
         for hook in HOOKS:
             self._overloaded.labels(hook)
             for status in _STATUSES:
-                self._event_children[hook, status] = self._events.labels(hook, str(status))
+                hot.events[hook, status] = 0
         for method in _CALLED:
             self._retries.labels(method)
             for klass in _CLASSES:
-                self._api.labels(method, klass)
-            self._api_durations.labels(method)
+                hot.api[method, klass] = 0
+            hot.api_durations[method] = _Buckets(API_BUCKETS)
         for outcome in ("success", "refused", "failed"):
             self._logins.labels(outcome)
         for outcome in ("success", "failed"):
@@ -205,25 +193,23 @@ class Metrics:
     # ------------------------------------------------------------ events
 
     def event_started(self) -> None:
-        self._in_flight.inc()
+        self._hot.in_flight += 1
 
     def event_finished(self, hook: str, status: int, seconds: float) -> None:
         """An event the dispatcher answered (after :meth:`event_started`)."""
-        self._in_flight.dec()
+        self._hot.in_flight -= 1
         self.event_answered(hook, status, seconds)
 
     def event_abandoned(self) -> None:
         """An event that will not be answered (cancelled by a shutdown)."""
-        self._in_flight.dec()
+        self._hot.in_flight -= 1
 
     def event_answered(self, hook: str, status: int, seconds: float) -> None:
         """An event answered (an adapter's refusal before dispatch counts here alone)."""
+        hot = self._hot
         key = (hook, status)
-        child = self._event_children.get(key)
-        if child is None:
-            child = self._event_children[key] = self._events.labels(hook, str(status))
-        child.inc()
-        self._duration_children[hook].observe(seconds)
+        hot.events[key] = hot.events.get(key, 0) + 1
+        hot.event_durations[hook].observe(seconds)
 
     def overloaded(self, hook: str) -> None:
         self._overloaded.labels(hook).inc()
@@ -232,16 +218,14 @@ class Metrics:
 
     def api_request(self, method: str, status: int | None, seconds: float) -> None:
         """One attempt of an API call; ``status`` ``None`` when no answer came."""
-        key = (method, status)
-        children = self._api_children.get(key)
-        if children is None:
-            label = method if method in _METHODS else "OTHER"
-            children = self._api_children[key] = (
-                self._api.labels(label, status_class(status)),
-                self._api_durations.labels(label),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        hot = self._hot
+        label = method if method in _METHODS else "OTHER"
+        key = (label, "error" if status is None else _CLASS_OF.get(status, "error"))
+        hot.api[key] = hot.api.get(key, 0) + 1
+        buckets = hot.api_durations.get(label)
+        if buckets is None:
+            buckets = hot.api_durations[label] = _Buckets(API_BUCKETS)
+        buckets.observe(seconds)
 
     def api_retry(self, method: str) -> None:
         self._retries.labels(method if method in _METHODS else "OTHER").inc()
@@ -287,6 +271,87 @@ class Metrics:
                     self._lag_gauge.remove(queue)
             else:
                 self._lag_gauge.labels(queue).set(value)
+
+
+_CLASS_OF: Final = {status: status_class(status) for status in range(100, 600)}
+
+
+class _Buckets:
+    """One histogram's series: a count per bucket (not cumulative), their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: the first bound >= value
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running, pairs = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            pairs.append((_bound_text(bound), float(running)))
+        return pairs
+
+
+def _bound_text(bound: float) -> str:
+    """A bucket's ``le`` as the client writes it (``0.005``, ``1.0``, ``+Inf``)."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+    return text
+
+
+class _HotCollector(Collector):
+    """The series every event and every API attempt adds to, as plain numbers. Written and
+    read on the event loop's thread only (the scrape runs there too), so nothing is locked."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events: dict[tuple[str, int], int] = {}
+        self.event_durations = {hook: _Buckets(EVENT_BUCKETS) for hook in HOOKS}
+        self.in_flight = 0
+        self.api: dict[tuple[str, str], int] = {}
+        self.api_durations: dict[str, _Buckets] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            PREFIX + "events", "Events answered, by hook type and response status.",
+            labels=["hook", "status"],
+        )  # fmt: skip
+        for (hook, status), count in list(self.events.items()):
+            events.add_metric([hook, str(status)], count)
+        yield events
+        yield _histogram(
+            "event_duration_seconds", "Seconds from an event's receipt to its answer, by hook "
+            "type.", "hook", self.event_durations,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            PREFIX + "events_in_flight", "Events being handled now.", value=self.in_flight
+        )
+        api = CounterMetricFamily(
+            PREFIX + "api_requests",
+            "BioT API attempts, by method and status class (error: no answer).",
+            labels=["method", "status_class"],
+        )  # fmt: skip
+        for (method, klass), count in list(self.api.items()):
+            api.add_metric([method, klass], count)
+        yield api
+        yield _histogram(
+            "api_request_duration_seconds", "Seconds one BioT API attempt took.", "method",
+            self.api_durations,
+        )  # fmt: skip
+
+
+def _histogram(
+    name: str, text: str, label: str, series: Mapping[str, _Buckets]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(PREFIX + name, text, labels=[label])
+    for value, buckets in list(series.items()):
+        family.add_metric([value], buckets.cumulative(), buckets.total)
+    return family
 
 
 _QUEUE_COUNTERS: Final = {
