@@ -155,11 +155,12 @@ def test_quick_plan_covers_every_scenario_and_both_transports() -> None:
     assert groups == {("a", False), ("b", False), ("c", False), ("d", False), ("e", False),
                       ("b", True), ("c", True)}  # fmt: skip
     https_variants = {p.variant for p in QUICK.points() if p.tls}
-    assert https_variants == {"floor", "worker", "docs", "sample"}
+    assert https_variants == {"floor", "worker", "docs", "sample", "fastapi"}
     e_points = {(p.variant, p.level) for p in QUICK.points() if p.scenario == "e"}
-    assert e_points == {(v, lv) for v in ("worker", "worker-queue") for lv in ("c=1", "c=32")}
+    assert e_points == {(v, lv) for v in ("worker", "worker-queue", "faststream")
+                        for lv in ("c=1", "c=32")}  # fmt: skip
     assert {p.target for p in QUICK.points() if p.scenario == "e"} == {
-        "worker@http", "worker-queue@http",
+        "worker@http", "worker-queue@http", "faststream@http",
     }  # fmt: skip
     assert QUICK.without("e").scenarios == ("a", "b", "c", "d")
 

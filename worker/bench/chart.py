@@ -12,8 +12,8 @@ from typing import Any
 from worker.bench.plan import VARIANTS, heading
 
 PERCENTILES = ("p50", "p90", "p99", "p99.9")
-# One colour per variant in every panel: matplotlib's ten, then two more (there are 12).
-COLORS = (*(f"C{i}" for i in range(10)), "#00ced1", "#b8860b")
+# One colour per variant in every panel: matplotlib's ten, then four more (there are 14).
+COLORS = (*(f"C{i}" for i in range(10)), "#00ced1", "#b8860b", "#8b008b", "#2f4f4f")
 
 
 def available() -> bool:

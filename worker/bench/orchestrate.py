@@ -5,6 +5,8 @@ process (the load generator) on CPU1. Everything starts unpinned (faster) and is
 listening, every thread included. With fewer than two CPUs, or ``--no-pin``, nothing is pinned.
 Scenario (e) also uses a Redis the bench did not start (:mod:`.queue_hook`): it is not pinned,
 its CPU is read from ``/proc`` when it runs here, and (e) is skipped when it cannot be reached.
+The peers (:mod:`.peers`) are targets like the others: (f) listens on a port, (g) consumes a
+stream of its own (:class:`~.peers.stream.PeerStream`), trimmed after each of its points.
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from worker.bench.payloads import (
     Fixtures,
     checker,
 )
+from worker.bench.peers.stream import PeerStream
 from worker.bench.plan import FRESH_JWT_TOKENS, VARIANTS, Plan, Point
 from worker.bench.procstat import available_cpus, cpu_seconds, pin, rss_bytes
 from worker.bench.profiles import summarize_profile
-from worker.bench.queue_hook import ChannelPool, QueueRun, QueueUnavailable, reach
+from worker.bench.queue_hook import (
+    ChannelPool,
+    QueueRun,
+    QueueUnavailable,
+    RedisChannelPool,
+    reach,
+)
 from worker.bench.redisload import envelope_template
 from worker.bench.report import describe, point_record
 from worker.bench.stats import slope
@@ -49,6 +58,7 @@ class Bench:
         self.pools: dict[str, ChannelPool] = {}
         self.spinners: list[procs.Proc] = []
         self.queue: QueueRun | None = None
+        self.peer_stream: PeerStream | None = None  # the stream peer (g) consumes
         self.collector: Collector | None = None  # the stand-in OTLP collector (worker-otel)
         self.left_out: list[dict[str, Any]] = []  # scenarios that could not run, and why
         self._sources: dict[tuple[str, str], RequestSource] = {}
@@ -88,13 +98,20 @@ class Bench:
 
     async def _open_queue(self) -> None:
         """Reach the Redis of scenario (e), or leave (e) out of the plan with the reason."""
+        queued = [v for v in self.plan.variants_for("e") if VARIANTS[v].kind in QUEUE_KINDS]
         try:
-            self.queue = await reach(self.plan)
+            if queued == ["faststream"]:  # (g) alone: reach() asks for the worker's variant
+                self.queue = await QueueRun.open(self.plan.redis_url)
+            else:
+                self.queue = await reach(self.plan)
         except QueueUnavailable as exc:
             self.plan = self.plan.without("e")
-            self.left_out.append({"scenario": "e", "tls": False, "variant": "worker-queue",
+            self.left_out.append({"scenario": "e", "tls": False, "variant": ",".join(queued),
                                   "level": "all", "why": f"(e) Redis Streams: {exc}"})  # fmt: skip
             self.progress(f"skipped {self.left_out[-1]['why']}")
+            return
+        if "faststream" in queued:
+            self.peer_stream = PeerStream(self.plan.redis_url, self.queue.stream)
 
     async def _start_upstream(self, tls: bool) -> None:
         port = procs.free_port()
@@ -115,6 +132,9 @@ class Bench:
         kind = _kind(name)
         source = self.queue.worker_url() if kind == "queue" and self.queue else None
         args = procs.target_args(kind, variant, port, upstream.url, source)
+        if kind in PEER_KINDS:
+            await self._start_peer(name, kind, args, port, upstream)
+            return
         endpoint = self.collector.endpoint if self.collector else None
         env = procs.target_env(variant, port, upstream.url, upstream.identity, upstream.ca,
                                self.plan.candidate, endpoint)  # fmt: skip
@@ -130,6 +150,21 @@ class Bench:
             return
         self.targets[name] = await procs.spawn(name, args, env, port, self.run_dir)
         self.pools[name] = Pool("127.0.0.1", port)
+
+    async def _start_peer(
+        self, name: str, kind: str, args: list[str], port: int, upstream: Upstream
+    ) -> None:
+        env = procs.peer_env(upstream.identity, upstream.url, upstream.ca)
+        if kind == "fastapi":
+            self.targets[name] = await procs.spawn(name, args, env, port, self.run_dir)
+            self.pools[name] = Pool("127.0.0.1", port)
+            return
+        stream, queue = self.peer_stream, self.queue
+        assert stream is not None and queue is not None, "peer (g) needs the run's Redis"
+        proc = await procs.launch(name, args, {**env, **stream.env()}, 0, self.run_dir)
+        self.targets[name] = proc
+        await stream.wait_consuming(proc)
+        self.pools[name] = RedisChannelPool(queue.address, stream.name)
 
     def _seed_bundle(self, ca: str) -> str:
         """certifi's bundle plus the emulator's CA: what the seed's ``requests`` loads per
@@ -166,6 +201,9 @@ class Bench:
         collector, self.collector = self.collector, None
         if collector is not None:  # after the targets, whose last spans go out as they stop
             await collector.aclose()
+        peer_stream, self.peer_stream = self.peer_stream, None
+        if peer_stream is not None:  # the run's cleanup below deletes the stream itself
+            await peer_stream.aclose()
         queue, self.queue = self.queue, None
         if queue is not None:  # after the worker stopped: it would recreate a deleted stream
             await queue.close(self.progress)
@@ -183,12 +221,15 @@ class Bench:
             assert fixtures is not None
             events = BUILDERS[scenario](fixtures)
         port = self.targets[target].port
-        if _kind(target) == "queue":
+        kind = _kind(target)
+        if kind in QUEUE_KINDS:
             templates = [envelope_template(e.headers, e.body) for e in events]
         else:
+            # Peer (f) serves BioT's one plugin URL, as the worker does (it takes any path);
+            # the floor has a path per scenario.
+            path = "/" if kind == "fastapi" else f"/{scenario}"
             templates = [
-                request_template("127.0.0.1", port, f"/{scenario}", e.headers, e.body)
-                for e in events
+                request_template("127.0.0.1", port, path, e.headers, e.body) for e in events
             ]
         source = RequestSource(templates)
         if len(events) < FRESH_JWT_TOKENS:
@@ -219,7 +260,7 @@ class Bench:
         name = target or point.target
         upstream = self.upstreams[point.tls].proc
         probes = {"target": self.targets[name].pid, "emulator": upstream.pid}
-        if _kind(name) == "queue" and self.queue is not None and self.queue.redis_pid:
+        if _kind(name) in QUEUE_KINDS and self.queue is not None and self.queue.redis_pid:
             probes["redis"] = self.queue.redis_pid
         driver = closed_loop if point.rate is None else open_loop
         return await driver(self.pools[name], source, spec, probes, checker(point.scenario))
@@ -234,6 +275,8 @@ class Bench:
         before = await collector.count() if collector else 0
         result = await self.run_load(point, source, spec)
         record = point_record(point, result)
+        if point.variant == "faststream" and self.peer_stream is not None:
+            await self.peer_stream.trim()
         if collector is not None:
             expected = expected_spans(point.scenario, result.answered)
             received = await collector.wait_count(before + expected) - before
@@ -256,7 +299,7 @@ class Bench:
         """New processes for the targets served over HTTP (``--fresh-processes``; ``only``
         those named), so that each repetition measures other processes; the profiled worker
         and queue targets stay."""
-        names = [n for n in self.targets if _kind(n) != "queue" and "-profile@" not in n
+        names = [n for n in self.targets if _kind(n) not in QUEUE_KINDS and "-profile@" not in n
                  and (only is None or n in only)]  # fmt: skip
         if not names:
             return
@@ -325,6 +368,9 @@ class Bench:
 
 #: The processes the metrics' extra pairs are measured on (see Plan.paired_reps).
 PAIRED_TARGETS: Final = ("worker@http", "worker-nometrics@http")
+#: The kinds of target fed through Redis Streams (scenario (e)), and the peers' kinds.
+QUEUE_KINDS: Final = frozenset({"queue", "faststream"})
+PEER_KINDS: Final = frozenset({"fastapi", "faststream"})
 
 
 def _kind(target: str) -> str:

@@ -32,7 +32,7 @@ SCENARIOS: Final = {
         "e",
         "the (a) event via Redis Streams + reply, vs HTTP",
         False,
-        only=("worker", "worker-queue"),
+        only=("worker", "worker-queue", "faststream"),
         baseline="worker",
     ),
 }
@@ -42,7 +42,9 @@ SCENARIOS: Final = {
 class Variant:
     key: str
     title: str
-    kind: str  # worker | floor | lambda | queue: which process serves it (queue: over Redis)
+    # Which process serves it: worker | floor | lambda | queue (the worker over Redis) |
+    # fastapi | faststream (the peers, worker.bench.peers; faststream over Redis).
+    kind: str
     scenarios: tuple[str, ...] | None = None  # None: every scenario
 
 
@@ -64,8 +66,15 @@ VARIANTS: Final = {
     "worker-queue": Variant("worker-queue", "biot-worker via Redis Streams", "queue", ("e",)),
     # --candidate MODULE: the worker with MODULE imported first (A/B of a hot-path change)
     "worker-candidate": Variant("worker-candidate", "biot-worker + candidate", "worker"),
+    # What a team would build instead (worker.bench.peers): FastAPI on uvicorn over HTTP, and
+    # FastStream for the queue path.
+    "fastapi": Variant("fastapi", "(f) FastAPI + uvicorn", "fastapi", ("a", "b", "c", "d")),
+    "faststream": Variant("faststream", "(g) FastStream, Redis Streams", "faststream", ("e",)),
 }
 BASE_VARIANTS: Final = ("floor", "worker", "docs", "sample")
+PEER_VARIANTS: Final = ("fastapi", "faststream")
+# The variants measured with the API over HTTPS too (each trusts the emulator's CA).
+TLS_VARIANTS: Final = (*BASE_VARIANTS, "fastapi")
 OBSERVABILITY_VARIANTS: Final = ("worker-nometrics", "worker-otel")
 FRESH_JWT_TOKENS: Final = 2500  # distinct tokens signed for one fresh-JWT point
 
@@ -108,6 +117,7 @@ class Plan:
         "worker-quiet",
         *OBSERVABILITY_VARIANTS,
         "worker-queue",
+        *PEER_VARIANTS,
     )
     concurrency: tuple[int, ...] = (1, 32)
     rates: tuple[float, ...] = (200.0,)
@@ -169,7 +179,7 @@ class Plan:
             for scenario, tls in self.groups():
                 variants = self.variants_for(scenario)
                 if tls:
-                    variants = [v for v in variants if v in BASE_VARIANTS]
+                    variants = [v for v in variants if v in TLS_VARIANTS]
                 shift = rep % len(variants) if variants else 0
                 order = variants[shift:] + variants[:shift]
                 for concurrency, rate in self.levels_for(scenario):
@@ -211,6 +221,7 @@ FULL: Final = Plan(
         *OBSERVABILITY_VARIANTS,
         "worker-fresh-jwt",
         "worker-queue",
+        *PEER_VARIANTS,
     ),
     concurrency=(1, 8, 32, 128),
     rates=(200.0, 1000.0),

@@ -42,7 +42,7 @@ def free_port() -> int:
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without BioT/worker/OpenTelemetry settings, plus ``extra`` and the repo
     on the path (an ``OTEL_*`` variable of the caller's would make every worker row export)."""
-    own = ("BIOT_", "WORKER_", "BENCH_", "OTEL_")
+    own = ("BIOT_", "WORKER_", "BENCH_", "OTEL_", "PEER_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     env.pop("REQUESTS_CA_BUNDLE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -133,6 +133,11 @@ def target_args(
     if variant_kind == "queue":
         assert source is not None, "a queue target needs its source URL"
         return ["worker", "run", "--source", source]
+    if variant_kind == "fastapi":  # uvicorn's defaults, but no access log (the worker has none)
+        return ["uvicorn", "worker.bench.peers.fastapi_app:app", "--host", "127.0.0.1",
+                "--port", str(port), "--no-access-log"]  # fmt: skip
+    if variant_kind == "faststream":  # its stream and group come in its environment
+        return ["worker.bench.peers.faststream_app"]
     # The observability variants differ from the worker row by their environment alone, so
     # they start as it does (worker_proc is for the variants that need its bench-only switches).
     same = variant in ("worker", "worker-nometrics", "worker-otel")
@@ -177,4 +182,18 @@ def target_env(
         env["OTEL_SERVICE_NAME"] = "biot-bench"
     if ca is not None:
         env["WORKER_CA_BUNDLE"] = ca
+    return env
+
+
+def peer_env(identity: dict[str, Any], base_url: str, ca: str | None) -> dict[str, str]:
+    """The environment of a peer (:mod:`worker.bench.peers`): the platform's variables, and
+    the emulator's CA in ``SSL_CERT_FILE`` (which httpx reads) when its API is on HTTPS."""
+    env = {
+        "BIOT_BASE_URL": base_url,
+        "BIOT_SERVICE_USER_ID": str(identity["serviceUserId"]),
+        "BIOT_SERVICE_USER_SECRET_KEY": str(identity["serviceUserSecretKey"]),
+        "BIOT_APP_NAME": "biot-bench",
+    }
+    if ca is not None:
+        env["SSL_CERT_FILE"] = ca
     return env

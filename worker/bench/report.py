@@ -7,6 +7,12 @@ and the two baselines, and in a scenario with a ``baseline`` variant ((e): the w
 to that variant too. Scenario (e) rows also carry redis-server's CPU (``cpu_util["redis"]`` and
 ``redis_cpu_us_per_event``), which is not part of the worker's CPU per event.
 
+The peers (:mod:`worker.bench.peers`): the worker's row is also divided by (f), the FastAPI
+peer, in (a)-(d), and the worker's Redis Streams row by (g), the FastStream peer, in (e)
+(``ratios["fastapi"]`` / ``ratios["faststream"]``, below 1 where the worker uses less), and
+:data:`PEER_TARGETS` ask the worker to use less CPU per event than each peer at every level
+and to have a lower p99 at c=32.
+
 What observability costs (:func:`observability`): the worker row counts Prometheus metrics (the
 default), ``worker-nometrics`` does not, ``worker-otel`` also exports OpenTelemetry spans to the
 run's stand-in collector; its rows carry the span check (``otel_spans`` received,
@@ -19,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from worker.bench.load import LoadResult
-from worker.bench.plan import OBSERVABILITY_VARIANTS, SCENARIOS, Point
+from worker.bench.plan import OBSERVABILITY_VARIANTS, PEER_VARIANTS, SCENARIOS, Point
 from worker.bench.stats import median, per_event, ratio, summarize
 
 REFERENCES: Final = ("floor", "docs", "sample")
@@ -37,6 +43,18 @@ TARGETS: Final[tuple[tuple[str, Spec, float], ...]] = (
     ("(b) HTTPS c=1 p50: (ii) / worker", ("b", True, "c=1", "docs", "worker", "p50"), -10.0),
 )
 COMPARED: Final = ("p50", "p99", "cpu", "throughput")
+# Issue 12: the worker's row divided by the peer a team would pick instead, in the scenarios
+# where both run: (f) FastAPI in (a)-(d), (g) FastStream beside the worker's queue row in (e).
+PEERS: Final = (("worker", "fastapi"), ("worker-queue", "faststream"))
+# (name, (worker's variant, peer, figure, level or None for every level)): the worker's figure
+# must be below the peer's (ratio < 1) at each such level of every scenario both ran.
+PEER_TARGETS: Final = (
+    ("worker uses less CPU per event than (f) in every scenario",
+     ("worker", "fastapi", "cpu", None)),
+    ("worker uses less CPU per event than (g)", ("worker-queue", "faststream", "cpu", None)),
+    ("worker p99 lower than (f) at c=32", ("worker", "fastapi", "p99", "c=32")),
+    ("worker p99 lower than (g) at c=32", ("worker-queue", "faststream", "p99", "c=32")),
+)  # fmt: skip
 SATURATED: Final = 0.9
 # Issue 11: metrics add at most 5 % CPU per event in (a), judged on the median over (a)'s
 # closed-loop levels (one level's ratio moves by a few % between runs on these VMs).
@@ -181,14 +199,16 @@ def references(scenario: str) -> tuple[str, ...]:
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each non-reference row gets ``ratios[ref][figure]`` = its figure / the reference's."""
+    """Each non-reference row gets ``ratios[ref][figure]`` = its figure / the reference's; the
+    worker's rows also ``ratios[peer]`` (:data:`PEERS`)."""
     index = {row_key(row): row for row in rows}
     for row in rows:
         refs = references(row["scenario"])
         if row["variant"] in refs:
             continue
         ratios: dict[str, dict[str, float | None]] = {}
-        for ref in refs:
+        peers = [peer for mine, peer in PEERS if mine == row["variant"]]
+        for ref in (*refs, *peers):
             other = index.get((row["scenario"], row["tls"], row["level"], ref))
             if other is not None:
                 ratios[ref] = {f: ratio(figure(row, f), figure(other, f)) for f in COMPARED}
@@ -225,11 +245,42 @@ def targets(rows: list[dict[str, Any]], memory: Mapping[str, Any] | None) -> lis
     checks.append(
         _target("no errors (worker rows)", "errors + incomplete == 0", failures, failures == 0)
     )
+    checks += [_peer_target(rows, name, *spec) for name, spec in PEER_TARGETS]
+    peer_rows = [r for r in rows if r["variant"] in PEER_VARIANTS]
+    failures = sum(r["errors"] + r["incomplete"] for r in peer_rows)
+    ok = failures == 0 if peer_rows else None
+    checks.append(_target("no errors (peer rows)", "errors + incomplete == 0", failures, ok))
     flat = None if memory is None else memory.get("flat")
     growth = None if memory is None else memory.get("growth_mb_per_min")
     checks.append(_target("worker RSS flat over 60 s at c=128", "growth < 1 MB/min", growth, flat))
     checks.append(_metrics_target(rows))
     return checks
+
+
+def _peer_target(
+    rows: list[dict[str, Any]], name: str, mine: str, peer: str, fig: str, level: str | None
+) -> dict[str, Any]:
+    """The worker's ``fig`` divided by the peer's at every level (or ``level``) of every
+    scenario and transport both were measured in; measured is the highest ratio, and where."""
+    found = [
+        (ratio(figure(row, fig), figure(other, fig)), where(row))
+        for row in rows
+        if row["variant"] == mine and (level is None or row["level"] == level)
+        for other in [find(rows, row["scenario"], row["tls"], row["level"], peer)]
+        if other is not None
+    ]
+    measured = [(value, at) for value, at in found if value is not None]
+    where_ = "every level" if level is None else level
+    wanted = f"{mine}/{peer} {fig} < 1 at {where_} of every scenario both ran"
+    if not measured:
+        return _target(name, wanted, None, None)
+    worst, at = max(measured)
+    return {**_target(name, wanted, worst, worst < 1), "at": at, "points": len(measured)}
+
+
+def where(row: Mapping[str, Any]) -> str:
+    """``(b) https c=32``: a row's scenario, transport and level."""
+    return f"({row['scenario']}){' https' if row['tls'] else ''} {row['level']}"
 
 
 def _metrics_target(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -6,11 +6,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.bench.plan import VARIANTS, heading
-from worker.bench.report import references, spans_text
+from worker.bench.report import spans_text
 
-_REF_NAMES = {"floor": "floor", "docs": "(ii)", "sample": "(iii)", "worker": "HTTP"}
+_REF_NAMES = {
+    "floor": "floor",
+    "docs": "(ii)",
+    "sample": "(iii)",
+    "worker": "HTTP",
+    "fastapi": "(f)",
+    "faststream": "(g)",
+}
+_TITLE = 30  # the widest variant title, "(g) FastStream, Redis Streams", and a space
 _HEAD = (
-    f"{'level':<11}{'variant':<28}{'n':>7}{'err':>5}{'ev/s':>8}"
+    f"{'level':<11}{'variant':<{_TITLE}}{'n':>7}{'err':>5}{'ev/s':>8}"
     f"{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'cpu µs/ev':>10}  cpu T/E/L"
 )
 
@@ -40,7 +48,7 @@ def format_row(row: Mapping[str, Any]) -> str:
     errors = row["errors"] + row["incomplete"]
     few = "~" if row.get("few_events") else ""
     return (
-        f"{row['level']:<11}{title:<28}{row['n']:>7}{errors:>5}"
+        f"{row['level']:<11}{title:<{_TITLE}}{row['n']:>7}{errors:>5}"
         f"{few + _num(row['throughput']):>8}"
         + "".join(f"{_ms(lat.get(p)):>8}" for p in ("p50", "p90", "p99", "p99.9", "max"))
         + f"{few + _num(row['cpu_us_per_event']):>10}  {_util(row)}"
@@ -49,10 +57,7 @@ def format_row(row: Mapping[str, Any]) -> str:
 
 def format_ratios(row: Mapping[str, Any]) -> str:
     parts = []
-    for ref in references(row["scenario"]):
-        values = row.get("ratios", {}).get(ref)
-        if values is None:
-            continue
+    for ref, values in row.get("ratios", {}).items():
         shown = " ".join(
             f"{label} {_num(values[key], 2)}"
             for key, label in (
@@ -76,7 +81,9 @@ def render(result: Mapping[str, Any]) -> str:
         "(L: the figure is bounded by the emulator, not the target). ~: under 2c events "
         "answered in the window, throughput and CPU are rough. R (scenario (e)): redis-server's "
         "CPU per wall second and per event, not pinned and not in the worker's cpu µs/ev; "
-        "÷HTTP: the worker over Redis divided by the same worker answering over HTTP.",
+        "÷HTTP: the worker over Redis divided by the same worker answering over HTTP. "
+        "÷(f), ÷(g): the worker divided by the peer a team would build instead, (f) FastAPI on "
+        "uvicorn, (g) FastStream over Redis Streams (worker/bench/peers).",
     ]
     rows = result["rows"]
     groups = list(dict.fromkeys((r["scenario"], r["tls"]) for r in rows))
@@ -109,10 +116,13 @@ def _queue(section: Mapping[str, Any] | None) -> list[str]:
 
 
 def _targets(targets: list[Mapping[str, Any]]) -> list[str]:
-    lines = ["", "targets (issues 5 and 11):"]
+    lines = ["", "targets (issues 5, 11 and 12):"]
     for t in targets:
         state = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t["met"]]
-        lines.append(f"  [{state}] {t['target']}: {t['wanted']}; measured {_num(t['measured'], 2)}")
+        at = f" (highest at {t['at']}, of {t['points']})" if "at" in t else ""
+        lines.append(
+            f"  [{state}] {t['target']}: {t['wanted']}; measured {_num(t['measured'], 2)}{at}"
+        )
     return lines
 
 
