@@ -18,8 +18,14 @@ only then ``XACK`` + ``XDEL``. Either carries the decision's ``envelope``, when 
 place of the entry's. A settle that fails (a wrong-typed key, Redis gone) leaves the entry
 pending: it is delivered again, and each delivery counts as an attempt.
 
-Faults: every command is bounded by socket timeouts derived from ``WORKER_BROKER_TIMEOUT``; a
-failed command drops its connection and the next one reconnects. After any failure (a receive or
+Connections: the commands every message needs (XREADGROUP, the settle script) and the retry
+mover go over two connections of the source's own (:class:`Link`: RESP2, commands packed once
+and pipelined, replies parsed from whole chunks), since redis-py's asyncio client costs more CPU
+per command than the worker spends on an event; redis-py resolves the URL (host, TLS,
+credentials, database) and runs the rest (group creation, XAUTOCLAIM, XPENDING, XINFO).
+
+Faults: every command is bounded by ``WORKER_BROKER_TIMEOUT`` (a read by at least its block plus
+a second); a failed or timed-out command drops its connection and the next one reconnects. After any failure (a receive or
 a settle) the source re-reads its own pending entries (``XREADGROUP`` from ``0``, as at start):
 right after a failed receive, after a short backoff (0.25 s doubling to 4 s while settles keep
 failing) after a failed settle, so entries whose settle was lost come back within seconds, not
@@ -42,9 +48,12 @@ back from the retry set (a new entry: the retry was settled).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
+import ssl
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +61,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from config.settings import Settings
 from worker.adapters.queue import (
@@ -135,6 +144,9 @@ return acked
 """
 
 
+_COLD_CONNECTIONS = 4  # redis-py's pool: group upkeep, XAUTOCLAIM, XPENDING, lag, leaving
+
+
 @dataclass(frozen=True, slots=True)
 class RedisOptions:
     url: str  # for redis-py, without our parameters
@@ -188,6 +200,16 @@ class Entry:
 Named = list[tuple[bytes, dict[bytes, bytes] | None]]  # entries a reply names; None: deleted
 
 
+def _reply_timeout(timeout: float) -> float:
+    """How long a reply may take: ``timeout``, never less than XREADGROUP's block plus 1 s."""
+    return max(timeout, _POLL_MS / 1000 + 1.0)
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """An entry's ``[field, value, ...]`` as a dict (``None``: the entry was deleted)."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def connect(url: str, max_connections: int, timeout: float = 10.0) -> aioredis.Redis:
     """A client whose every command is bounded: ``timeout`` seconds to connect, to wait for a
     pooled connection and for a reply (never less than XREADGROUP's block plus a second).
@@ -196,7 +218,7 @@ def connect(url: str, max_connections: int, timeout: float = 10.0) -> aioredis.R
     connection error is sent once more on a new connection at once: a pooled connection that
     Redis reset while it restarted fails only there (while Redis is down, the second try is
     refused too, and the error reaches the caller)."""
-    reply = max(timeout, _POLL_MS / 1000 + 1.0)
+    reply = _reply_timeout(timeout)
     once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout, socket_timeout=reply,
@@ -222,6 +244,286 @@ def no_group(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
+# ------------------------------------------------------------ the hot path's own connections
+# redis-py's asyncio client costs more CPU per command than the rest of the worker spends on an
+# event (its pool checkout, packing, a task per timed write, a parser reading line by line), so
+# the two commands every message needs, XREADGROUP and the settle script, go over connections
+# of the source's own: RESP2, pre-packed commands, replies parsed from whole chunks. redis-py
+# keeps the rest (creating the group, XAUTOCLAIM, XPENDING, XINFO, leaving the group) and
+# resolves the URL: a :class:`Link` takes host, port, TLS context, credentials and database from
+# a connection object of the client's pool (never connected).
+
+
+class RespError(str):
+    """An error reply of Redis (``-ERR ...``), kept as a value while parsing."""
+
+    __slots__ = ()
+
+
+class RespReader:
+    """RESP2 replies parsed from the bytes a connection receives, in chunks: :meth:`feed`
+    returns the replies completed so far; a reply split across chunks is resumed, not parsed
+    again (its arrays are kept on a stack, a bulk string waits for its last byte). Arrays are
+    lists, nil replies ``None``, errors :class:`RespError`, simple strings bytes."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._stack: list[tuple[list[Any], int]] = []  # arrays begun: items so far, size
+
+    def feed(self, data: bytes) -> list[Any]:
+        """The replies ``data`` completes; ``ValueError`` on bytes that are not RESP2."""
+        buffer, stack, done = self._buffer, self._stack, []
+        buffer += data
+        pos, size = 0, len(buffer)
+        while pos < size:
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                break
+            kind = buffer[pos]
+            value: Any
+            if kind == 36:  # $: bulk string
+                length = int(buffer[pos + 1 : end])
+                if length < 0:
+                    value, pos = None, end + 2
+                else:
+                    stop = end + 2 + length
+                    if stop + 2 > size:
+                        break  # the rest of it has not arrived
+                    value, pos = bytes(buffer[end + 2 : stop]), stop + 2
+            elif kind == 42:  # *: array
+                length, pos = int(buffer[pos + 1 : end]), end + 2
+                if length > 0:
+                    stack.append(([], length))
+                    continue
+                value = None if length < 0 else []
+            else:
+                value, pos = _line_value(kind, buffer[pos : end]), end + 2
+            while stack:  # the value completes its array, which may complete the one above
+                items, length = stack[-1]
+                items.append(value)
+                if len(items) < length:
+                    break
+                stack.pop()
+                value = items
+            else:
+                done.append(value)
+        del buffer[:pos]
+        return done
+
+
+def _line_value(kind: int, line: bytearray) -> Any:
+    """An integer, simple string or error reply (``line`` with its type byte)."""
+    if kind == 58:  # :
+        return int(line[1:])
+    if kind == 43:  # +
+        return bytes(line[1:])
+    if kind == 45:  # -
+        return RespError(line[1:].decode("utf-8", "replace"))
+    raise ValueError(f"not a RESP2 reply: {bytes(line[:40])!r}")
+
+
+def pack(*args: bytes) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    return b"".join([b"*%d\r\n" % len(args), *(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)])
+
+
+def _arg(value: bytes | str | int) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.encode() if isinstance(value, str) else b"%d" % value
+
+
+def reply_error(value: Any) -> ResponseError | None:
+    """An error reply as redis-py's exception (so callers judge both alike), else ``None``."""
+    return ResponseError(str(value)) if isinstance(value, RespError) else None
+
+
+class Wire(asyncio.Protocol):
+    """One connection: commands are written as they come (pipelined) and each caller waits for
+    as many replies as it sent commands, which Redis sends back in order. Any failure (the
+    connection lost, bytes that are not RESP, a caller giving up on a reply) breaks it: every
+    caller waiting on it fails, and the :class:`Link` opens a new one for the next command."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._reader = RespReader()
+        self._waiting: deque[tuple[asyncio.Future[list[Any]], int, list[Any]]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.broken: RedisError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            values = self._reader.feed(data)
+        except ValueError as exc:
+            self.fail(RedisConnectionError(f"{self._name}: {exc}"))
+            return
+        waiting = self._waiting
+        for value in values:
+            if not waiting:
+                self.fail(RedisConnectionError(f"{self._name}: a reply nobody asked for"))
+                return
+            future, count, got = waiting[0]
+            got.append(value)
+            if len(got) == count:
+                waiting.popleft()
+                if not future.done():
+                    future.set_result(got)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = "closed by the server" if exc is None else str(exc) or type(exc).__name__
+        self.fail(RedisConnectionError(f"Connection to {self._name} lost: {reason}"))
+
+    def fail(self, error: RedisError) -> None:
+        """Break the connection: close it, and fail every caller still waiting on it."""
+        if self.broken is None:
+            self.broken = error
+        if self._transport is not None:
+            self._transport.abort()
+        while self._waiting:
+            future = self._waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(error)
+
+    def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """Write ``payload`` (``replies`` commands); the future of their replies."""
+        assert self._transport is not None and self.broken is None
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((future, replies, []))
+        self._transport.write(payload)
+        return future
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where and how to connect, as redis-py resolved it from the URL."""
+
+    name: str  # host:port or the socket path, for error messages
+    host: str = ""
+    port: int = 6379
+    path: str | None = None  # a Unix socket
+    tls: ssl.SSLContext | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    credentials: Any = None  # redis-py's CredentialProvider, asked at each connect
+
+    @classmethod
+    def of(cls, pool: aioredis.ConnectionPool) -> Address:
+        maker: Any = pool.make_connection
+        conn = maker()  # only read, never connected
+        context = getattr(conn, "ssl_context", None)
+        path = getattr(conn, "path", None)
+        name = path or f"{conn.host}:{conn.port}"
+        return cls(
+            name, "" if path else conn.host, 6379 if path else int(conn.port), path or None,
+            None if context is None else context.get(), int(conn.db or 0), conn.username,
+            conn.password, conn.credential_provider,
+        )  # fmt: skip
+
+    async def handshake(self) -> list[bytes]:
+        """The commands a new connection sends first (AUTH, SELECT), as redis-py would."""
+        commands = []
+        if self.credentials is not None:
+            credentials = await self.credentials.get_credentials_async()
+            commands.append(pack(b"AUTH", *(_arg(c) for c in credentials)))
+        elif self.password:
+            user = [_arg(self.username)] if self.username else []
+            commands.append(pack(b"AUTH", *user, _arg(self.password)))
+        if self.db:
+            commands.append(pack(b"SELECT", b"%d" % self.db))
+        return commands
+
+
+class Link:
+    """A :class:`Wire` opened on first use and opened again after it broke; every call bounded
+    by ``timeout`` (connecting included). A call that times out or is cancelled breaks the
+    connection (its reply would come to the next caller)."""
+
+    def __init__(self, address: Address, timeout: float) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._wire: Wire | None = None
+        self._opening = asyncio.Lock()
+
+    async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
+        """The replies to ``payload`` (``replies`` commands; error replies as values)."""
+        async with asyncio.timeout(self._timeout):
+            wire = self._wire
+            if wire is None or wire.broken is not None:
+                wire = await self._open()
+            future = wire.send(payload, replies)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                future.cancel()
+                wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
+                raise
+
+    async def _open(self) -> Wire:
+        async with self._opening:
+            wire = self._wire
+            if wire is not None and wire.broken is None:
+                return wire  # another caller opened it meanwhile
+            self._wire = wire = await self._connect()
+            return wire
+
+    async def _connect(self) -> Wire:
+        a, loop = self._address, asyncio.get_running_loop()
+        try:
+            if a.path is not None:
+                _, wire = await loop.create_unix_connection(lambda: Wire(a.name), a.path)
+            else:
+                _, wire = await loop.create_connection(
+                    lambda: Wire(a.name), a.host, a.port, ssl=a.tls
+                )
+        except OSError as exc:
+            raise RedisConnectionError(f"Error connecting to {a.name}: {exc}") from exc
+        try:
+            setup = await a.handshake()
+            answers = await wire.send(b"".join(setup), len(setup)) if setup else []
+        except BaseException:  # cut short (the call's timeout): close what was opened
+            wire.fail(RedisConnectionError(f"{a.name}: connecting was given up"))
+            raise
+        refused = next((str(x) for x in answers if isinstance(x, RespError)), None)
+        if refused is not None:
+            wire.fail(RedisConnectionError(f"{a.name}: {refused}"))
+            raise AuthenticationError(refused)
+        return wire
+
+    def close(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None and wire.broken is None:
+            wire.fail(RedisConnectionError(f"{self._address.name}: closed"))
+
+
+class LuaScript:
+    """A script run by its SHA1 (``EVALSHA``), sent whole (``EVAL``, which caches it again)
+    when Redis answers ``NOSCRIPT`` (it restarted, or its script cache was flushed)."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source.encode()
+        self._sha = hashlib.sha1(self._source, usedforsecurity=False).hexdigest().encode()
+
+    async def run(self, link: Link, keys: Sequence[bytes | str], args: Sequence[Any]) -> Any:
+        """The script's reply; :class:`ResponseError` when it answered an error."""
+        rest = [b"%d" % len(keys), *(_arg(k) for k in keys), *(_arg(a) for a in args)]
+        [reply] = await link.call(pack(b"EVALSHA", self._sha, *rest))
+        if isinstance(reply, RespError) and reply.startswith("NOSCRIPT"):
+            [reply] = await link.call(pack(b"EVAL", self._source, *rest))
+        error = reply_error(reply)
+        if error is not None:
+            raise error
+        return reply
+
+
+_SETTLE_SCRIPT = LuaScript(_SETTLE)
+_MOVE_DUE_SCRIPT = LuaScript(_MOVE_DUE)
+
+
 class RedisStreamSource:
     """A :class:`~worker.adapters.queue.Source` on a Redis stream (see the module's doc)."""
 
@@ -243,15 +545,20 @@ class RedisStreamSource:
 
     async def __aenter__(self) -> RedisStreamSource:
         o = self.options
-        self._client = connect(o.url, self._settings.worker.max_in_flight + 4, self._timeout)
+        self._client = connect(o.url, _COLD_CONNECTIONS, self._timeout)
         try:
             await self._redis.ping()
             await ensure_group(self._redis, o.stream, o.group)
+            address = Address.of(self._redis.connection_pool)
         except (RedisError, OSError) as exc:
             await self.__aexit__()
             raise SourceUnavailable(f"{self._display}: {exc}") from exc
-        self._move_due = self._redis.register_script(_MOVE_DUE)
-        self._settle = self._redis.register_script(_SETTLE)
+        # The intake loop's commands (reads, moving retries) one at a time on one connection;
+        # settles pipelined on another, so that they never wait behind a blocked read.
+        self._reads = Link(address, _reply_timeout(self._timeout))
+        self._settles = Link(address, self._timeout)
+        self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
+        self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
         self._claim_cursor = b"0-0"
         self._regroup = False  # a settle found the group without its entry: check the group
@@ -269,6 +576,9 @@ class RedisStreamSource:
         client, self._client = self._client, None
         if client is None:
             return
+        for link in (getattr(self, "_reads", None), getattr(self, "_settles", None)):
+            if link is not None:
+                link.close()
         try:
             await self._leave(client)
         finally:
@@ -305,7 +615,7 @@ class RedisStreamSource:
         assert isinstance(entry, Entry)
         try:
             keys, args = self._settle_keys(delivery), self._settle_args(entry, delivery, decision)
-            acked = await self._settle(keys=keys, args=args)
+            acked = await _SETTLE_SCRIPT.run(self._settles, keys, args)
         except BaseException:
             self._recover_after_failed_settle()
             raise
@@ -379,7 +689,7 @@ class RedisStreamSource:
         and intake goes on: the retries wait there until the key is fixed."""
         o = self.options
         try:
-            await self._move_due(keys=[o.retry_key, o.stream], args=[_ms(), limit])
+            await _MOVE_DUE_SCRIPT.run(self._reads, [o.retry_key, o.stream], [_ms(), limit])
         except ResponseError as exc:
             error = describe(exc)
             self._throttle.error("moving due retries back to the stream failed",
@@ -395,11 +705,14 @@ class RedisStreamSource:
 
     async def _read(self, start: bytes, count: int, block: int | None) -> Named:
         """XREADGROUP at ``start``: each entry's id and fields (``None``: deleted meanwhile)."""
-        o = self.options
-        reply: Any = await self._redis.xreadgroup(
-            o.group, o.consumer, {o.stream: start}, count=count, block=block
-        )
-        return [(i, f) for _, entries in reply or [] for i, f in entries]
+        args = [*self._read_head, b"COUNT", b"%d" % count]
+        if block is not None:
+            args += [b"BLOCK", b"%d" % block]
+        [reply] = await self._reads.call(pack(*args, b"STREAMS", self._stream_key, start))
+        error = reply_error(reply)
+        if error is not None:
+            raise error
+        return [(i, _fields(f)) for _, entries in reply or [] for i, f in entries]
 
     async def _recover(self, limit: int) -> list[Delivery]:
         """The next of our own pending entries (not in flight here); ends the pass when none

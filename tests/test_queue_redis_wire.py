@@ -1,0 +1,227 @@
+"""The Redis source's own connections (the hot path: XREADGROUP and the settle script): RESP2
+replies parsed whole or in any chunks, pipelined calls answered in order, every call bounded (a
+server that never answers, one that hangs up), a new connection after a broken one, AUTH
+(password, user and password) and SELECT as the URL says, and a script cache flushed under the
+source (NOSCRIPT: the script is sent whole). Servers that misbehave are the test's own loopback
+listeners; AUTH runs on a redis-server of the test's own (tests.redis_server)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from tests.queue_helpers import (
+    REDIS,
+    FakeLog,
+    eventually,
+    message,
+    queue_settings,
+    require_broker,
+)
+from tests.redis_server import RedisServer
+from worker.adapters.queue import Decision, SourceUnavailable, Verdict
+from worker.adapters.redis_streams import (
+    Address,
+    Link,
+    LuaScript,
+    RedisStreamSource,
+    RespError,
+    RespReader,
+    pack,
+)
+
+REPLIES = (
+    b"+OK\r\n-ERR wrong\r\n:42\r\n:-7\r\n$-1\r\n$0\r\n\r\n$7\r\nhe\r\nllo\r\n*-1\r\n*0\r\n"
+    b"*2\r\n*2\r\n$1\r\na\r\n*-1\r\n*3\r\n:1\r\n$2\r\nbc\r\n-NOGROUP gone\r\n"
+)
+PARSED: list[Any] = [
+    b"OK", RespError("ERR wrong"), 42, -7, None, b"", b"he\r\nllo", None, [],
+    [[b"a", None], [1, b"bc", RespError("NOGROUP gone")]],
+]  # fmt: skip
+
+
+def test_replies_parse_the_same_whole_and_byte_by_byte() -> None:
+    assert RespReader().feed(REPLIES) == PARSED
+    reader, parsed = RespReader(), []
+    for n in range(len(REPLIES)):
+        parsed += reader.feed(REPLIES[n : n + 1])
+    assert parsed == PARSED
+    assert all(type(a) is type(b) for a, b in zip(parsed, PARSED, strict=True))
+
+
+def test_a_reply_split_mid_bulk_waits_for_the_rest() -> None:
+    reader = RespReader()
+    assert reader.feed(b"*2\r\n$5\r\nab") == []
+    assert reader.feed(b"cde\r") == []
+    assert reader.feed(b"\n:3\r\n+next") == [[b"abcde", 3]]
+    assert reader.feed(b"\r\n") == [b"next"]
+
+
+def test_bytes_that_are_not_resp_are_refused() -> None:
+    with pytest.raises(ValueError, match="not a RESP2 reply"):
+        RespReader().feed(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+def test_commands_are_packed_as_arrays_of_bulk_strings() -> None:
+    assert pack(b"GET", b"k\r\n") == b"*2\r\n$3\r\nGET\r\n$3\r\nk\r\n\r\n"
+
+
+# ---------------------------------------------------------------- against servers
+
+
+class Listener:
+    """A loopback server that reads and, per ``mode``, never answers or hangs up at once;
+    counts connections and sees each close."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.connections = 0
+        self.closed = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Listener:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def address(self) -> Address:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return Address(f"127.0.0.1:{port}", "127.0.0.1", port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            if self.mode == "hang up":
+                await reader.read(100)
+            else:
+                while await reader.read(100):
+                    pass  # never answers; returns when the client closes
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+async def test_a_call_nobody_answers_is_bounded_and_its_connection_dropped() -> None:
+    async with Listener("silent") as silent:
+        link = Link(silent.address, timeout=0.2)
+        for expected in (1, 2):
+            with pytest.raises(TimeoutError):
+                await link.call(pack(b"PING"))
+            assert silent.connections == expected  # a new connection for each call
+
+            async def dropped(count: int = expected) -> bool:
+                return silent.closed == count
+
+            await eventually(dropped, "the client closing the connection it gave up on")
+        link.close()
+
+
+async def test_a_connection_the_server_drops_fails_its_call_and_the_next_reconnects() -> None:
+    async with Listener("hang up") as rude:
+        link = Link(rude.address, timeout=5.0)
+        with pytest.raises(RedisConnectionError, match="lost"):
+            await link.call(pack(b"PING"))
+        with pytest.raises(RedisConnectionError, match="lost"):
+            await link.call(pack(b"PING"))
+        assert rude.connections == 2
+        link.close()
+
+
+async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
+    async with Listener("silent") as gone:
+        address = gone.address
+    link = Link(address, timeout=5.0)
+    with pytest.raises(RedisConnectionError, match=f"Error connecting to {address.name}"):
+        await link.call(pack(b"PING"))
+
+
+async def test_pipelined_calls_each_get_their_own_replies() -> None:
+    require_broker("Redis", REDIS)
+    link = Link(Address("redis", REDIS[0], REDIS[1]), timeout=5.0)
+    try:
+        replies = await asyncio.gather(
+            *(link.call(pack(b"ECHO", b"%d" % n) * 2, 2) for n in range(200))
+        )
+    finally:
+        link.close()
+    assert replies == [[b"%d" % n, b"%d" % n] for n in range(200)]
+
+
+async def test_a_script_runs_again_after_the_script_cache_was_flushed() -> None:
+    require_broker("Redis", REDIS)
+    async with RedisServer() as server:  # SCRIPT FLUSH on a server of the test's own
+        link = Link(Address("own", "127.0.0.1", server.port), timeout=5.0)
+        client = server.client()
+        script = LuaScript("return {KEYS[1], ARGV[1]}")
+        try:
+            assert await script.run(link, [b"k"], [7]) == [b"k", b"7"]
+            await client.script_flush()
+            assert await script.run(link, [b"k"], [8]) == [b"k", b"8"]
+            with pytest.raises(ResponseError, match="boom"):
+                await LuaScript("return redis.error_reply('boom')").run(link, [], [])
+        finally:
+            link.close()
+            await client.aclose()
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    async with RedisServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize("user", ["", "worker"])
+async def test_credentials_and_database_of_the_url_are_used(
+    own_redis: RedisServer, user: str
+) -> None:
+    admin = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    secret = "w0rker" if user else "s3cret"  # the user's, not the default user's
+    if user:
+        await admin.acl_setuser(user, enabled=True, passwords=[f"+{secret}"], keys=["*"],
+                                channels=["*"], commands=["+@all"])  # fmt: skip
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    db3 = aioredis.Redis(host="127.0.0.1", port=own_redis.port, db=3, password="s3cret",
+                         socket_timeout=5.0)  # fmt: skip
+    db0 = aioredis.Redis(host="127.0.0.1", port=own_redis.port, password="s3cret",
+                         socket_timeout=5.0)  # fmt: skip
+    try:
+        base = f"redis://{user}:{secret}@127.0.0.1:{own_redis.port}/3?stream={stream}"
+        await db3.xadd(stream, {"envelope": message("k"), "reply_to": f"{stream}:box"})
+        source = RedisStreamSource(base, settings=queue_settings(), log=FakeLog())
+        async with source:
+            [delivery] = await _receive(source, 1)
+            await source.settle(delivery, Decision(Verdict.ACK, reply=b"{}"))
+        assert await db3.xlen(stream) == 0  # acknowledged and deleted, in database 3
+        replies: Any = await db3.xrange(f"{stream}:box")
+        assert [fields for _, fields in replies] == [{b"response": b"{}"}]
+        assert await db0.keys("wire-*") == []
+        refused = RedisStreamSource(base.replace(secret, "wrong"), settings=queue_settings(),
+                                    log=FakeLog())  # fmt: skip
+        with pytest.raises(SourceUnavailable):
+            await refused.__aenter__()
+    finally:
+        await db3.aclose()
+        await db0.aclose()
+
+
+async def _receive(source: RedisStreamSource, count: int) -> list[Any]:
+    got: list[Any] = []
+    async with asyncio.timeout(10.0):
+        while len(got) < count:
+            got += await source.receive(count - len(got))
+    return got
