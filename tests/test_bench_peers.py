@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
+import httpx2
 import orjson
 import pytest
 import redis
@@ -257,14 +257,11 @@ async def test_fastapi_peer_logs_in_again_after_a_401(
 
 # ---------------------------------------------------------------- the service token, in memory
 
-Route = Callable[[httpx.Request], httpx.Response]
-
-
-def login_answer(token: str, lifetime: float = 600.0) -> httpx.Response:
+def login_answer(token: str, lifetime: float = 600.0) -> httpx2.Response:
     from datetime import UTC, datetime, timedelta
 
     expires = datetime.now(UTC) + timedelta(seconds=lifetime)
-    return httpx.Response(200, json={"accessToken": token,
+    return httpx2.Response(200, json={"accessToken": token,
                                      "accessTokenExpiration": expires.isoformat()})  # fmt: skip
 
 
@@ -275,14 +272,14 @@ class FakeBiot:
         self.logins = 0
         self.refuse_next = False
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         if request.url.path == "/ums/v2/services/accessToken":
             self.logins += 1
             return login_answer(f"token-{self.logins}")
         if self.refuse_next:
             self.refuse_next = False
-            return httpx.Response(401)
-        return httpx.Response(200, json={"auth": request.headers["authorization"]})
+            return httpx2.Response(401)
+        return httpx2.Response(200, json={"auth": request.headers["authorization"]})
 
 
 @pytest.fixture
@@ -295,8 +292,8 @@ async def test_service_auth_logs_in_once_for_concurrent_calls_and_again_before_e
 ) -> None:
     biot = FakeBiot()
     auth = ServiceAuth("http://biot", "svc", "secret", clock=lambda: clock[0])
-    async with httpx.AsyncClient(
-        base_url="http://biot", auth=auth, transport=httpx.MockTransport(biot)
+    async with httpx2.AsyncClient(
+        base_url="http://biot", auth=auth, transport=httpx2.MockTransport(biot)
     ) as client:
         answers = await asyncio.gather(*(client.get("/api") for _ in range(10)))
         assert {a.json()["auth"] for a in answers} == {"Bearer token-1"} and biot.logins == 1
@@ -312,8 +309,8 @@ async def test_service_auth_answers_a_401_with_one_login_and_one_retry(
 ) -> None:
     biot = FakeBiot()
     auth = ServiceAuth("http://biot", "svc", "secret", clock=lambda: clock[0])
-    async with httpx.AsyncClient(
-        base_url="http://biot", auth=auth, transport=httpx.MockTransport(biot)
+    async with httpx2.AsyncClient(
+        base_url="http://biot", auth=auth, transport=httpx2.MockTransport(biot)
     ) as client:
         await client.get("/api")
         biot.refuse_next = True

@@ -145,23 +145,22 @@ def _installed(variants: list[str]) -> list[str]:
         sys.stderr.write("biot-worker bench: OpenTelemetry is not installed, so the worker-otel "
                          "rows are left out (pip install 'biot-worker[otel]')\n")  # fmt: skip
         variants = [v for v in variants if v != "worker-otel"]
-    for peer, (names, what) in PEER_PACKAGES.items():
-        if peer in variants and not _all_installed(names):
-            sys.stderr.write(f"biot-worker bench: {what} is not installed, so the {peer} rows "
-                             "are left out (pip install 'biot-worker[bench]')\n")  # fmt: skip
+    for peer, names in PEER_PACKAGES.items():
+        missing = [name for name in names if importlib.util.find_spec(name) is None]
+        if peer in variants and missing:
+            sys.stderr.write(
+                f"biot-worker bench: {', '.join(missing)} not installed, so "
+                f"the {peer} rows are left out (pip install 'biot-worker[bench]')\n"
+            )
             variants = [v for v in variants if v != peer]
     return variants
 
 
-#: What each peer (worker.bench.peers) imports, and how the line names it when missing.
+#: The packages each peer (worker.bench.peers) imports.
 PEER_PACKAGES = {
-    "fastapi": (("fastapi", "uvicorn", "httpx", "pydantic_settings"), "FastAPI, uvicorn or httpx"),
-    "faststream": (("faststream", "redis", "httpx", "pydantic_settings"), "FastStream or httpx"),
+    "fastapi": ("fastapi", "uvicorn", "httpx2", "pydantic_settings"),
+    "faststream": ("faststream", "redis", "httpx2", "pydantic_settings"),
 }
-
-
-def _all_installed(names: tuple[str, ...]) -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def _otel_installed() -> bool:

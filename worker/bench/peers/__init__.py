@@ -9,8 +9,8 @@ instead of using biot-worker, measured in the same run, scenarios, emulator and 
 
 Both share :mod:`.plugin`, the code such a team writes once: Pydantic models of BioT's payloads,
 PyJWT (RS512) with BioT's public key fetched at start and loaded once, the scope check, the
-service token cached in an ``httpx.Auth`` (a login at start, again before it expires, again on a
-401 with one retry), one pooled ``httpx.AsyncClient``, the event's ``traceparent`` on every
+service token cached in an ``httpx2.Auth`` (a login at start, again before it expires, again on
+a 401 with one retry), one pooled ``httpx2.AsyncClient``, the event's ``traceparent`` on every
 BioT call (the same trace id, a new span id per call, as the worker does), one JSON log line per
 event (stdlib ``logging``, a JSON formatter, BioT's fields plus the worker's ``hook``,
 ``status``, ``duration_ms``), and the scenario handlers of :mod:`worker.bench.logic` routed by
@@ -42,6 +42,12 @@ What they do differently, and what they do not do, against the worker:
 - **Another event loop**: (f) runs on uvloop with httptools, uvicorn's standard install; (g) on
   uvloop, as ``faststream run`` does when uvloop is installed. The worker's rows run on
   asyncio's own loop (``worker-uvloop`` is the worker on uvloop).
+- **httpx2, not httpx**: the BioT client is httpx2, httpx's maintained successor (the one
+  ``fastapi[standard]`` installs and Starlette's test client asks for; the same API). httpx 0.28
+  over httpcore 1.0.9 with today's anyio, which no longer brings ``sniffio``, tries ``import
+  sniffio`` from disk for every request (at c=8 it answered a third as many (b) events).
+  httpx2 still costs about twice aiohttp's client per call here (h11 and anyio streams in pure
+  Python).
 - **(f)** takes the payload through Pydantic (validated per hook; the worker builds its views
   without validating nested types) and answers through a response model, which FastAPI
   serialises with Pydantic straight to JSON bytes. Its dependencies are ``async def``: FastAPI
@@ -59,6 +65,6 @@ What they do differently, and what they do not do, against the worker:
   in a worker thread by fast_depends 3.0.9, three thread hand-offs per message.
 
 The bench starts them as it starts every target (:mod:`worker.bench.procs`); the bench side of
-(g), its own stream and group, is :mod:`.stream`. Nothing else imports FastAPI, uvicorn, httpx
+(g), its own stream and group, is :mod:`.stream`. Nothing else imports FastAPI, uvicorn, httpx2
 or FastStream: they are the ``bench`` extra's, and a run without them leaves these rows out.
 """

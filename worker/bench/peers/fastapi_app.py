@@ -6,7 +6,7 @@ httptools; no access log, since the worker writes none either). BioT calls one U
 so one path operation, ``POST /``, takes every hook and routes by the ``hooktype`` header and
 the payload's ``apiId`` / entity, as the worker does.
 
-The FastAPI way throughout: a lifespan that opens the pooled ``httpx.AsyncClient``, fetches
+The FastAPI way throughout: a lifespan that opens the pooled ``httpx2.AsyncClient``, fetches
 BioT's key and logs in once (its state reaches requests as ``request.state``); dependencies
 (``Depends``) for the event's trace, its payload (a Pydantic model per hook, parsed by
 Pydantic's JSON parser) and the JWT check (``HTTPBearer`` for the header); a response model

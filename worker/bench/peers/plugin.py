@@ -1,6 +1,6 @@
 """The plugin code both peers share, written the way a Python team writes it once for FastAPI
 and FastStream alike: Pydantic models of BioT's payloads, PyJWT verification with the public key
-loaded once, an ``httpx.Auth`` that caches the service token, the W3C trace, a JSON log
+loaded once, an ``httpx2.Auth`` that caches the service token, the W3C trace, a JSON log
 formatter for stdlib ``logging``, and the scenario handlers (:mod:`worker.bench.logic`) routed
 by hook type and ``apiId`` / entity. Nothing here imports the worker's runtime: the peers are
 what a team would build *instead* of it.
@@ -9,7 +9,7 @@ Settings come from the environment with the platform's names (``BIOT_BASE_URL``,
 ``BIOT_SERVICE_USER_ID``, ``BIOT_SERVICE_USER_SECRET_KEY``, ``BIOT_APP_NAME``,
 ``BIOT_SERVICE_ENVIRONMENT``, ``BIOT_JWT_PERMISSION_NOTIFICATION``,
 ``BIOT_JWT_PERMISSION_INTERCEPTION``), read by pydantic-settings when a peer starts, never at
-import. HTTPS trust comes from ``SSL_CERT_FILE``, which httpx reads.
+import. HTTPS trust comes from ``SSL_CERT_FILE``, which httpx2 reads.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-import httpx
+import httpx2
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -49,9 +49,9 @@ HOOKS: Final = frozenset({NOTIFICATION, PRE, POST, ADAPT_ENTITY})
 JWT_LEEWAY: Final = 5.0  # seconds of clock skew allowed on exp, as the worker's default
 REFRESH_MARGIN: Final = 60.0  # log in again this long before the token expires
 API_TIMEOUT: Final = 10.0  # seconds per BioT call, as WORKER_API_TIMEOUT's default
-# As the worker's pool (WORKER_API_MAX_CONNECTIONS): httpx keeps only 20 idle connections by
+# As the worker's pool (WORKER_API_MAX_CONNECTIONS): httpx2 keeps only 20 idle connections by
 # default, which at c=32 would open a new connection for every call past the twentieth.
-POOL: Final = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+POOL: Final = httpx2.Limits(max_connections=100, max_keepalive_connections=100)
 
 
 class PeerSettings(BaseSettings):
@@ -289,8 +289,8 @@ def plugin_logger(app_name: str) -> logging.Logger:
 # ---------------------------------------------------------------- BioT's API
 
 
-class ServiceAuth(httpx.Auth):
-    """The service user's token, the way httpx documents custom auth: one login in flight
+class ServiceAuth(httpx2.Auth):
+    """The service user's token, the way httpx2 documents custom auth: one login in flight
     (an ``asyncio.Lock``), the token cached until ``REFRESH_MARGIN`` before it expires (then the
     next call logs in first), a 401 answered by one new login and one retry."""
 
@@ -308,10 +308,10 @@ class ServiceAuth(httpx.Auth):
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
 
-    def login_request(self) -> httpx.Request:
-        return httpx.Request("POST", self._url, json=self._credentials)
+    def login_request(self) -> httpx2.Request:
+        return httpx2.Request("POST", self._url, json=self._credentials)
 
-    def store(self, response: httpx.Response) -> None:
+    def store(self, response: httpx2.Response) -> None:
         response.raise_for_status()
         answer = response.json()
         expires = datetime.fromisoformat(answer["accessTokenExpiration"]).timestamp()
@@ -323,13 +323,13 @@ class ServiceAuth(httpx.Auth):
         return self._token is None or self._clock() >= self._refresh_at
 
     async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        self, request: httpx2.Request
+    ) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         if self._stale():
             async with self._lock:
                 if self._stale():
                     login = yield self.login_request()
-                    await login.aread()  # httpx hands an async flow the response unread
+                    await login.aread()  # httpx2 hands an async flow the response unread
                     self.store(login)
         token = self._token
         request.headers["Authorization"] = f"Bearer {token}"
@@ -347,7 +347,7 @@ class ServiceAuth(httpx.Auth):
 class BiotApi:
     """GETs on BioT's API through the one pooled client, each carrying the event's trace."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx2.AsyncClient) -> None:
         self._client = client
 
     async def get(self, path: str, trace: Trace, search: dict[str, Any] | None = None) -> Any:
@@ -355,7 +355,7 @@ class BiotApi:
         headers = {"traceparent": trace.child()}
         try:
             response = await self._client.get(path, params=params, headers=headers)
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise PluginError(502, "CALL_TO_API_FAILED", f"GET {path} failed: {exc!r}") from None
         if response.is_error:
             status = response.status_code
@@ -364,7 +364,7 @@ class BiotApi:
         return response.json()
 
 
-async def fetch_public_key(client: httpx.AsyncClient) -> RSAPublicKey:
+async def fetch_public_key(client: httpx2.AsyncClient) -> RSAPublicKey:
     """BioT's current public key (a bare base64 SPKI DER body), loaded once."""
     response = await client.get(PUBLIC_KEY_PATH, auth=None)
     response.raise_for_status()
@@ -518,7 +518,7 @@ async def open_peer(settings: PeerSettings) -> AsyncIterator[Peer]:
     first login (so that no event waits for one), the logger."""
     secret = settings.biot_service_user_secret_key.get_secret_value()
     auth = ServiceAuth(settings.biot_base_url, settings.biot_service_user_id, secret)
-    async with httpx.AsyncClient(
+    async with httpx2.AsyncClient(
         base_url=settings.biot_base_url, auth=auth, limits=POOL, timeout=API_TIMEOUT
     ) as client:
         key = await fetch_public_key(client)
