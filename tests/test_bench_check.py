@@ -120,3 +120,11 @@ def test_the_limits_shipped_with_the_repository_are_readable() -> None:
     limits = load_limits()
     assert set(limits) <= {c.name for c in CHECKS}
     assert limits, "no limit stored"
+
+
+def test_store_goes_with_check(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.bench.cli import bench_main
+    from worker.cli import build_parser
+
+    assert bench_main(build_parser().parse_args(["bench", "--store"])) == 2
+    assert "--store goes with --check" in capsys.readouterr().err

@@ -97,6 +97,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-chart", action="store_true", help="do not draw the PNG")
     add("--samples", action="store_true", help="also write every latency sample to the JSON")
     add("--keep-logs", action="store_true", help="keep the processes' logs (path printed)")
+    add(
+        "--check",
+        action="store_true",
+        help="the regression guard (about a minute): a short subset whose ratios to the floor "
+        "are compared with the stored limits (worker/bench/check_limits.json); exit 1 when one "
+        "is worse",
+    )
+    add(
+        "--store",
+        action="store_true",
+        help="with --check: measure and store the ratios (plus the margin) as the new limits",
+    )
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -174,6 +186,11 @@ def _otel_installed() -> bool:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if getattr(args, "check", False):
+        return check_main(args)
+    if getattr(args, "store", False):
+        sys.stderr.write("biot-worker bench: --store goes with --check\n")
+        return 2
     plan = plan_from(args)
     run_dir = Path(tempfile.mkdtemp(prefix="biot-bench-"))
     started = time.monotonic()
@@ -197,6 +214,58 @@ def bench_main(args: argparse.Namespace) -> int:
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """``--check``: measure the guard's subset, then judge it against the stored limits (or,
+    with ``--store``, write them); see :mod:`worker.bench.check`."""
+    from worker.bench import check
+    from worker.bench.report import aggregate
+
+    limits: dict[str, float] = {}
+    if not args.store:
+        try:  # an unreadable file is said before a minute is spent measuring
+            limits = check.load_limits()
+        except ValueError as exc:
+            sys.stderr.write(f"biot-worker bench --check: {exc}\n")
+            return 2
+    plan = check.check_plan(plan_from(args))
+    run_dir = Path(tempfile.mkdtemp(prefix="biot-bench-"))
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
+        sys.stderr.flush()
+
+    try:
+        raw, pinning = asyncio.run(_measure(plan, run_dir, progress))
+    except (RuntimeError, OSError) as exc:
+        progress(f"bench failed: {exc} (process logs kept in {run_dir})")
+        return 2
+    shutil.rmtree(run_dir, ignore_errors=True)
+    rows = aggregate(raw["points"], raw["samples"])
+    failures = sum(r["errors"] + r["incomplete"] for r in rows)
+    ratios = check.measured(rows)
+    elapsed = round(time.monotonic() - started, 1)
+    if args.store:
+        run = {"finished": datetime.now(UTC).isoformat(timespec="seconds"),
+               "elapsed_s": elapsed, "pinning": pinning}  # fmt: skip
+        stored = check.store_limits(ratios, run)
+        lines = [f"  {name}: measured {ratios[name]:.2f}, limit {limit:.2f}"
+                 for name, limit in stored.items()]  # fmt: skip
+        sys.stdout.write(f"stored {len(stored)} limits in {check.LIMITS_FILE}:\n"
+                         + "\n".join(lines) + "\n")  # fmt: skip
+        return 0 if failures == 0 else 1
+    verdicts = check.judge(ratios, limits)
+    status = check.exit_status(verdicts)
+    lines = [v.line() for v in verdicts]
+    if failures:
+        lines.append(f"  [FAIL] errors + incomplete events: {failures}")
+        status = 1
+    verdict = "passed" if status == 0 else "FAILED"
+    sys.stdout.write(f"bench --check {verdict} ({elapsed:.0f} s, pinning {pinning}):\n"
+                     + "\n".join(lines) + "\n")  # fmt: skip
+    return status
 
 
 async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, Any], str]:
@@ -224,7 +293,7 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
             "api_latency_ms": plan.api_latency * 1000,
             "pinning": pinning,
             "load_client": "raw asyncio HTTP/1.1 keep-alive (worker.bench.httpload)",
-            "cpu_source": "utime+stime of /proc/PID/stat (10 ms ticks)",
+            "cpu_source": "the process CPU-time clock (clock_gettime, ns)",
             "uvloop": _uvloop_state(plan),
             "otel": "worker-otel rows export to a stand-in OTLP/HTTP collector on loopback "
             "(worker.testing.otlp, counting spans), OpenTelemetry's default batch settings",
