@@ -15,5 +15,7 @@ loops), :mod:`.procstat` (CPU and RSS from ``/proc``), :mod:`.stats` / :mod:`.re
 vCPUs out of idle), :mod:`.queue_hook` / :mod:`.redisload` (scenario (e): the worker consuming a
 Redis stream, lean channels publishing to it and reading the replies, the run's stream cleanup),
 :mod:`.collector` (the stand-in OpenTelemetry collector the ``worker-otel`` rows export to, and
-the span check of their points).
+the span check of their points), :mod:`.peers` (what a team would build instead: (f) FastAPI on
+uvicorn, (g) FastStream on Redis Streams), :mod:`.check` (``--check``, the regression guard and
+its stored limits).
 """
