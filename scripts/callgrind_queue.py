@@ -37,13 +37,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.bench import procs, procstat  # noqa: E402
-from worker.bench.httpload import RequestSource, request_template  # noqa: E402
-from worker.bench.load import Pool  # noqa: E402
-from worker.bench.payloads import checker, events_a  # noqa: E402
-from worker.bench.queue_hook import ChannelPool, QueueRun  # noqa: E402
-from worker.bench.redisload import envelope_template  # noqa: E402
-from worker.bench.upstream import Upstream  # noqa: E402
+from worker.bench import procs, procstat
+from worker.bench.httpload import RequestSource, request_template
+from worker.bench.load import Pool
+from worker.bench.payloads import checker, events_a
+from worker.bench.queue_hook import ChannelPool, QueueRun
+from worker.bench.redisload import envelope_template
+from worker.bench.upstream import Upstream
 
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
@@ -63,8 +63,10 @@ def _parser() -> argparse.ArgumentParser:
 class Target:
     """One worker process under the tool, and how to send it events."""
 
-    def __init__(self, mode: str, proc: procs.Proc, pool: Pool | ChannelPool) -> None:
-        self.mode, self.proc, self.pool = mode, proc, pool
+    def __init__(
+        self, mode: str, proc: procs.Proc, pool: Pool | ChannelPool, redis_pid: int | None = None
+    ) -> None:
+        self.mode, self.proc, self.pool, self.redis_pid = mode, proc, pool, redis_pid
         self.dumps = 0
 
     async def control(self, tool: str, *flags: str) -> None:
@@ -82,9 +84,24 @@ class Target:
 
 def _command(tool: str, out: Path, mode: str, args: list[str]) -> list[str]:
     """The ``python -m`` argument list of a target under ``tool`` (procs.launch adds python)."""
-    if tool == "cprofile":
-        return ["cProfile", "-o", str(out / f"{mode}.pstats"), "-m", *args]
+    if tool == "cprofile":  # CPU time, not wall time: waiting in epoll costs nothing
+        return ["scripts.callgrind_queue", "--profile-to", str(out / f"{mode}.pstats"), *args]
     return args
+
+
+def _profile(path: str, args: list[str]) -> None:
+    """Run ``python -m ARGS`` under cProfile on the process's CPU clock; stats to ``path``."""
+    import cProfile
+    import runpy
+
+    profiler = cProfile.Profile(time.process_time)
+    sys.argv = [args[0], *args[1:]]
+    profiler.enable()
+    try:
+        runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
 
 
 async def _launch(
@@ -122,7 +139,7 @@ async def _start(
     proc.port = port
     if queue is not None:
         await queue.wait_consuming(proc, timeout=600.0)
-        return Target(mode, proc, queue.pool())
+        return Target(mode, proc, queue.pool(), queue.redis_pid)
     await procs.wait_listening(proc, timeout=600.0)
     return Target(mode, proc, Pool("127.0.0.1", port))
 
@@ -159,13 +176,18 @@ async def _measure(
 ) -> str:
     await _send(target, source, level, warm)
     await target.control(tool, "-z")
+    redis = target.redis_pid
     before = procstat.cpu_seconds(target.proc.pid)
+    redis_before = procstat.cpu_seconds(redis) if redis else 0.0
     started = time.perf_counter()
     await _send(target, source, level, n)
     wall = time.perf_counter() - started
     cpu = procstat.cpu_seconds(target.proc.pid) - before
+    redis_cpu = procstat.cpu_seconds(redis) - redis_before if redis else None
     await target.control(tool, "-d")
     figure = f"{target.mode:5} c={level:<3} {n} events in {wall:.1f} s"
+    if redis_cpu is not None:  # the shared server: other clients' commands count too
+        figure += f"  redis-server {redis_cpu / n * 1e6:.0f} µs/event"
     if tool != "callgrind":
         return f"{figure}  cpu {cpu / n * 1e6:.0f} µs/event"
     target.dumps += 1
@@ -204,13 +226,21 @@ async def _serve(
     return lines
 
 
-async def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--profile-to"]:  # the target side of --tool cprofile
+        _profile(argv[1], argv[2:])
+        return 0
     options = _parser().parse_args(argv)
     if options.tool == "callgrind" and shutil.which("callgrind_control") is None:
         sys.stderr.write("valgrind (callgrind_control) is not installed\n")
         return 2
     out = Path(options.out or tempfile.mkdtemp(prefix="callgrind-queue-"))
     out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_run(options, out))
+
+
+async def _run(options: argparse.Namespace, out: Path) -> int:
     levels = [int(level) for level in options.levels.split(",") if level]
     port = procs.free_port()
     emulator = await procs.spawn("emulator", procs.emulator_args(port, 0.0, None), {}, port, out)
@@ -227,4 +257,4 @@ async def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(main())

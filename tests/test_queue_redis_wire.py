@@ -2,8 +2,11 @@
 replies parsed whole or in any chunks, pipelined calls answered in order, every call bounded (a
 server that never answers, one that hangs up), a new connection after a broken one, AUTH
 (password, user and password) and SELECT as the URL says, and a script cache flushed under the
-source (NOSCRIPT: the script is sent whole). Servers that misbehave are the test's own loopback
-listeners; AUTH runs on a redis-server of the test's own (tests.redis_server)."""
+source (NOSCRIPT: the script is sent whole). Settles asked for while a settle call is under
+way go together in the next (at most 128 entries a call), each entry settled or failed on its
+own. Servers that misbehave are
+the test's own loopback listeners; AUTH and command counts run on a redis-server of the test's
+own (tests.redis_server)."""
 
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from worker.adapters.redis_streams import (
     RedisStreamSource,
     RespError,
     RespReader,
+    Settler,
+    bulk,
     pack,
 )
 
@@ -77,7 +82,8 @@ def test_commands_are_packed_as_arrays_of_bulk_strings() -> None:
 
 
 class Listener:
-    """A loopback server that reads and, per ``mode``, never answers or hangs up at once;
+    """A loopback server that reads and, per ``mode``, never answers (``silent``), hangs up at
+    once (``hang up``), or answers its first read with ``+OK`` and then nothing (``once``);
     counts connections and sees each close."""
 
     def __init__(self, mode: str) -> None:
@@ -107,6 +113,9 @@ class Listener:
             if self.mode == "hang up":
                 await reader.read(100)
             else:
+                if self.mode == "once":
+                    await reader.read(100)
+                    writer.write(b"+OK\r\n")
                 while await reader.read(100):
                     pass  # never answers; returns when the client closes
         finally:
@@ -117,27 +126,56 @@ class Listener:
 async def test_a_call_nobody_answers_is_bounded_and_its_connection_dropped() -> None:
     async with Listener("silent") as silent:
         link = Link(silent.address, timeout=0.2)
-        for expected in (1, 2):
-            with pytest.raises(TimeoutError):
-                await link.call(pack(b"PING"))
-            assert silent.connections == expected  # a new connection for each call
+        try:
+            for expected in (1, 2):
+                with pytest.raises(TimeoutError):
+                    await link.call(pack(b"PING"))
+                assert silent.connections == expected  # a new connection for each call
 
-            async def dropped(count: int = expected) -> bool:
-                return silent.closed == count
+                async def dropped(count: int = expected) -> bool:
+                    return silent.closed == count
 
-            await eventually(dropped, "the client closing the connection it gave up on")
-        link.close()
+                await eventually(dropped, "the client closing the connection it gave up on")
+        finally:
+            link.close()
 
 
 async def test_a_connection_the_server_drops_fails_its_call_and_the_next_reconnects() -> None:
     async with Listener("hang up") as rude:
         link = Link(rude.address, timeout=5.0)
-        with pytest.raises(RedisConnectionError, match="lost"):
-            await link.call(pack(b"PING"))
-        with pytest.raises(RedisConnectionError, match="lost"):
-            await link.call(pack(b"PING"))
-        assert rude.connections == 2
-        link.close()
+        try:
+            with pytest.raises(RedisConnectionError, match="lost"):
+                await link.call(pack(b"PING"))
+            with pytest.raises(RedisConnectionError, match="lost"):
+                await link.call(pack(b"PING"))
+            assert rude.connections == 2
+        finally:
+            link.close()
+
+
+async def test_a_settle_call_nobody_answers_fails_each_of_its_settles_in_time() -> None:
+    async with Listener("once") as once:
+        link = Link(once.address, timeout=0.2)
+        try:
+            assert await link.call(pack(b"PING")) == [b"OK"]  # connected: no task to connect
+            settler = Settler(link, ["s", "s:retry", "s:dead"], ["g", "1", "1", "1"])
+            part = (bulk(b""), b"".join(bulk(arg) for arg in (b"1-1", b"", b"", b"0", b"")))
+            # The first goes at once and gets no reply; the two others wait for that call, then
+            # go together on a new connection, whose +OK is no answer to the script.
+            results = await asyncio.gather(*(settler.add(part) for _ in range(3)),
+                                           return_exceptions=True)  # fmt: skip
+            assert [type(result) for result in results] == [TimeoutError, ResponseError,
+                                                            ResponseError]  # fmt: skip
+            assert "unexpected reply to the settle script: b'OK'" in str(results[1])
+            assert results[1] is results[2]  # one call, one failure for both
+            assert once.connections == 2
+
+            async def dropped() -> bool:
+                return once.closed == 1
+
+            await eventually(dropped, "the connection whose reply never came closed")
+        finally:
+            link.close()
 
 
 async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
@@ -217,6 +255,47 @@ async def test_credentials_and_database_of_the_url_are_used(
     finally:
         await db3.aclose()
         await db0.aclose()
+
+
+async def test_settles_go_together_each_with_its_own_result(
+    own_redis: RedisServer,
+) -> None:
+    client = own_redis.client()
+    stream, count = f"wire-{uuid.uuid4().hex}", 300
+    try:
+        await client.set(f"{stream}:bad", "not a stream")
+        for n in range(count):
+            box = f"{stream}:bad" if n == 7 else f"{stream}:box"
+            await client.xadd(stream, {"envelope": message(f"m{n}"), "reply_to": box,
+                                       "correlation_id": str(n)})  # fmt: skip
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
+        async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
+            got = await _receive(source, count)
+            await client.config_resetstat()
+            await client.script_flush()
+            results = await asyncio.gather(
+                *(source.settle(d, Decision(Verdict.ACK, reply=b"r%d" % n))
+                  for n, d in enumerate(got)),
+                return_exceptions=True,
+            )  # fmt: skip
+            stats: Any = await client.info("commandstats")
+        [refused] = [(n, r) for n, r in enumerate(results) if r is not None]
+        assert refused[0] == 7 and isinstance(refused[1], ResponseError)
+        assert "WRONGTYPE" in str(refused[1])
+        # the first settle at once (NOSCRIPT: sent again whole), the other 299 once it is
+        # answered, in calls of 128 + 128 + 43 entries
+        assert stats["cmdstat_evalsha"]["calls"] == 4
+        assert stats["cmdstat_eval"]["calls"] == 1
+        replies: Any = await client.xrange(f"{stream}:box")
+        assert len(replies) == count - 1
+        assert {fields[b"correlation_id"] for _, fields in replies} == {
+            b"%d" % n for n in range(count) if n != 7
+        }
+        pending: Any = await client.xpending_range(stream, "biot-worker", "-", "+", 10)
+        assert [row["message_id"] for row in pending] == [got[7].message.id]
+        assert await client.xlen(stream) == 1
+    finally:
+        await client.aclose()
 
 
 async def _receive(source: RedisStreamSource, count: int) -> list[Any]:

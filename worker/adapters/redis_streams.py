@@ -8,15 +8,18 @@ URL: ``redis://[:PASSWORD@]HOST[:PORT][/DB]?stream=biot-events`` plus, optional,
 ``retry_max_delay`` (60 s). ``rediss://`` for TLS; other parameters go to redis-py.
 
 Entry fields: ``envelope`` (required), ``reply_to`` (a stream), ``correlation_id``, ``attempt``
-(1 when absent). Settling is one Lua script, all or nothing: it first checks that every key it
-writes is of its type or absent (else it fails, writing nothing), then adds the reply
+(1 when absent). Settling is a Lua script, all or nothing per entry: it first checks that every
+key the entry writes is of its type or absent (else that entry fails, writing nothing), then adds
+the reply
 (``XADD reply_to {correlation_id, response}``, expiring after an hour), for a retry the entry
 with ``attempt + 1`` and ``last_error`` into the sorted set ``STREAM:retry`` (due time as score;
 another script moves due entries back), for a dead letter an ``XADD`` to the dead-letter stream
 adding ``reason``, ``attempts``, ``status``, ``source_id``, ``consumer``, ``dead_at`` (ms), and
 only then ``XACK`` + ``XDEL``. Either carries the decision's ``envelope``, when it has one, in
-place of the entry's. A settle that fails (a wrong-typed key, Redis gone) leaves the entry
-pending: it is delivered again, and each delivery counts as an attempt.
+place of the entry's. One settle call is under way at a time; the settles asked for meanwhile
+go together in the next (:class:`Settler`), each entry with its own result. A settle that
+fails (a wrong-typed key, Redis gone) leaves the entry pending: it is delivered again, and each
+delivery counts as an attempt.
 
 Connections: the commands every message needs (XREADGROUP, the settle script) and the retry
 mover go over two connections of the source's own (:class:`Link`: RESP2, commands packed once
@@ -25,7 +28,8 @@ per command than the worker spends on an event; redis-py resolves the URL (host,
 credentials, database) and runs the rest (group creation, XAUTOCLAIM, XPENDING, XINFO).
 
 Faults: every command is bounded by ``WORKER_BROKER_TIMEOUT`` (a read by at least its block plus
-a second); a failed or timed-out command drops its connection and the next one reconnects. After any failure (a receive or
+a second); a failed or timed-out command drops its connection and the next one reconnects (a
+settle call that fails this way fails the settles it carried). After any failure (a receive or
 a settle) the source re-reads its own pending entries (``XREADGROUP`` from ``0``, as at start):
 right after a failed receive, after a short backoff (0.25 s doubling to 4 s while settles keep
 failing) after a failed settle, so entries whose settle was lost come back within seconds, not
@@ -114,34 +118,58 @@ end
 return #due
 """
 
-# KEYS: stream, reply stream, retry set, dead-letter stream. ARGV: group, entry id, reply fields,
-# retry member, retry due (ms), dead-letter fields, dead-letter maxlen, reply maxlen, reply ttl.
-# Fields are netstrings; '' writes nothing. Every key written is checked before the first write
-# (Redis does not undo a script that fails half-way), and XACK + XDEL come last, so an error
-# anywhere leaves the entry pending. Returns what XACK returned (0: the group lost the entry).
+# Settles a batch of entries, each all or nothing. KEYS: stream, retry set, dead-letter stream,
+# then each entry's reply stream ('' when none). ARGV: group, dead-letter maxlen, reply maxlen,
+# reply ttl, then five per entry: its id, reply fields, retry member, retry due (ms), dead-letter
+# fields. Fields are netstrings; '' writes nothing. Every key an entry writes is checked before
+# its first write (Redis does not undo a script that fails half-way; the types seen are kept for
+# the batch), and its XACK + XDEL come last, so an error anywhere leaves that entry pending and
+# the next entries are settled still. Returns per entry what XACK returned (0: the group lost
+# it) or the error (a string).
 _SETTLE = _SPLIT + """
-local function wrong(key, wanted, used)
-  if not used then return nil end
-  local kind = redis.call('TYPE', key)['ok']
+local kinds = {}
+local function wrong(key, wanted)
+  local kind = kinds[key]
+  if kind == nil then
+    kind = redis.call('TYPE', key)['ok']
+    kinds[key] = kind
+  end
   if kind ~= 'none' and kind ~= wanted then
     return 'WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a ' .. wanted
   end
 end
-local problem = wrong(KEYS[1], 'stream', true) or wrong(KEYS[2], 'stream', ARGV[3] ~= '')
-  or wrong(KEYS[3], 'zset', ARGV[4] ~= '') or wrong(KEYS[4], 'stream', ARGV[6] ~= '')
-if problem then return redis.error_reply(problem) end
-if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', unpack(split(ARGV[3])))
-  redis.call('EXPIRE', KEYS[2], ARGV[9])
+local function settle(reply_key, id, reply, member, due, dead)
+  local problem = wrong(KEYS[1], 'stream') or (reply ~= '' and wrong(reply_key, 'stream'))
+    or (member ~= '' and wrong(KEYS[2], 'zset')) or (dead ~= '' and wrong(KEYS[3], 'stream'))
+  if problem then return problem end
+  if reply ~= '' then
+    redis.call('XADD', reply_key, 'MAXLEN', '~', ARGV[3], '*', unpack(split(reply)))
+    redis.call('EXPIRE', reply_key, ARGV[4])
+    kinds[reply_key] = 'stream'
+  end
+  if member ~= '' then
+    redis.call('ZADD', KEYS[2], due, member)
+    kinds[KEYS[2]] = 'zset'
+  end
+  if dead ~= '' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(split(dead)))
+    kinds[KEYS[3]] = 'stream'
+  end
+  local acked = redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  return acked
 end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
-if ARGV[6] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(split(ARGV[6])))
+local out = {}
+for i = 1, #KEYS - 3 do
+  local at = 5 * i
+  local ok, result = pcall(settle, KEYS[3 + i], ARGV[at], ARGV[at + 1], ARGV[at + 2],
+    ARGV[at + 3], ARGV[at + 4])
+  if not ok and type(result) == 'table' then result = result.err or 'ERR settle failed' end
+  out[i] = ok and result or tostring(result)
 end
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return acked
+return out
 """
+_SETTLE_BATCH = 128  # entries per script call at most: Redis runs nothing else meanwhile
 
 
 _COLD_CONNECTIONS = 4  # redis-py's pool: group upkeep, XAUTOCLAIM, XPENDING, lag, leaving
@@ -263,55 +291,57 @@ class RespError(str):
 class RespReader:
     """RESP2 replies parsed from the bytes a connection receives, in chunks: :meth:`feed`
     returns the replies completed so far; a reply split across chunks is resumed, not parsed
-    again (its arrays are kept on a stack, a bulk string waits for its last byte). Arrays are
-    lists, nil replies ``None``, errors :class:`RespError`, simple strings bytes."""
+    again (the arrays begun are kept, a bulk string waits for its last byte). Arrays are
+    lists, nil replies ``None``, errors :class:`RespError`, bulk and simple strings bytes."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._stack: list[tuple[list[Any], int]] = []  # arrays begun: items so far, size
+        self._rest = b""  # bytes received and not parsed yet (the start of an element)
+        self._items: list[Any] | None = None  # the array being filled (None: at the top)
+        self._want = 0  # its size
+        self._stack: list[tuple[list[Any] | None, int]] = []  # the arrays around it
 
     def feed(self, data: bytes) -> list[Any]:
         """The replies ``data`` completes; ``ValueError`` on bytes that are not RESP2."""
-        buffer, stack, done = self._buffer, self._stack, []
-        buffer += data
-        pos, size = 0, len(buffer)
-        while pos < size:
-            end = buffer.find(b"\r\n", pos)
+        buffer = self._rest + data if self._rest else data
+        stack, items, want, done = self._stack, self._items, self._want, []
+        pos, size, find = 0, len(buffer), buffer.find
+        while True:
+            end = find(b"\r\n", pos)
             if end < 0:
                 break
             kind = buffer[pos]
             value: Any
             if kind == 36:  # $: bulk string
                 length = int(buffer[pos + 1 : end])
-                if length < 0:
-                    value, pos = None, end + 2
-                else:
+                if length >= 0:
                     stop = end + 2 + length
                     if stop + 2 > size:
                         break  # the rest of it has not arrived
-                    value, pos = bytes(buffer[end + 2 : stop]), stop + 2
+                    value, pos = buffer[end + 2 : stop], stop + 2
+                else:
+                    value, pos = None, end + 2
             elif kind == 42:  # *: array
                 length, pos = int(buffer[pos + 1 : end]), end + 2
                 if length > 0:
-                    stack.append(([], length))
+                    stack.append((items, want))
+                    items, want = [], length
                     continue
                 value = None if length < 0 else []
             else:
-                value, pos = _line_value(kind, buffer[pos : end]), end + 2
-            while stack:  # the value completes its array, which may complete the one above
-                items, length = stack[-1]
+                value, pos = _line_value(kind, buffer[pos:end]), end + 2
+            while items is not None:  # the value completes its array, and maybe the one above
                 items.append(value)
-                if len(items) < length:
+                if len(items) < want:
                     break
-                stack.pop()
                 value = items
+                items, want = stack.pop()
             else:
                 done.append(value)
-        del buffer[:pos]
+        self._rest, self._items, self._want = buffer[pos:], items, want
         return done
 
 
-def _line_value(kind: int, line: bytearray) -> Any:
+def _line_value(kind: int, line: bytes) -> Any:
     """An integer, simple string or error reply (``line`` with its type byte)."""
     if kind == 58:  # :
         return int(line[1:])
@@ -325,6 +355,11 @@ def _line_value(kind: int, line: bytearray) -> Any:
 def pack(*args: bytes) -> bytes:
     """One command as a RESP array of bulk strings."""
     return b"".join([b"*%d\r\n" % len(args), *(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)])
+
+
+def bulk(arg: bytes) -> bytes:
+    """One argument of a command, packed."""
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
 def _arg(value: bytes | str | int) -> bytes:
@@ -439,29 +474,52 @@ class Address:
 
 
 class Link:
-    """A :class:`Wire` opened on first use and opened again after it broke; every call bounded
-    by ``timeout`` (connecting included). A call that times out or is cancelled breaks the
-    connection (its reply would come to the next caller)."""
+    """A :class:`Wire` opened on first use and opened again after it broke; connecting and each
+    reply bounded by ``timeout``. A call that times out or is cancelled breaks the connection
+    (Redis may be gone; a blocked read's entries would reach nobody)."""
 
     def __init__(self, address: Address, timeout: float) -> None:
         self._address = address
         self._timeout = timeout
         self._wire: Wire | None = None
         self._opening = asyncio.Lock()
+        self._tasks: set[asyncio.Task[list[Any]]] = set()  # calls of start() connecting first
 
     async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
         """The replies to ``payload`` (``replies`` commands; error replies as values)."""
-        async with asyncio.timeout(self._timeout):
-            wire = self._wire
-            if wire is None or wire.broken is not None:
+        wire = self._wire
+        if wire is None or wire.broken is not None:
+            async with asyncio.timeout(self._timeout):
                 wire = await self._open()
-            future = wire.send(payload, replies)
-            try:
-                return await future
-            except asyncio.CancelledError:
-                future.cancel()
-                wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
-                raise
+        future = self._send(wire, payload, replies)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
+            raise
+
+    def start(self, payload: bytes, replies: int = 1) -> asyncio.Future[list[Any]]:
+        """:meth:`call` without a coroutine while the connection is up (a write and a timer);
+        a task that connects first when it is not."""
+        wire = self._wire
+        if wire is None or wire.broken is not None:
+            task = asyncio.get_running_loop().create_task(self.call(payload, replies))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return task
+        return self._send(wire, payload, replies)
+
+    def _send(self, wire: Wire, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """``payload`` written; the future of its replies, failed when they take too long."""
+        future = wire.send(payload, replies)
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, wire, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    def _expire(self, wire: Wire, future: asyncio.Future[list[Any]]) -> None:
+        if not future.done():
+            future.set_exception(TimeoutError(f"no reply from {self._address.name} in time"))
+            wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
 
     async def _open(self) -> Wire:
         async with self._opening:
@@ -498,6 +556,8 @@ class Link:
         wire, self._wire = self._wire, None
         if wire is not None and wire.broken is None:
             wire.fail(RedisConnectionError(f"{self._address.name}: closed"))
+        for task in self._tasks:
+            task.cancel()
 
 
 class LuaScript:
@@ -520,8 +580,97 @@ class LuaScript:
         return reply
 
 
-_SETTLE_SCRIPT = LuaScript(_SETTLE)
 _MOVE_DUE_SCRIPT = LuaScript(_MOVE_DUE)
+Part = tuple[bytes, bytes]  # an entry's part of a settle call: its reply stream, its arguments
+
+
+class Settler:
+    """Settles sent as calls of the settle script, one call at a time: a settle asked for while
+    none is under way goes at once, the ones asked for meanwhile wait for its reply and then go
+    together (:data:`_SETTLE_BATCH` entries a call at most; more go as more calls, pipelined).
+    So a lone event waits for nothing, and under load a call carries what one round trip
+    gathered. :meth:`add` queues an entry's :data:`Part` and returns the future of its own
+    result: what XACK returned, or the error that left that entry pending (a wrong-typed key).
+    A call that fails (the connection, no reply in time) fails every entry it carried."""
+
+    def __init__(self, link: Link, keys: Sequence[str], args: Sequence[str]) -> None:
+        self._link = link
+        self._keys = b"".join(bulk(key.encode()) for key in keys)  # the batch's own, first
+        self._args = b"".join(bulk(arg.encode()) for arg in args)
+        self._fixed = len(keys) + len(args)
+        source = _SETTLE.encode()
+        sha = hashlib.sha1(source, usedforsecurity=False).hexdigest().encode()
+        self._commands = (bulk(b"EVALSHA") + bulk(sha), bulk(b"EVAL") + bulk(source))
+        self._queued: list[tuple[bytes, bytes, asyncio.Future[int]]] = []
+        self._calls = 0  # calls under way
+
+    def add(self, part: Part) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queued.append((*part, future))
+        if not self._calls:
+            self._flush()
+        return future
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        for at in range(0, len(queued), _SETTLE_BATCH):
+            self._send(queued[at : at + _SETTLE_BATCH], whole=False)
+
+    def _send(self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool) -> None:
+        count = len(batch)
+        payload = b"".join([
+            b"*%d\r\n" % (3 + self._fixed + 6 * count), self._commands[whole],
+            bulk(b"%d" % (3 + count)), self._keys, *(keys for keys, _, _ in batch),
+            self._args, *(args for _, args, _ in batch),
+        ])  # fmt: skip
+        self._calls += 1
+        reply = self._link.start(payload)
+        reply.add_done_callback(lambda done: self._answer(batch, whole, done))
+
+    def _answer(
+        self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool,
+        reply: asyncio.Future[list[Any]],
+    ) -> None:  # fmt: skip
+        self._calls -= 1
+        try:
+            self._judge(batch, whole, _outcome(reply))
+        finally:
+            if self._queued and not self._calls:
+                self._flush()
+
+    def _judge(
+        self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool, value: Any
+    ) -> None:
+        """Each entry's result in ``value`` (a reply, or the exception the call failed with)."""
+        if isinstance(value, RespError) and value.startswith("NOSCRIPT") and not whole:
+            self._send(batch, whole=True)  # Redis restarted or flushed its scripts
+            return
+        if isinstance(value, list) and len(value) == len(batch):
+            for (_, _, future), result in zip(batch, value, strict=True):
+                if not future.done():
+                    if isinstance(result, int):
+                        future.set_result(result)
+                    else:
+                        future.set_exception(ResponseError(_text(result)))
+            return
+        error = value if isinstance(value, BaseException) else reply_error(value)
+        if error is None:
+            error = ResponseError(f"unexpected reply to the settle script: {str(value)[:200]}")
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+
+
+def _outcome(reply: asyncio.Future[list[Any]]) -> Any:
+    """The one reply of a call, or the exception it failed with."""
+    if reply.cancelled():
+        return RedisConnectionError("the settle call was cancelled (the source closed)")
+    error = reply.exception()
+    return error if error is not None else reply.result()[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class RedisStreamSource:
@@ -557,6 +706,10 @@ class RedisStreamSource:
         # settles pipelined on another, so that they never wait behind a blocked read.
         self._reads = Link(address, _reply_timeout(self._timeout))
         self._settles = Link(address, self._timeout)
+        self._settler = Settler(
+            self._settles, [o.stream, o.retry_key, o.dead_letter],
+            [o.group, str(o.dead_letter_maxlen), str(REPLY_MAXLEN), str(REPLY_TTL)],
+        )  # fmt: skip
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
         self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
@@ -614,8 +767,7 @@ class RedisStreamSource:
         entry = delivery.message
         assert isinstance(entry, Entry)
         try:
-            keys, args = self._settle_keys(delivery), self._settle_args(entry, delivery, decision)
-            acked = await _SETTLE_SCRIPT.run(self._settles, keys, args)
+            acked = await self._settler.add(self._settle_part(entry, delivery, decision))
         except BaseException:
             self._recover_after_failed_settle()
             raise
@@ -784,25 +936,23 @@ class RedisStreamSource:
 
     # ------------------------------------------------------------ settling
 
-    def _settle_keys(self, delivery: Delivery) -> list[str]:
-        o = self.options
-        return [o.stream, delivery.reply_to or "", o.retry_key, o.dead_letter]
-
-    def _settle_args(self, entry: Entry, delivery: Delivery, decision: Decision) -> list[Any]:
-        o, reply, member, due, dead = self.options, b"", b"", 0, b""
+    def _settle_part(self, entry: Entry, delivery: Delivery, decision: Decision) -> Part:
+        """The entry's reply stream and its five arguments of the settle script, packed."""
+        reply, member, due, dead = b"", b"", 0, b""
         if decision.reply is not None and delivery.reply_to:
-            fields: dict[bytes, bytes] = {b"response": decision.reply}
+            reply = b"8:response%d:%b" % (len(decision.reply), decision.reply)
             if delivery.correlation_id is not None:
-                fields[b"correlation_id"] = delivery.correlation_id.encode()
-            reply = netstrings(fields)
+                correlation = delivery.correlation_id.encode()
+                reply += b"14:correlation_id%d:%b" % (len(correlation), correlation)
         if decision.verdict is Verdict.RETRY:
             member = netstrings(self._retry_fields(entry, delivery, decision),
                                 retried_from=entry.id)  # fmt: skip
             due = _ms() + round(decision.delay * 1000)
         elif decision.verdict is Verdict.DEAD:
             dead = netstrings(self._dead_fields(entry, delivery, decision))
-        return [o.group, entry.id, reply, member, due, dead, o.dead_letter_maxlen,
-                REPLY_MAXLEN, REPLY_TTL]  # fmt: skip
+        reply_to = delivery.reply_to.encode() if delivery.reply_to else b""
+        args = b"".join((bulk(entry.id), bulk(reply), bulk(member), bulk(b"%d" % due), bulk(dead)))
+        return bulk(reply_to), args
 
     @staticmethod
     def _retry_fields(entry: Entry, delivery: Delivery, decision: Decision) -> dict[bytes, bytes]:
