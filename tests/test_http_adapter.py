@@ -34,7 +34,7 @@ class Served:
 
     port: int
     log: CapturingLog
-    runner: web.AppRunner
+    runner: web.BaseRunner
 
     def make_url(self, path: str) -> URL:
         return URL(f"http://127.0.0.1:{self.port}{path}")
@@ -57,7 +57,7 @@ class _Ready:
 
 @pytest.fixture
 async def serve(keys: KeyPair) -> AsyncIterator[Serve]:
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
 
     async def start(
         routes: Router | None = None,

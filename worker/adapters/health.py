@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,10 +48,12 @@ if TYPE_CHECKING:  # the queue seam is imported only when a queue is used
     from worker.metrics import Metrics
 
 __all__ = [
+    "PROBE_PATHS",
     "BrokerCheck",
     "Check",
     "CheckResult",
     "Health",
+    "Probes",
     "PublicKeyCheck",
     "ServiceTokenCheck",
     "add_health_routes",
@@ -259,34 +261,53 @@ def _ago(then: float | None, now: float) -> float | None:
 # ---------------------------------------------------------------- HTTP
 
 
+#: The paths of the probes (``GET`` and ``HEAD``).
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_TEXT = "text/plain; charset=utf-8"
+
+
+class Probes:
+    """The answers of ``GET /healthz``, ``/readyz`` and ``/metrics`` as
+    :class:`~worker.responses.Response` objects: what the HTTP adapter serves, and (through
+    :func:`add_health_routes`) the queue worker's own listener.
+
+    ``in_flight()`` is the events in hand; ``/metrics`` serves ``metrics`` (Prometheus' text
+    format, or OpenMetrics when the scraper asks for it), or answers 404 without them."""
+
+    def __init__(self, health: Health, in_flight: InFlight, metrics: Metrics | None = None) -> None:
+        self._health = health
+        self._in_flight = in_flight
+        self._metrics = metrics
+
+    async def answer(self, path: str, headers: Mapping[str, str]) -> Response:
+        """The answer of the probe at ``path`` (one of :data:`PROBE_PATHS`); ``headers`` are the
+        request's (any case): its ``traceparent`` and ``Accept``."""
+        if path == "/healthz":
+            return self._health.liveness(self._in_flight(), trace_from_headers(
+                lower_headers(headers)))  # fmt: skip
+        if path == "/readyz":
+            return await self._health.readiness(trace_from_headers(lower_headers(headers)))
+        return await self._metrics_answer(headers.get("Accept"))
+
+    async def _metrics_answer(self, accept: str | None) -> Response:
+        if self._metrics is None:  # a 404 that says why (the HTTP adapter would answer 405)
+            return Response(404, b"metrics are off (WORKER_METRICS=false)\n",
+                            {"Content-Type": _TEXT})  # fmt: skip
+        body, content_type = await self._metrics.render(accept)
+        return Response(200, body, {"Content-Type": content_type})
+
+
 def add_health_routes(
     app: web.Application, health: Health, in_flight: InFlight, metrics: Metrics | None = None
 ) -> None:
-    """``GET /healthz`` and ``GET /readyz`` on ``app``; ``in_flight()`` is the events in hand;
-    ``GET /metrics`` serves ``metrics`` (Prometheus' text format, or OpenMetrics when the
-    scraper asks for it), or answers 404 without them."""
+    """``GET /healthz``, ``GET /readyz`` and ``GET /metrics`` on ``app`` (see :class:`Probes`)."""
+    probes = Probes(health, in_flight, metrics)
 
-    async def healthz(request: web.Request) -> web.Response:
-        return to_web(health.liveness(in_flight(), trace_of(request)))
+    async def probe(request: web.Request) -> web.Response:
+        return to_web(await probes.answer(request.path, request.headers))
 
-    async def readyz(request: web.Request) -> web.Response:
-        return to_web(await health.readiness(trace_of(request)))
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", _metrics_handler(metrics))
-
-
-def _metrics_handler(
-    metrics: Metrics | None,
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def serve_metrics(request: web.Request) -> web.Response:
-        if metrics is None:  # a 404 that says why (the HTTP adapter would answer 405)
-            raise web.HTTPNotFound(text="metrics are off (WORKER_METRICS=false)\n")
-        body, content_type = await metrics.render(request.headers.get("Accept"))
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    return serve_metrics
+    for path in sorted(PROBE_PATHS):
+        app.router.add_get(path, probe)
 
 
 def health_runner(

@@ -2,13 +2,22 @@
 response.
 
 Routes: ``POST /`` (any path, so a subscription endpoint may carry one) for events,
-``GET /healthz`` (the process is alive) and ``GET /readyz`` (the public key and a service token
-can be obtained, and which is not: see :mod:`worker.adapters.health`). More than
-``max_in_flight`` events at once answer 503 with ``Retry-After`` instead of queueing without
-bound; a body over ``max_body_bytes`` answers 413; a header value that is not UTF-8 answers 400.
-Malformed HTTP, which aiohttp's parser refuses, answers 400 in the platform's error envelope too
-(``BAD_REQUEST``, naming the problem, never echoing the bytes).
+``GET /healthz`` (the process is alive), ``GET /readyz`` (the public key and a service token
+can be obtained, and which is not: see :mod:`worker.adapters.health`) and ``GET /metrics``;
+``HEAD`` answers as ``GET`` without the body, another method 405 (``Allow`` names the ones that
+would do). More than ``max_in_flight`` events at once answer 503 with ``Retry-After`` instead
+of queueing without bound; a body over ``max_body_bytes`` answers 413; a header value that is not
+UTF-8 answers 400. Malformed HTTP, which the parser refuses, answers 400 in the platform's error
+envelope too (``BAD_REQUEST``, naming the problem, never echoing the bytes).
 Nothing reaches the caller as a traceback.
+
+The connections are this module's own protocol (:class:`_Connection`) on aiohttp's HTTP/1.1
+parser (llhttp, in C): aiohttp's web server built a request object, a response object, a task and
+a stream writer for every event, and ran its router and middleware chain, which cost more CPU
+than the rest of an event. The wire is aiohttp's (status line, headers and their order,
+``Date``, ``Server``, keep-alive, ``Expect: 100-continue``, pipelining, lingering over an unread
+body); a response of a shape this module does not write itself (a plugin's own status or
+headers) is written by aiohttp's response machinery.
 
 Hostile clients (:func:`serve`, :func:`app_runner`):
 
@@ -36,20 +45,33 @@ import errno
 import re
 import resource
 import socket
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import EMPTY_BODY_STATUS_CODES, ceil_timeout, rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_writer import StreamWriter
+from aiohttp.log import server_logger
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.tcp_helpers import tcp_keepalive
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
-from worker.adapters.health import Health, add_health_routes, to_web, trace_of
+from worker.adapters.health import PROBE_PATHS, Health, Probes
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, Overloaded, PayloadTooLarge, WorkerError
-from worker.events import event_from_http, hook_from_header
+from worker.events import event_from_http, hook_from_header, lower_headers
 from worker.logs import Log, Throttle, describe
-from worker.responses import ErrorContext, error_response
+from worker.responses import ErrorContext, Response, error_response
+from worker.tracing import TraceContext, trace_from_headers
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from worker.metrics import Metrics
@@ -64,6 +86,23 @@ ACCEPT_PAUSE: Final = 1.0  # seconds without accepting after the descriptors ran
 _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # aiohttp's parser messages quote the offending bytes after a colon or in a repr: cut there.
 _ECHO = re.compile(r":\s*\n.*|:?\s*b?['\"].*", re.DOTALL)
+
+# The parser's limits, as aiohttp's server sets them.
+_READ_BUFSIZE: Final = 2**16
+_MAX_LINE: Final = 8190
+_MAX_HEADERS: Final = 128
+#: Parsed, unanswered pipelined requests held per connection before reading pauses (aiohttp's).
+_MAX_QUEUED: Final = MAX_MSG_QUEUE_SIZE
+_TEXT: Final = "text/plain; charset=utf-8"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A response and whether the connection closes after it (a refusal that cannot wait)."""
+
+    response: Response
+    close: bool = False
 
 
 class HttpAdapter:
@@ -88,92 +127,138 @@ class HttpAdapter:
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout
         self._health = health
+        self._probes = Probes(health, lambda: self.in_flight, metrics)
         self._log = log
         self.in_flight = 0
 
-    def application(self) -> web.Application:
-        # client_max_size bounds what aiohttp buffers; we check Content-Length before reading.
-        app = web.Application(client_max_size=self._max_body)
-        add_health_routes(app, self._health, lambda: self.in_flight, self._metrics)
-        app.router.add_post("/{tail:.*}", self._event)
-        return app
+    async def answer(
+        self, connection: _Connection, request: RawRequestMessage, payload: StreamReader
+    ) -> _Answer:
+        """The answer to one request: an event (``POST``, any path), a probe, or 404/405 as
+        aiohttp's router answered them (every path is an event's, so 404 only for a target that
+        is not a path, such as ``OPTIONS *``)."""
+        method = request.method
+        path = request.url.path_safe
+        if method == "POST" and path.startswith("/"):
+            return await self._event(connection, request, payload)
+        if path in PROBE_PATHS and method in ("GET", "HEAD"):
+            return _Answer(await self._probes.answer(path, request.headers))
+        if not path.startswith("/"):
+            return _Answer(_text(404, "404: Not Found"))
+        allowed = "GET,HEAD,POST" if path in PROBE_PATHS else "POST"
+        return _Answer(_text(405, "405: Method Not Allowed", {"Allow": allowed}))
 
-    async def _event(self, request: web.Request) -> web.StreamResponse:
+    async def _event(
+        self, connection: _Connection, request: RawRequestMessage, payload: StreamReader
+    ) -> _Answer:
         received_at = asyncio.get_running_loop().time()
-        if not "".join(request.headers.values()).isascii():  # O(1) per value: the common case
-            bad = _undecodable_header(request)
+        headers = request.headers
+        if not "".join(headers.values()).isascii():  # O(1) per value: the common case
+            bad = _undecodable_header(headers)
             if bad is not None:
-                return self._refuse(request, _not_utf8(bad), received_at)
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            return self._refuse(request, _too_large(length, self._max_body), received_at)
+                return self._refuse(connection, request, _not_utf8(bad), received_at)
+        length = headers.get("Content-Length")
+        if length is not None and int(length) > self._max_body:
+            return self._refuse(connection, request, _too_large(int(length), self._max_body),
+                                received_at)  # fmt: skip
         try:
-            if request.content.is_eof():  # the whole body came with the headers: no timer
-                body = await request.read()
+            if payload.is_eof():  # the whole body came with the headers: no timer
+                body = payload.read_nowait(-1)
+                if len(body) > self._max_body:
+                    raise _BodyTooLarge
             else:
-                body = await self._read_slow_body(request)
-        except web.HTTPRequestEntityTooLarge:
-            return self._refuse(request, _too_large(None, self._max_body), received_at)
+                body = await self._read_slow_body(connection, payload)
+        except _BodyTooLarge:
+            return self._refuse(connection, request, _too_large(None, self._max_body), received_at)
         except TimeoutError:
-            response = self._refuse(request, _body_too_slow(self._body_timeout), received_at)
-            response.force_close()  # the rest of the body may still come: do not wait for it
-            return response
+            refused = self._refuse(connection, request, _body_too_slow(self._body_timeout),
+                                   received_at)  # fmt: skip
+            # The rest of the body may still come: do not wait for it.
+            return _Answer(refused.response, close=True)
         # The slot is taken only now: a client sending its body slowly holds none.
         if self.in_flight >= self._max_in_flight:
             overloaded = Overloaded("too many events in flight")
-            return self._refuse(request, overloaded, received_at, retry=True)
+            return self._refuse(connection, request, overloaded, received_at, retry=True)
         self.in_flight += 1
         try:
-            event = event_from_http(request.headers, body, received_at=received_at)
+            event = event_from_http(headers, body, received_at=received_at)
             if self._traced:
-                event.transport = _span_attributes(request)
-            return to_web(await self._dispatcher.dispatch(event))
+                event.transport = _span_attributes(connection, request)
+            return _Answer(await self._dispatcher.dispatch(event))
         finally:
             self.in_flight -= 1
 
-    async def _read_slow_body(self, request: web.Request) -> bytes:
+    async def _read_slow_body(self, connection: _Connection, payload: StreamReader) -> bytes:
         """The body, within ``body_timeout``; meanwhile the connection may be closed by the
-        connection cap, as an idle one would."""
-        connection = request.protocol
-        if isinstance(connection, _Connection):
-            connection.reading_body = True
+        connection cap, as an idle one would. Over ``max_body_bytes`` raises _BodyTooLarge."""
+        connection.reading_body = True
+        body = bytearray()
         try:
             async with asyncio.timeout(self._body_timeout):
-                return await request.read()
+                while chunk := await payload.readany():
+                    body += chunk
+                    if len(body) > self._max_body:
+                        raise _BodyTooLarge
         finally:
-            if isinstance(connection, _Connection):
-                connection.reading_body = False
+            connection.reading_body = False
+        return bytes(body)
 
     def _refuse(
-        self, request: web.Request, error: WorkerError, received_at: float, *, retry: bool = False
-    ) -> web.Response:
+        self,
+        connection: _Connection,
+        request: RawRequestMessage,
+        error: WorkerError,
+        received_at: float,
+        *,
+        retry: bool = False,
+    ) -> _Answer:
         """An event answered here, before dispatch: counted, traced and logged as one."""
-        hook = hook_from_header(request.headers.get("hooktype"))[0]
-        transport = _span_attributes(request) if self._traced else None
+        headers = request.headers
+        hook = hook_from_header(headers.get("hooktype"))[0]
+        transport = _span_attributes(connection, request) if self._traced else None
         outcome = self._dispatcher.refuse(
-            hook, trace_of(request), error, received_at, transport,
+            hook, _trace_of(headers), error, received_at, transport,
             headers={"retry-after": "1"} if retry else None,
         )  # fmt: skip
         if self._metrics is not None and isinstance(error, Overloaded):
             self._metrics.overloaded(hook.value)
-        return to_web(outcome.response)
+        return _Answer(outcome.response)
 
 
-def _span_attributes(request: web.Request) -> dict[str, Any]:
-    """The HTTP server span's attributes (OpenTelemetry's semantic conventions)."""
-    host, _, port = (request.host or "").rpartition(":")
+class _BodyTooLarge(Exception):
+    """A body read past ``max_body_bytes``."""
+
+
+def _text(status: int, text: str, headers: Mapping[str, str] | None = None) -> Response:
+    """aiohttp's plain-text answer (its 404, 405 and 417)."""
+    return Response(status, text.encode(), {"Content-Type": _TEXT, **(headers or {})})
+
+
+def _trace_of(headers: Mapping[str, str]) -> TraceContext:
+    """The trace a request names (or a new one): what its answer and log lines carry."""
+    return trace_from_headers(lower_headers(headers))
+
+
+def _span_attributes(connection: _Connection, request: RawRequestMessage) -> dict[str, Any]:
+    """The HTTP server span's attributes (OpenTelemetry's semantic conventions), read as
+    aiohttp's request object reads them (host from ``Host``, else this machine's name)."""
+    url = request.url
+    host_header = url.host if url.absolute else request.headers.get("Host")
+    hostname = host_header if host_header is not None else socket.getfqdn()
     attributes: dict[str, Any] = {
         "http.request.method": request.method,
-        "url.path": request.path,
-        "url.scheme": request.scheme,
+        "url.path": url.path,
+        "url.scheme": "http",
         "network.protocol.version": f"{request.version.major}.{request.version.minor}",
     }
+    host, _, port = (hostname or "").rpartition(":")
     if host and port.isdigit():
         attributes["server.address"], attributes["server.port"] = host, int(port)
-    elif request.host:
-        attributes["server.address"] = request.host
-    if request.remote:
-        attributes["client.address"] = request.remote
+    elif hostname:
+        attributes["server.address"] = hostname
+    remote = connection.remote
+    if remote:
+        attributes["client.address"] = remote
     agent = request.headers.get("User-Agent")
     if agent:
         attributes["user_agent.original"] = agent
@@ -195,23 +280,23 @@ def _not_utf8(header: str) -> EventError:
     return EventError(f"header {header!r} is not valid UTF-8", code="BAD_REQUEST")
 
 
-def _undecodable_header(request: web.Request) -> str | None:
-    """The name of the first header whose value is not UTF-8 (aiohttp keeps such bytes as lone
-    surrogates), or None. Names are HTTP tokens, which the parser checked: ASCII. The token of
-    an interceptor or NONSPECIFIC call is the dispatcher's to refuse (400 ``JWT_ERROR``, as in a
-    queue message or a Lambda event); a notification carries its token in its body and ignores
-    the header, so bad bytes there are refused here like any other header's."""
-    for name, value in request.headers.items():
+def _undecodable_header(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header whose value is not UTF-8 (the parser keeps such bytes as
+    lone surrogates), or None. Names are HTTP tokens, which the parser checked: ASCII. The token
+    of an interceptor or NONSPECIFIC call is the dispatcher's to refuse (400 ``JWT_ERROR``, as in
+    a queue message or a Lambda event); a notification carries its token in its body and
+    ignores the header, so bad bytes there are refused here like any other header's."""
+    for name, value in headers.items():
         try:
             value.encode()
         except UnicodeEncodeError:
-            if name.lower() != "authorization" or _notification(request):
+            if name.lower() != "authorization" or _notification(headers):
                 return name  # a notification's token is in its body: nothing else refuses it
     return None
 
 
-def _notification(request: web.Request) -> bool:
-    return request.headers.get("hooktype", "").strip().upper() == "NOTIFICATION"
+def _notification(headers: Mapping[str, str]) -> bool:
+    return headers.get("hooktype", "").strip().upper() == "NOTIFICATION"
 
 
 def connection_cap(max_connections: int, client_connections: int) -> int:
@@ -270,25 +355,125 @@ class Connections:
         self._open.pop(connection, None)
 
 
-class _Connection(RequestHandler):
-    """aiohttp's protocol plus a header timeout, the connection cap's bookkeeping and
-    malformed HTTP answered in the platform's envelope.
+# ---------------------------------------------------------------- the wire
+
+_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}  # aiohttp's phrases
+_SERVER_LINE: Final = f"Server: {SERVER_SOFTWARE}\r\n"
+# Headers aiohttp writes itself, or whose presence changes what it writes: a response carrying
+# one is written by aiohttp's response machinery (_Connection._write_with_aiohttp).
+_OWN_HEADERS: Final = frozenset({"content-length", "transfer-encoding", "date", "server",
+                                 "connection"})  # fmt: skip
+# What aiohttp refuses in a status line or header (header injection): it writes nothing then.
+_FORBIDDEN: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def encode_head(request: RawRequestMessage, response: Response, keep_alive: bool) -> bytes | None:
+    """The status line and headers of ``response`` to ``request`` exactly as aiohttp's
+    ``web.Response`` writes them (given headers, ``Content-Length``, ``Content-Type`` when a
+    body has none, ``Date``, ``Server``, ``Connection`` when keep-alive differs from the
+    version's default); ``None`` for a response aiohttp must write itself: a status without a
+    standard phrase, one that has no body (1xx, 204, 304), a header aiohttp sets or reads, a
+    header or body that is not ``str``/``bytes``, or a forbidden character."""
+    status, body = response.status, response.body
+    reason = _REASONS.get(status)
+    if reason is None or status in EMPTY_BODY_STATUS_CODES or type(body) is not bytes:
+        return None
+    version = request.version
+    lines = [f"HTTP/{version.major}.{version.minor} {status} {reason}"]
+    typed = False
+    for name, value in response.headers.items():
+        if type(name) is not str or type(value) is not str:
+            return None
+        lower = name.lower()
+        if lower in _OWN_HEADERS:
+            return None
+        typed = typed or lower == "content-type"
+        lines.append(f"{name}: {value}")
+    if len(lines) > 1 and _FORBIDDEN.search("".join(lines)):
+        return None
+    head = "\r\n".join(lines) + "\r\n"
+    length = len(body)
+    bodiless = request.method == "HEAD"
+    if length or not bodiless:
+        head += f"Content-Length: {length}\r\n"
+    if length and not typed and not bodiless:
+        head += "Content-Type: application/octet-stream\r\n"
+    head += f"Date: {rfc822_formatted_time()}\r\n{_SERVER_LINE}"
+    if keep_alive:
+        if version == HttpVersion10:
+            head += "Connection: keep-alive\r\n"
+    elif version == HttpVersion11:
+        head += "Connection: close\r\n"
+    return (head + "\r\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _ParseError:
+    """A request the parser refused, in the queue in its place."""
+
+    exc: HttpProcessingError
+
+
+#: What aiohttp answers a request it could not parse as (HTTP/1.0, no headers, closing).
+_UNPARSED: Final = RawRequestMessage(
+    "UNKNOWN", "/", HttpVersion10, CIMultiDictProxy(CIMultiDict()), (), True, None, False, False,
+    URL("/"),
+)  # fmt: skip
+
+_Queued = tuple[RawRequestMessage | _ParseError, StreamReader]
+
+
+class _Connection(BaseProtocol):
+    """One HTTP/1.1 connection: aiohttp's C parser in, the adapter's answers out, one request
+    at a time (pipelined ones wait their turn), each in its own task (so that context variables
+    never leak from one event to the next); plus a header timeout, the connection cap's
+    bookkeeping and malformed HTTP answered in the platform's envelope.
 
     The header timer is armed only when a request's headers do not arrive whole in one read:
-    a request sent in one piece costs one attribute test."""
+    a request sent in one piece costs one attribute test. The keep-alive timer is one handle per
+    connection, moved on (not replaced) after each response."""
 
-    __slots__ = ("_connections", "_header_timer", "_headers_seen", "reading_body")
+    __slots__ = (
+        "_adapter", "_close", "_connections", "_force_close", "_header_timer", "_headers_seen",
+        "_idle_since", "_keepalive_handle", "_keepalive_timeout", "_lingering_time", "_payload",
+        "_queue", "_request_count", "_server", "_tail", "_task", "reading_body",
+    )  # fmt: skip
 
-    def __init__(self, manager: web.Server, *, connections: Connections, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._connections = connections
+    def __init__(self, server: _Server, loop: asyncio.AbstractEventLoop) -> None:
+        parser = HttpRequestParser(
+            self,
+            loop,
+            _READ_BUFSIZE,
+            max_line_size=_MAX_LINE,
+            max_field_size=_MAX_LINE,
+            max_headers=_MAX_HEADERS,
+            payload_exception=RequestPayloadError,
+            max_msg_queue_size=_MAX_QUEUED,
+        )
+        super().__init__(loop, parser)
+        self._server = server
+        self._adapter = server.adapter
+        self._connections = server.open
+        self._keepalive_timeout = server.keepalive_timeout
+        self._lingering_time = server.lingering_time
+        self._queue: deque[_Queued] = deque()
+        self._task: asyncio.Task[None] | None = None  # the request being handled or answered
+        self._payload: StreamReader | None = None  # its body
+        self._request_count = 0  # requests whose headers were parsed
+        self._idle_since = loop.time()  # when it opened or last finished a response
+        self._keepalive_handle: asyncio.TimerHandle | None = None
         self._header_timer: asyncio.TimerHandle | None = None
-        self._headers_seen = 0  # requests parsed when the timer was armed
+        self._headers_seen = 0  # requests parsed when the header timer was armed
+        self._close = False  # no request after the current one
+        self._force_close = False  # closed, or closing without answering
+        self._tail = b""  # what came after an upgrade request, parsed once it is answered
         self.reading_body = False  # set by the adapter while a body trickles in
 
+    # ------------------------------------------------------------ the cap's view
+
     def idle_since(self) -> float:
-        """When the connection opened or last finished a response (aiohttp's keep-alive mark)."""
-        return self._next_keepalive_close_time - self._keepalive_timeout
+        """When the connection opened or last finished a response."""
+        return self._idle_since
 
     def eviction_order(self) -> tuple[int, float]:
         """Which evictable connection goes first: one that never completed a request's headers
@@ -302,39 +487,283 @@ class _Connection(RequestHandler):
             rank = 1
         else:
             rank = 2
-        return rank, self.idle_since()
+        return rank, self._idle_since
 
     def evictable(self) -> bool:
         """Idle, still sending its headers, or still sending its body: no event in hand."""
-        return not self._force_close and (self._waiter is not None or self.reading_body)
+        return not self._force_close and (self._waiting or self.reading_body)
+
+    @property
+    def _waiting(self) -> bool:
+        """Waiting for a request (none in hand, none parsed and queued)."""
+        return self._task is None and not self._queue
+
+    @property
+    def remote(self) -> str | None:
+        """The client's address, as aiohttp's ``request.remote`` gives it."""
+        peer = None if self.transport is None else self.transport.get_extra_info("peername")
+        if peer is None:
+            return None
+        return str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
+
+    # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        assert self.transport is not None
+        tcp_keepalive(self.transport)
+        self._server.connection_made(self, self.transport)  # type: ignore[arg-type]
+        loop = self._loop
+        # Armed at once: nothing else protects against a connection that never sends a request.
+        self._idle_since = loop.time()
+        if self._keepalive_timeout > 0:
+            self._keepalive_handle = loop.call_at(
+                self._idle_since + self._keepalive_timeout, self._keepalive_check
+            )
         self._connections.opened(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._connections.closed(self)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._server.connection_lost(self, exc)
+        self._force_close = True
+        for handle in (self._header_timer, self._keepalive_handle):
+            if handle is not None:
+                handle.cancel()
+        self._header_timer = self._keepalive_handle = None
         super().connection_lost(exc)
+        payload = self._payload
+        if payload is not None and not payload.is_eof():  # a body still being read fails
+            payload.set_exception(exc or ConnectionResetError("Connection lost"))
+        self._queue.clear()
+        self._parser = None
+
+    def eof_received(self) -> None:
+        """The client half-closed: the transport closes (aiohttp's servers do the same)."""
 
     def data_received(self, data: bytes) -> None:
-        idle = self._waiter is not None  # waiting for a request: these bytes start its headers
-        super().data_received(data)
+        if self._force_close or self._close:
+            return
+        idle = self._waiting  # waiting for a request: these bytes start its headers
+        if self._upgraded:  # an upgrade request not answered yet: keep what follows it
+            self._tail += data
+            if not self._buffer_paused and len(self._tail) >= _READ_BUFSIZE:
+                self._pause_reading_for_buffer()
+            return
+        parsed = self._parse(data)
         if self._header_timer is not None:
             if self._request_count != self._headers_seen:  # the headers are complete
                 self._header_timer.cancel()
                 self._header_timer = None
-        elif idle and not self._messages and not self._force_close:
+        elif idle and not parsed and not self._force_close:
             self._headers_seen = self._request_count
             self._header_timer = self._loop.call_later(
                 self._connections.header_timeout, self._headers_overdue
             )
+        if parsed and self._task is None:
+            self._next()
+
+    def _parse(self, data: bytes) -> bool:
+        """Feed the parser; queue what it completed (a refusal in place of malformed HTTP)."""
+        assert self._parser is not None
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._request_count += 1
+            self._queue.append((_ParseError(exc), EMPTY_PAYLOAD))
+            return True
+        for message in messages:
+            self._request_count += 1
+            self._queue.append(message)
+        self._upgraded = upgraded
+        if upgraded and tail:
+            self._tail = tail
+        if not self._buffer_paused and len(self._queue) >= _MAX_QUEUED:
+            self._pause_reading_for_buffer()  # bounds what pipelining can pin
+        return bool(messages)
+
+    def _next(self) -> None:
+        """Answer the next queued request, in a task of its own."""
+        request, payload = self._queue.popleft()
+        assert self._parser is not None
+        self._parser.message_consumed()
+        if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+            self._resume_reading_if_drained()
+        self._payload = payload
+        self._task = self._loop.create_task(self._respond(request, payload))
+
+    def _resume_reading_if_drained(self) -> None:
+        if self._tail and len(self._tail) >= _READ_BUFSIZE:
+            return
+        if not self._upgraded:
+            # Parse what the parser holds while still paused, so that a refill past the limit
+            # does not pause again a paused transport; resume only if the queue stayed short.
+            self.data_received(b"")
+            if len(self._queue) >= _MAX_QUEUED:
+                return
+        self._resume_reading_for_buffer()
+
+    # ------------------------------------------------------------ one request
+
+    async def _respond(
+        self, request: RawRequestMessage | _ParseError, payload: StreamReader
+    ) -> None:
+        keep_alive = False
+        try:
+            keep_alive = await self._exchange(request, payload)
+        except Exception as exc:  # an answer aiohttp refused to write (header injection)
+            server_logger.exception("Unhandled exception", exc_info=exc)
+            self.force_close()
+        finally:
+            self._task = self._payload = None
+        if not (keep_alive and not self._close and not self._force_close):
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._idle_since = self._loop.time()
+        if self._keepalive_handle is None and self._keepalive_timeout > 0:
+            self._keepalive_handle = self._loop.call_at(
+                self._idle_since + self._keepalive_timeout, self._keepalive_check
+            )
+        if self._upgraded and not self._queue:
+            self._resume_after_upgrade()
+        if self._queue:
+            self._next()
+
+    async def _exchange(
+        self, request: RawRequestMessage | _ParseError, payload: StreamReader
+    ) -> bool:
+        """Answer ``request``; then drain what is left of its body (bounded by the lingering
+        time, so that the answer is not lost to a reset); whether the connection stays open."""
+        if isinstance(request, _ParseError):
+            answer = self._error_answer(_UNPARSED, 400, request.exc)
+            return await self._write(_UNPARSED, payload, answer)
+        try:
+            answer = await self._expect(request) or await self._adapter.answer(
+                self, request, payload
+            )
+        except TimeoutError:
+            answer = self._error_answer(request, 504, None)
+        except Exception as exc:  # a body that broke off, or a bug: answered, never a traceback
+            answer = self._error_answer(request, 500, exc)
+        keep_alive = await self._write(request, payload, answer)
+        if not payload.is_eof():
+            await self._linger(payload)
+        return keep_alive
+
+    async def _expect(self, request: RawRequestMessage) -> _Answer | None:
+        """``Expect: 100-continue`` answered as aiohttp's applications do; 417 for another."""
+        expect = request.headers.get("Expect")
+        if not expect or request.version != HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            return _Answer(_text(417, f"Unknown Expect: {expect}"))
+        if self.transport is not None:
+            self.transport.write(_CONTINUE)
+        return None
+
+    async def _write(
+        self, request: RawRequestMessage, payload: StreamReader, answer: _Answer
+    ) -> bool:
+        """Write ``answer``; whether the connection may serve another request."""
+        keep_alive = not (request.should_close or answer.close)
+        response = answer.response
+        head = encode_head(request, response, keep_alive)
+        if head is None:
+            return await self._write_with_aiohttp(request, payload, answer)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # the client left: nothing to answer
+        transport.write(head if request.method == "HEAD" else head + response.body)
+        if self._paused:  # the client reads slowly: wait, as aiohttp's writer does
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                return False
+        return keep_alive
+
+    async def _write_with_aiohttp(
+        self, request: RawRequestMessage, payload: StreamReader, answer: _Answer
+    ) -> bool:
+        """A response :func:`encode_head` does not write, written by ``web.Response``."""
+        writer = StreamWriter(self, self._loop)
+        task = asyncio.current_task()
+        assert task is not None
+        web_request = web.BaseRequest(request, payload, self, writer, task, self._loop)  # type: ignore[arg-type]
+        response = answer.response
+        web_response = web.Response(
+            status=response.status, body=response.body, headers=response.headers
+        )
+        if answer.close:
+            web_response.force_close()
+        try:
+            await web_response.prepare(web_request)
+            await web_response.write_eof()
+        except ConnectionError:
+            return False
+        return bool(web_response.keep_alive)
+
+    async def _linger(self, payload: StreamReader) -> None:
+        """Read and drop the rest of a body not read (a refusal before it), for the lingering
+        time at most; the connection closes after the answer if it did not all come."""
+        loop = self._loop
+        now = loop.time()
+        end = now + self._lingering_time
+        if not self._force_close and self._lingering_time:
+            try:
+                while not payload.is_eof() and now < end:
+                    async with ceil_timeout(end - now):
+                        await payload.readany()
+                    now = loop.time()
+            except (asyncio.CancelledError, TimeoutError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        if not payload.is_eof() and not self._force_close:
+            self._close = True
+
+    def _error_answer(
+        self, request: RawRequestMessage, status: int, exc: BaseException | None
+    ) -> _Answer:
+        """Malformed HTTP (400) or a failure while answering (500, 504): the platform's
+        envelope, one throttled log line without the raw bytes, the connection closed after."""
+        error = _protocol_error(status, exc)
+        log = self._connections.log
+        if isinstance(exc, HttpProcessingError):
+            log.warning("malformed HTTP request refused", key=error.message, error=error.message)
+        elif self.transport is not None:  # else the client left (during its body, say)
+            error_text = describe(exc) if exc is not None else error.message
+            log.error("request failed", key=error_text, status=error.status, error=error_text)
+        response = error_response(error, _trace_of(request.headers), self._connections.errors)
+        return _Answer(response, close=True)
+
+    def _resume_after_upgrade(self) -> None:
+        """An upgrade request was answered like any other: parse what came after it."""
+        assert self._parser is not None
+        self._parser.set_upgraded(False)
+        self._upgraded = False
+        tail, self._tail = self._tail, b""
+        if tail:
+            self._parse(tail)
+        if self._buffer_paused and len(self._queue) < _MAX_QUEUED:
+            self._resume_reading_if_drained()
+
+    # ------------------------------------------------------------ timers and closing
+
+    def _keepalive_check(self) -> None:
+        self._keepalive_handle = None
+        if self._force_close:
+            return
+        now = self._loop.time()
+        close_at = self._idle_since + self._keepalive_timeout
+        if now < close_at:  # it served a request since: wait for its own idle time
+            self._keepalive_handle = self._loop.call_at(close_at, self._keepalive_check)
+        elif self._waiting:
+            self.force_close()
+        # else a request is in hand: the timer starts again once it is answered
 
     def _headers_overdue(self) -> None:
         self._header_timer = None
-        if self._request_count == self._headers_seen and self._waiter is not None:
+        if self._request_count == self._headers_seen and self._waiting:
             self._connections.log.warning(
                 "connection closed: headers not complete in time",
                 key="headers",
@@ -342,31 +771,49 @@ class _Connection(RequestHandler):
             )
             self._connections.close(self)
 
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """aiohttp's answer to malformed HTTP (400) or a handler that raised (500, 504): the
-        platform's envelope, one throttled log line without the raw bytes, connection closed."""
-        if request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)  # raises: answer begun
-        error = _protocol_error(status, exc)
-        if isinstance(exc, HttpProcessingError):
-            self._connections.log.warning(
-                "malformed HTTP request refused", key=error.message, error=error.message
-            )
-        elif self.transport is not None:  # else the client left (during its body, say)
-            error_text = describe(exc) if exc is not None else error.message
-            self._connections.log.error(
-                "request failed", key=error_text, status=error.status, error=error_text
-            )
-        trace = trace_of(request)
-        response = to_web(error_response(error, trace, self._connections.errors))
-        response.force_close()
-        return response
+    def force_close(self) -> None:
+        """Close now, without answering what is in hand."""
+        self._force_close = True
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def close(self) -> None:
+        """Serve no request after the current one (at shutdown); an idle connection closes."""
+        self._close = True
+        if self._waiting:
+            self.force_close()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's call
+        """Let the request in hand finish within ``timeout`` seconds, then close."""
+        self._force_close = True
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                async with ceil_timeout(timeout):
+                    await asyncio.shield(task)
+            except (asyncio.CancelledError, TimeoutError):
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            task.cancel()
+        self.force_close()
+
+    # aiohttp's web.BaseRequest reads these (only for responses it writes).
+    @property
+    def ssl_context(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("sslcontext")
+
+    @property
+    def peername(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("peername")
+
+    @property
+    def sockname(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("sockname")
 
 
 def _protocol_error(status: int, exc: BaseException | None) -> WorkerError:
@@ -385,31 +832,33 @@ def _protocol_error(status: int, exc: BaseException | None) -> WorkerError:
     return WorkerError("internal error", status=status)
 
 
+async def _no_handler(request: web.BaseRequest) -> web.StreamResponse:
+    raise NotImplementedError("requests are answered by _Connection")
+
+
 class _Server(web.Server):
-    """aiohttp's server making :class:`_Connection` protocols."""
+    """aiohttp's low-level server (its runner, sites and shutdown) making :class:`_Connection`
+    protocols for ``adapter``."""
 
-    def __init__(self, made: web.Server, connections: Connections) -> None:
-        super().__init__(
-            made.request_handler,
-            request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation,
-            **made._kwargs,
-        )
+    def __init__(
+        self,
+        adapter: HttpAdapter,
+        connections: Connections,
+        *,
+        keepalive_timeout: float,
+        lingering_time: float,
+    ) -> None:
+        super().__init__(_no_handler)
+        self.adapter = adapter
         self.open = connections
+        self.keepalive_timeout = keepalive_timeout
+        self.lingering_time = lingering_time
 
-    def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, connections=self.open, **self._kwargs)
+    def __call__(self) -> _Connection:  # type: ignore[override]
+        return _Connection(self, self._loop)
 
-
-class _Runner(web.AppRunner):
-    __slots__ = ("_connections",)
-
-    def __init__(self, app: web.Application, connections: Connections, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._connections = connections
-
-    async def _make_server(self) -> web.Server:
-        return _Server(await super()._make_server(), self._connections)
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        self._connections.pop(handler, None)
 
 
 def app_runner(
@@ -419,7 +868,7 @@ def app_runner(
     keepalive_timeout: float,
     header_timeout: float = 10.0,
     max_connections: int = 1000,
-) -> web.AppRunner:
+) -> web.BaseRunner:
     """aiohttp's runner of ``adapter`` (not set up): in-flight events get ``grace`` seconds at
     cleanup; a connection idle for ``keepalive_timeout``, or whose request headers are not
     complete ``header_timeout`` seconds after their first byte, closes; at most
@@ -432,16 +881,46 @@ def app_runner(
         log=adapter._log,
     )
     return _Runner(
-        adapter.application(),
+        adapter,
         connections,
         shutdown_timeout=grace,
-        access_log=None,
-        handle_signals=False,
         keepalive_timeout=keepalive_timeout,
         # After a refusal (408, 413) the unread rest of a body is drained before closing, so
         # that the answer is not lost to a reset: for body_timeout at most (aiohttp: 10 s).
         lingering_time=adapter._body_timeout,
     )
+
+
+class _Runner(web.BaseRunner):
+    """Sets up a :class:`_Server` on the running loop (aiohttp's ``ServerRunner`` takes one
+    already made)."""
+
+    __slots__ = ("_adapter", "_connections", "_keepalive", "_lingering")
+
+    def __init__(
+        self,
+        adapter: HttpAdapter,
+        connections: Connections,
+        *,
+        shutdown_timeout: float,
+        keepalive_timeout: float,
+        lingering_time: float,
+    ) -> None:
+        super().__init__(handle_signals=False, shutdown_timeout=shutdown_timeout)
+        self._adapter = adapter
+        self._connections = connections
+        self._keepalive = keepalive_timeout
+        self._lingering = lingering_time
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def _make_server(self) -> web.Server:
+        return _Server(self._adapter, self._connections, keepalive_timeout=self._keepalive,
+                       lingering_time=self._lingering)  # fmt: skip
+
+    async def _cleanup_server(self) -> None:
+        pass
 
 
 async def serve(
