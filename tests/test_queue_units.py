@@ -23,6 +23,7 @@ from worker.adapters import open_source
 from worker.adapters.memory import MemorySource
 from worker.adapters.queue import (
     HOOKS,
+    Deadlines,
     Decision,
     Delivery,
     RetryPolicy,
@@ -321,6 +322,71 @@ async def test_a_settle_stuck_on_a_dead_connection_frees_its_slot_after_broker_t
     failed = log.find("settling a queue message failed; the broker will deliver it again")
     assert [line["ref"] for line in failed] == ["a"]  # b, c: the same error, within a second
     assert failed[0]["error"] == "TimeoutError"
+
+
+class StuckReceiveSource(FlakySource):
+    """A broker connection that died silently while the first receive waited on it."""
+
+    async def receive(self, limit: int) -> list[Delivery]:
+        if self.receive_failures:
+            self.receive_failures -= 1
+            await asyncio.Event().wait()
+        return await super().receive(limit)
+
+
+async def test_a_receive_stuck_on_a_dead_connection_fails_after_broker_timeout() -> None:
+    inbox, log, stop = StuckReceiveSource([b"a", b"b"]), FakeLog(), asyncio.Event()
+    inbox.settle_failures = 0
+    seen: list[bytes] = []
+
+    async def process(delivery: Delivery) -> Decision:
+        seen.append(delivery.body)
+        if len(seen) == 2:
+            stop.set()
+        return Decision(Verdict.ACK)
+
+    async with asyncio.timeout(10):
+        await pump(inbox, process, stop=stop, max_in_flight=4, grace=1.0, log=log, op_timeout=0.05)
+    assert log.find("receiving from the queue failed; trying again") == [
+        {"error": "TimeoutError", "retry_in": 0.1}
+    ]
+    assert seen == [b"a", b"b"]
+    assert inbox.settled == [(b"a", Verdict.ACK), (b"b", Verdict.ACK)]
+
+
+async def test_deadlines_tell_their_own_cancellation_from_any_other() -> None:
+    deadlines = Deadlines(0.05)
+    assert deadlines.period == 0.0125
+    outcomes: list[str] = []
+    forever = asyncio.Event()
+
+    async def wait(cancelled_by_others: asyncio.Event | None = None) -> None:
+        task = deadlines.begin()
+        try:
+            if cancelled_by_others is not None:
+                cancelled_by_others.set()
+            await forever.wait()
+        except asyncio.CancelledError:
+            outcomes.append("timed out" if deadlines.expired(task) else "cancelled")
+            if outcomes[-1] == "cancelled":
+                raise
+        finally:
+            deadlines.end(task)
+
+    async with asyncio.timeout(5):
+        await wait()  # nobody sets it: the deadline ends it
+        me = asyncio.current_task()
+        assert me is not None and me.cancelling() == 0  # its cancellation was taken back
+        waiting = asyncio.Event()
+        other = asyncio.create_task(wait(waiting))
+        await waiting.wait()
+        other.cancel()  # before its deadline
+        with pytest.raises(asyncio.CancelledError):
+            await other
+        quick = deadlines.begin()  # a wait that ends in time is left alone
+        deadlines.end(quick)
+    deadlines.close()
+    assert outcomes == ["timed out", "cancelled"]
 
 
 class DeadKeySource(FlakySource):

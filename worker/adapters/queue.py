@@ -486,7 +486,7 @@ class IntakeStatus:
     none yet); ``failures`` counts the receives failed since (``last_error`` the latest's
     ``Type: message``, ``failing_since`` when the first of them failed). ``beat_at`` is when the
     loop last went round, ``waiting`` whether it waits for a free slot (then no beat is due);
-    ``beat_bound`` is how long one round may take (a receive's timeout plus the longest backoff).
+    ``beat_bound`` is how long one round may take (a receive's bound plus the longest backoff).
     """
 
     state: str = "starting"
@@ -514,6 +514,66 @@ class IntakeStatus:
         return self.state == "running" and not self.waiting and late
 
 
+class Deadlines:
+    """Bounds on the waits of many tasks with one timer, not one each (an asyncio timeout per
+    settle costs more CPU than the settle): :meth:`begin` notes that the current task starts a
+    wait that must end within ``limit`` seconds, :meth:`end` that it ended; every ``limit / 4``
+    (a second at most) the tasks past their deadline are cancelled, and in the
+    ``CancelledError`` that follows, :meth:`expired` tells that cancellation (taken back: the
+    caller raises ``TimeoutError`` instead) from any other. A wait ends after ``limit`` plus
+    that period at most."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.period = min(1.0, limit / 4)
+        self._due: dict[asyncio.Task[Any], float] = {}  # in the order of their deadlines
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> asyncio.Task[Any]:
+        """The current task, now bounded."""
+        task = asyncio.current_task()
+        assert task is not None, "Deadlines.begin outside a task"
+        loop = task.get_loop()
+        self._due[task] = loop.time() + self.limit
+        if self._timer is None:
+            self._timer = loop.call_later(self.period, self._check)
+        return task
+
+    def end(self, task: asyncio.Task[Any]) -> None:
+        self._due.pop(task, None)
+        self._expired.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the ``CancelledError`` ``task`` got is its deadline's, and no other
+        cancellation is pending (then the cancellation is taken back)."""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() == 0
+
+    def _check(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = []
+        for task, due in self._due.items():
+            if due > now:
+                break
+            late.append(task)
+        for task in late:
+            del self._due[task]
+            self._expired.add(task)
+            task.cancel()
+        if self._due:
+            self._timer = loop.call_later(self.period, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class _Pump:
     def __init__(
         self,
@@ -529,11 +589,11 @@ class _Pump:
         self._process = process
         self._log = log
         self._throttle = Throttle(log)
-        self._op_timeout = op_timeout
+        self._deadlines = Deadlines(op_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._status = status
-        status.beat_bound = op_timeout + _RECEIVE_BACKOFF[1]
+        status.beat_bound = op_timeout + self._deadlines.period + _RECEIVE_BACKOFF[1]
 
     async def run(self, *, stop: asyncio.Event, max_in_flight: int, grace: float) -> None:
         watcher = asyncio.create_task(self._wake_on(stop))
@@ -545,6 +605,7 @@ class _Pump:
                 await self._drain(grace)
         finally:
             self._status.state = "stopped"
+            self._deadlines.close()
             watcher.cancel()
             await asyncio.wait([watcher])
 
@@ -564,11 +625,9 @@ class _Pump:
                 await self._wake.wait()
                 status.waiting = False
                 continue
-            try:
-                async with asyncio.timeout(self._op_timeout):
-                    batch = await self._source.receive(free)
-            except Exception as exc:  # broker trouble: keep the worker alive and try again
-                error = describe(exc)
+            batch = await self._receive(free)
+            if isinstance(batch, Exception):  # broker trouble: keep the worker alive, try again
+                error = describe(batch)
                 status.failed(error, loop.time())
                 if self._metrics is not None:
                     self._metrics.receive_failures.inc()
@@ -591,6 +650,37 @@ class _Pump:
                 task.add_done_callback(self._done)
             status.in_flight = len(self._tasks)
 
+    async def _receive(self, free: int) -> Sequence[Delivery] | Exception:
+        """Up to ``free`` deliveries, or what failed the receive (``TimeoutError`` when it took
+        longer than the broker timeout)."""
+        task = self._deadlines.begin()
+        try:
+            return await self._source.receive(free)
+        except asyncio.CancelledError:
+            if not self._deadlines.expired(task):
+                raise
+            return TimeoutError()
+        except Exception as exc:
+            return exc
+        finally:
+            self._deadlines.end(task)
+
+    async def _settle(self, delivery: Delivery, decision: Decision) -> Exception | None:
+        """What failed the settle, if it failed (``TimeoutError`` when it took longer than the
+        broker timeout: a dead connection must not hold the slot, whatever the source does)."""
+        task = self._deadlines.begin()
+        try:
+            await self._source.settle(delivery, decision)
+        except asyncio.CancelledError:
+            if not self._deadlines.expired(task):
+                raise
+            return TimeoutError()
+        except Exception as exc:
+            return exc
+        finally:
+            self._deadlines.end(task)
+        return None
+
     @staticmethod
     def _count_received(batch: Sequence[Delivery], metrics: QueueMetrics) -> None:
         metrics.received.inc(len(batch))
@@ -610,15 +700,12 @@ class _Pump:
             self._log.exception("processing a queue message failed", ref=delivery.ref)
             reason = f"WORKER_ERROR: {type(exc).__name__}"
             decision = Decision(Verdict.DEAD, reason=reason, envelope=published_envelope(delivery))
-        try:
-            # Bounded whatever the source does: a dead connection must not hold the slot.
-            async with asyncio.timeout(self._op_timeout):
-                await self._source.settle(delivery, decision)
-        except Exception as exc:
+        failed = await self._settle(delivery, decision)
+        if failed is not None:
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()
             token, span = current_trace.set(decision.trace), current_span_id.set(decision.span_id)
-            error = describe(exc)
+            error = describe(failed)
             self._throttle.error(
                 "settling a queue message failed; the broker will deliver it again",
                 key=error,
@@ -690,7 +777,8 @@ async def pump(
 ) -> None:
     """Receive from ``source``, process at most ``max_in_flight`` at once, settle each; drain on
     ``stop`` (``grace`` seconds, then cancel the rest, which stays unsettled). One receive and
-    one settle may take ``op_timeout`` seconds at most (then it counts as failed). ``status``,
+    one settle may take ``op_timeout`` seconds (then it counts as failed; the bound is checked
+    every ``op_timeout / 4``, a second at most, see :class:`Deadlines`). ``status``,
     when given, follows the loop for health probes (see :class:`IntakeStatus`); ``metrics``
     count what is received and how each message was settled.
 

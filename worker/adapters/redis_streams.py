@@ -58,7 +58,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,16 +373,25 @@ def reply_error(value: Any) -> ResponseError | None:
     return ResponseError(str(value)) if isinstance(value, RespError) else None
 
 
+#: Called with a call's replies, or with the exception it failed with.
+Answer = Callable[[list[Any] | BaseException], None]
+
+
 class Wire(asyncio.Protocol):
     """One connection: commands are written as they come (pipelined) and each caller waits for
-    as many replies as it sent commands, which Redis sends back in order. Any failure (the
-    connection lost, bytes that are not RESP, a caller giving up on a reply) breaks it: every
-    caller waiting on it fails, and the :class:`Link` opens a new one for the next command."""
+    as many replies as it sent commands, which Redis sends back in order: on a future, or by
+    an :data:`Answer` called as the replies are parsed (no turn of the event loop in between).
+    Any failure (the connection lost, bytes that are not RESP, a caller giving up on a reply)
+    breaks it: every caller waiting on it fails, and the :class:`Link` opens a new one for the
+    next command."""
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._loop = asyncio.get_running_loop()
         self._reader = RespReader()
-        self._waiting: deque[tuple[asyncio.Future[list[Any]], int, list[Any]]] = deque()
+        # each caller: its future or answer, how many replies, those received, when it wrote
+        self._waiting: deque[tuple[asyncio.Future[list[Any]] | Answer, int, list[Any], float]]
+        self._waiting = deque()
         self._transport: asyncio.Transport | None = None
         self.broken: RedisError | None = None
 
@@ -401,12 +410,14 @@ class Wire(asyncio.Protocol):
             if not waiting:
                 self.fail(RedisConnectionError(f"{self._name}: a reply nobody asked for"))
                 return
-            future, count, got = waiting[0]
+            waiter, count, got, _ = waiting[0]
             got.append(value)
             if len(got) == count:
                 waiting.popleft()
-                if not future.done():
-                    future.set_result(got)
+                if not isinstance(waiter, asyncio.Future):
+                    waiter(got)
+                elif not waiter.done():
+                    waiter.set_result(got)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = "closed by the server" if exc is None else str(exc) or type(exc).__name__
@@ -419,17 +430,38 @@ class Wire(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         while self._waiting:
-            future = self._waiting.popleft()[0]
-            if not future.done():
-                future.set_exception(error)
+            _settle_waiter(self._waiting.popleft()[0], error)
 
     def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write ``payload`` (``replies`` commands); the future of their replies."""
-        assert self._transport is not None and self.broken is None
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((future, replies, []))
-        self._transport.write(payload)
+        future = self._loop.create_future()
+        self.send_then(payload, replies, future)
         return future
+
+    def send_then(
+        self, payload: bytes, replies: int, waiter: asyncio.Future[list[Any]] | Answer
+    ) -> None:
+        """Write ``payload`` (``replies`` commands); their replies go to ``waiter``."""
+        assert self._transport is not None and self.broken is None
+        self._waiting.append((waiter, replies, [], self._loop.time()))
+        self._transport.write(payload)
+
+    def oldest(self) -> float | None:
+        """When the oldest caller still waiting wrote its commands (Redis answers it first)."""
+        return self._waiting[0][3] if self._waiting else None
+
+    def expire(self, reason: str) -> None:
+        """Give up on the oldest caller (``TimeoutError``), and so on the connection."""
+        oldest = self._waiting.popleft()[0]
+        self.fail(RedisConnectionError(f"{self._name}: {reason}"))  # first: broken for all
+        _settle_waiter(oldest, TimeoutError(f"{self._name}: {reason}"))
+
+
+def _settle_waiter(waiter: asyncio.Future[list[Any]] | Answer, error: BaseException) -> None:
+    if not isinstance(waiter, asyncio.Future):
+        waiter(error)
+    elif not waiter.done():
+        waiter.set_exception(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,14 +508,20 @@ class Address:
 class Link:
     """A :class:`Wire` opened on first use and opened again after it broke; connecting and each
     reply bounded by ``timeout``. A call that times out or is cancelled breaks the connection
-    (Redis may be gone; a blocked read's entries would reach nobody)."""
+    (Redis may be gone; a blocked read's entries would reach nobody).
+
+    Replies are not bounded by a timer each (asyncio's timers cost more than a command here):
+    while commands wait, one timer checks every ``timeout / 4`` (a second at most) how long the
+    oldest has waited, so a reply is given up after ``timeout`` plus that period at most."""
 
     def __init__(self, address: Address, timeout: float) -> None:
         self._address = address
         self._timeout = timeout
+        self._period = min(1.0, timeout / 4)
         self._wire: Wire | None = None
         self._opening = asyncio.Lock()
         self._tasks: set[asyncio.Task[list[Any]]] = set()  # calls of start() connecting first
+        self._watch: asyncio.TimerHandle | None = None
 
     async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
         """The replies to ``payload`` (``replies`` commands; error replies as values)."""
@@ -498,28 +536,48 @@ class Link:
             wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
             raise
 
-    def start(self, payload: bytes, replies: int = 1) -> asyncio.Future[list[Any]]:
-        """:meth:`call` without a coroutine while the connection is up (a write and a timer);
-        a task that connects first when it is not."""
+    def start(self, payload: bytes, answer: Answer) -> None:
+        """:meth:`call` without a coroutine: ``answer`` gets the replies of ``payload`` (one
+        command), as they are parsed while the connection is up; through a task that connects
+        first when it is not."""
         wire = self._wire
-        if wire is None or wire.broken is not None:
-            task = asyncio.get_running_loop().create_task(self.call(payload, replies))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return task
-        return self._send(wire, payload, replies)
+        if wire is not None and wire.broken is None:
+            wire.send_then(payload, 1, answer)
+            self._watching()
+            return
+        task = asyncio.get_running_loop().create_task(self.call(payload))
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._answered(done, answer))
+
+    def _answered(self, task: asyncio.Task[list[Any]], answer: Answer) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            answer(RedisConnectionError(f"{self._address.name}: closed"))
+        else:
+            answer(task.exception() or task.result())
 
     def _send(self, wire: Wire, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """``payload`` written; the future of its replies, failed when they take too long."""
         future = wire.send(payload, replies)
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, wire, future)
-        future.add_done_callback(lambda _: timer.cancel())
+        self._watching()
         return future
 
-    def _expire(self, wire: Wire, future: asyncio.Future[list[Any]]) -> None:
-        if not future.done():
-            future.set_exception(TimeoutError(f"no reply from {self._address.name} in time"))
-            wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
+    def _watching(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
+
+    def _check(self) -> None:
+        """Give the connection up when its oldest command waited ``timeout``; check again
+        while commands wait."""
+        self._watch, wire = None, self._wire
+        since = None if wire is None or wire.broken is not None else wire.oldest()
+        if wire is None or since is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - since >= self._timeout:
+            wire.expire(f"no reply within {self._timeout:g} s")
+        else:
+            self._watch = loop.call_later(self._period, self._check)
 
     async def _open(self) -> Wire:
         async with self._opening:
@@ -558,6 +616,9 @@ class Link:
             wire.fail(RedisConnectionError(f"{self._address.name}: closed"))
         for task in self._tasks:
             task.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
 
 class LuaScript:
@@ -624,16 +685,15 @@ class Settler:
             self._args, *(args for _, args, _ in batch),
         ])  # fmt: skip
         self._calls += 1
-        reply = self._link.start(payload)
-        reply.add_done_callback(lambda done: self._answer(batch, whole, done))
+        self._link.start(payload, lambda reply: self._answer(batch, whole, reply))
 
     def _answer(
         self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool,
-        reply: asyncio.Future[list[Any]],
+        reply: list[Any] | BaseException,
     ) -> None:  # fmt: skip
         self._calls -= 1
         try:
-            self._judge(batch, whole, _outcome(reply))
+            self._judge(batch, whole, reply if isinstance(reply, BaseException) else reply[0])
         finally:
             if self._queued and not self._calls:
                 self._flush()
@@ -659,14 +719,6 @@ class Settler:
         for _, _, future in batch:
             if not future.done():
                 future.set_exception(error)
-
-
-def _outcome(reply: asyncio.Future[list[Any]]) -> Any:
-    """The one reply of a call, or the exception it failed with."""
-    if reply.cancelled():
-        return RedisConnectionError("the settle call was cancelled (the source closed)")
-    error = reply.exception()
-    return error if error is not None else reply.result()[0]
 
 
 def _text(value: Any) -> str:
@@ -711,6 +763,7 @@ class RedisStreamSource:
             [o.group, str(o.dead_letter_maxlen), str(REPLY_MAXLEN), str(REPLY_TTL)],
         )  # fmt: skip
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
+        self._new_reads: dict[tuple[int, int | None], bytes] = {}
         self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
         self._claim_cursor = b"0-0"
@@ -857,10 +910,18 @@ class RedisStreamSource:
 
     async def _read(self, start: bytes, count: int, block: int | None) -> Named:
         """XREADGROUP at ``start``: each entry's id and fields (``None``: deleted meanwhile)."""
-        args = [*self._read_head, b"COUNT", b"%d" % count]
-        if block is not None:
-            args += [b"BLOCK", b"%d" % block]
-        [reply] = await self._reads.call(pack(*args, b"STREAMS", self._stream_key, start))
+        key = (count, block)
+        payload = self._new_reads.get(key) if start == b">" else None
+        if payload is None:
+            args = [*self._read_head, b"COUNT", b"%d" % count]
+            if block is not None:
+                args += [b"BLOCK", b"%d" % block]
+            payload = pack(*args, b"STREAMS", self._stream_key, start)
+            if start == b">":  # the usual read: packed once per count asked for
+                if len(self._new_reads) >= 1024:
+                    self._new_reads.clear()
+                self._new_reads[key] = payload
+        [reply] = await self._reads.call(payload)
         error = reply_error(reply)
         if error is not None:
             raise error
@@ -929,9 +990,9 @@ class RedisStreamSource:
         """``batch`` without what is in flight here already, which is now in flight. Nor what
         was settled while this receive ran: Redis may have answered the read before the ack,
         whose reply came first."""
-        held = self._in_flight | self._settled_meanwhile
-        batch = [delivery for delivery in batch if delivery.message.id not in held]
-        self._in_flight.update(delivery.message.id for delivery in batch)
+        held, settled = self._in_flight, self._settled_meanwhile
+        batch = [d for d in batch if d.message.id not in held and d.message.id not in settled]
+        held.update(delivery.message.id for delivery in batch)
         return batch
 
     # ------------------------------------------------------------ settling
