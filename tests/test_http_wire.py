@@ -10,6 +10,7 @@ an unread body after a refusal, upgrades).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,6 +44,8 @@ class _Ready:
 
 async def _plugin(view: Any, ctx: Any) -> Any:
     body = view.body if isinstance(view.body, dict) else {}
+    if "size" in body:
+        return {"size": len(body["size"])}
     if "status" in body:
         payload = orjson.dumps(body["body"]) if "body" in body else b""
         return Response(body["status"], payload, body.get("headers", {}))
@@ -51,12 +54,18 @@ async def _plugin(view: Any, ctx: Any) -> Any:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
+    async with _serving(max_body_bytes=1000) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def _serving(*, max_body_bytes: int) -> AsyncIterator[int]:
     log = CapturingLog()
     dispatcher = make_dispatcher(Router().nonspecific(_plugin), log=log, settings=kit_settings())
     adapter = HttpAdapter(
         dispatcher,
         max_in_flight=16,
-        max_body_bytes=1000,
+        max_body_bytes=max_body_bytes,
         health=Health([_Ready()], errors=dispatcher.error_context),
         log=log,
         body_timeout=0.5,
@@ -178,6 +187,27 @@ EXCHANGES = [
 @pytest.mark.parametrize(("chunks", "expected"), EXCHANGES)
 async def test_the_wire_is_aiohttps(port: int, chunks: list[bytes], expected: str) -> None:
     assert await _exchange(port, b"".join(chunks), expected) == expected
+
+
+async def test_a_body_larger_than_the_read_buffer_pauses_reading_and_is_read_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the body reader's high-water mark the parser and the socket pause; reading the
+    body resumes them, and the next request on the connection is answered."""
+    pauses: list[None] = []
+    pause = _Connection.pause_reading
+
+    def counted(connection: _Connection) -> None:
+        pauses.append(None)
+        pause(connection)
+
+    monkeypatch.setattr(_Connection, "pause_reading", counted)
+    body = orjson.dumps({"size": "x" * 700_000})
+    async with _serving(max_body_bytes=2_000_000) as served:
+        expected = "HTTP/1.1 200 OK\r\n" + OK_HEAD.replace("Length: 11", "Length: 15")
+        expected += '\r\n{"size":700000}' + OK
+        assert await _exchange(served, _post(body) + _post(), expected) == expected
+    assert pauses
 
 
 # ---------------------------------------------------------------- encode_head vs aiohttp

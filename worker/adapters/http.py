@@ -540,6 +540,12 @@ class _Connection(BaseProtocol):
     def eof_received(self) -> None:
         """The client half-closed: the transport closes (aiohttp's servers do the same)."""
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # A body's reader calls this after every read that leaves it under its low-water mark,
+        # paused or not; re-feeding the parser an empty chunk each time cost a parse per event.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
