@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from worker.errors import AuthError, EventError, PayloadTooLarge
 from worker.tracing import TraceContext, new_trace, trace_from_headers
@@ -71,7 +72,7 @@ def hook_from_header(value: str | None) -> tuple[HookType, bool]:
     """
     if value is None:
         return HookType.NONSPECIFIC, False
-    hook = _HOOKS_BY_NAME.get(value.strip().upper())
+    hook = _HOOKS_BY_NAME.get(value) or _HOOKS_BY_NAME.get(value.strip().upper())
     if hook is None:
         return HookType.NONSPECIFIC, False
     return hook, True
@@ -101,11 +102,53 @@ def lower_headers(headers: Mapping[str, Any]) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in headers.items() if v is not None}
 
 
+class _LowerCased(Mapping[str, str]):
+    """An HTTP request's headers (aiohttp's multidict, names in any case) read as the dict
+    :func:`lower_headers` makes of them (lower-case names, a repeated name's last value), without
+    making it unless they are iterated: an event reads two or three of them, and copying every
+    header per event cost more than the rest of building the event. Names are looked up without
+    regard to case."""
+
+    __slots__ = ("_copy", "_headers")
+
+    def __init__(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> None:
+        self._headers = headers
+        self._copy: dict[str, str] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        values = self._headers.getall(key, None)
+        return default if values is None else values[-1]
+
+    def __getitem__(self, key: str) -> str:
+        values = self._headers.getall(key, None)
+        if values is None:
+            raise KeyError(key)
+        return values[-1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lowered())
+
+    def __len__(self) -> int:
+        return len(self._lowered())
+
+    def __repr__(self) -> str:
+        return repr(self._lowered())
+
+    def _lowered(self) -> dict[str, str]:
+        if self._copy is None:
+            self._copy = lower_headers(self._headers)
+        return self._copy
+
+
 def event_from_http(
     headers: Mapping[str, str], body: bytes, *, received_at: float, deadline: float | None = None
 ) -> Event:
     """An event from a direct HTTP call: headers (any case) and the raw body."""
-    normalized = lower_headers(headers)
+    normalized: Mapping[str, str]
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        normalized = _LowerCased(headers)
+    else:
+        normalized = lower_headers(headers)
     hook, known = hook_from_header(normalized.get("hooktype"))
     trace = trace_from_headers(normalized)
     return Event(hook, normalized, body, received_at, known, deadline, trace)
