@@ -45,6 +45,7 @@ from worker.bench.queue_hook import ChannelPool, QueueRun
 from worker.bench.redisload import envelope_template
 from worker.bench.upstream import Upstream
 
+_REPLY_WAIT = 120.0  # seconds for one reply, even under valgrind
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
 
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tool", choices=("callgrind", "cprofile", "none"), default="callgrind")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", default="", help="keep dumps/profiles here [a temp dir]")
+    parser.add_argument("--preload", default="", help="a module the targets import first "
+                        "(e.g. one replacing the dispatcher, to measure an adapter alone)")
     return parser
 
 
@@ -82,37 +85,50 @@ class Target:
             raise RuntimeError(f"callgrind_control {flags} failed: {err.decode()[-500:]}")
 
 
-def _command(tool: str, out: Path, mode: str, args: list[str]) -> list[str]:
+def _command(tool: str, out: Path, mode: str, args: list[str], preload: str) -> list[str]:
     """The ``python -m`` argument list of a target under ``tool`` (procs.launch adds python)."""
+    here = ["scripts.callgrind_queue", "--preload-then", preload] if preload else []
     if tool == "cprofile":  # CPU time, not wall time: waiting in epoll costs nothing
-        return ["scripts.callgrind_queue", "--profile-to", str(out / f"{mode}.pstats"), *args]
-    return args
+        return ["scripts.callgrind_queue", "--profile-to", str(out / f"{mode}.pstats"),
+                *here, *args]  # fmt: skip
+    return [*here, *args] if here else args
 
 
 def _profile(path: str, args: list[str]) -> None:
     """Run ``python -m ARGS`` under cProfile on the process's CPU clock; stats to ``path``."""
     import cProfile
-    import runpy
 
     profiler = cProfile.Profile(time.process_time)
-    sys.argv = [args[0], *args[1:]]
     profiler.enable()
     try:
-        runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+        _run_module(args)
     finally:
         profiler.disable()
         profiler.dump_stats(path)
 
 
+def _run_module(args: list[str]) -> None:
+    """``python -m ARGS`` in this process (``--preload-then MODULE`` imports MODULE first)."""
+    import importlib
+    import runpy
+
+    if args[:1] == ["scripts.callgrind_queue"] and args[1:2] == ["--preload-then"]:
+        importlib.import_module(args[2])
+        args = args[3:]
+    sys.argv = [args[0], *args[1:]]
+    runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+
+
 async def _launch(
-    tool: str, out: Path, mode: str, args: list[str], env: dict[str, str]
+    tool: str, out: Path, mode: str, args: list[str], env: dict[str, str], preload: str
 ) -> procs.Proc:
     """``python -m ARGS`` under ``tool``: valgrind wraps the interpreter itself."""
+    command = _command(tool, out, mode, args, preload)
     if tool != "callgrind":
-        return await procs.launch(mode, _command(tool, out, mode, args), env, 0, out)
+        return await procs.launch(mode, command, env, 0, out)
     valgrind = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={out / f'{mode}.callgrind'}", sys.executable, "-m", *args,
+        f"--callgrind-out-file={out / f'{mode}.callgrind'}", sys.executable, "-m", *command,
     ]  # fmt: skip
     stdout, stderr = (out / f"{mode}.log").open("wb"), (out / f"{mode}.stderr").open("wb")
     try:
@@ -127,7 +143,7 @@ async def _launch(
 
 
 async def _start(
-    mode: str, tool: str, out: Path, upstream: Upstream, queue: QueueRun | None
+    mode: str, tool: str, out: Path, upstream: Upstream, queue: QueueRun | None, preload: str
 ) -> Target:
     port = procs.free_port()
     kind = "queue" if mode == "queue" else "worker"
@@ -135,7 +151,7 @@ async def _start(
     args = procs.target_args(kind, "worker-queue" if queue else "worker", port, upstream.url,
                              source)  # fmt: skip
     env = procs.target_env("worker", port, upstream.url, upstream.identity, None)
-    proc = await _launch(tool, out, mode, args, env)
+    proc = await _launch(tool, out, mode, args, env, preload)
     proc.port = port
     if queue is not None:
         await queue.wait_consuming(proc, timeout=600.0)
@@ -151,7 +167,8 @@ async def _send(target: Target, source: RequestSource, concurrency: int, events:
 
     async def one(channel: Any, n: int) -> None:
         for i in range(n):
-            reply = await channel.send(source.next())
+            async with asyncio.timeout(_REPLY_WAIT):  # a message that gets no reply stops it
+                reply = await channel.send(source.next())
             problem = check(reply, i == 0)
             if problem:
                 raise RuntimeError(f"{target.mode}: {problem}")
@@ -162,6 +179,12 @@ async def _send(target: Target, source: RequestSource, concurrency: int, events:
                 group.create_task(one(channel, n))
     finally:
         target.pool.give(channels)
+
+
+def _user_system(pid: int) -> tuple[int, int]:
+    """The process's user and system CPU so far, in clock ticks (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]), int(fields[12])
 
 
 def _dump_total(path: Path) -> int:
@@ -177,19 +200,22 @@ async def _measure(
     await _send(target, source, level, warm)
     await target.control(tool, "-z")
     redis = target.redis_pid
+    ticks = _user_system(target.proc.pid)
     before = procstat.cpu_seconds(target.proc.pid)
     redis_before = procstat.cpu_seconds(redis) if redis else 0.0
     started = time.perf_counter()
     await _send(target, source, level, n)
     wall = time.perf_counter() - started
     cpu = procstat.cpu_seconds(target.proc.pid) - before
+    user, system = (b - a for a, b in zip(ticks, _user_system(target.proc.pid), strict=True))
     redis_cpu = procstat.cpu_seconds(redis) - redis_before if redis else None
     await target.control(tool, "-d")
     figure = f"{target.mode:5} c={level:<3} {n} events in {wall:.1f} s"
     if redis_cpu is not None:  # the shared server: other clients' commands count too
         figure += f"  redis-server {redis_cpu / n * 1e6:.0f} µs/event"
     if tool != "callgrind":
-        return f"{figure}  cpu {cpu / n * 1e6:.0f} µs/event"
+        share = f"{100 * system / (user + system):.0f} % in the kernel" if user + system else ""
+        return f"{figure}  cpu {cpu / n * 1e6:.0f} µs/event ({share})"
     target.dumps += 1
     total = _dump_total(out / f"{target.mode}.callgrind.{target.dumps}")
     return f"{figure}  {total / n:,.0f} instructions/event"
@@ -203,7 +229,7 @@ async def _serve(
     queue = await QueueRun.open(options.redis) if mode == "queue" else None
     lines: list[str] = []
     try:
-        target = await _start(mode, options.tool, out, upstream, queue)
+        target = await _start(mode, options.tool, out, upstream, queue, options.preload)
         try:
             if mode == "queue":
                 templates = [envelope_template(e.headers, e.body) for e in events]
@@ -230,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--profile-to"]:  # the target side of --tool cprofile
         _profile(argv[1], argv[2:])
+        return 0
+    if argv[:1] == ["--preload-then"]:  # the target side of --preload
+        _run_module(["scripts.callgrind_queue", *argv])
         return 0
     options = _parser().parse_args(argv)
     if options.tool == "callgrind" and shutil.which("callgrind_control") is None:

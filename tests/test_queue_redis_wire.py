@@ -298,6 +298,32 @@ async def test_settles_go_together_each_with_its_own_result(
         await client.aclose()
 
 
+async def test_retries_move_back_after_redis_lost_the_mover_script(
+    own_redis: RedisServer,
+) -> None:
+    client = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    try:
+        await client.xadd(stream, {"envelope": message("k")})
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}&retry_delay=0.01"
+        async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
+            [first] = await _receive(source, 1)
+            await source.settle(first, Decision(Verdict.RETRY, reason="again", delay=0.01))
+            await client.script_flush()  # the mover, sent with a read, answers NOSCRIPT
+            [again] = await _receive(source, 1)
+            await source.settle(again, Decision(Verdict.ACK))
+            stats: Any = await client.info("commandstats")
+        # moved by the mover sent whole on its own, not by the one that goes with XAUTOCLAIM
+        # (the first at start, the next 5 s later)
+        assert stats["cmdstat_xautoclaim"]["calls"] == 1
+        assert (first.attempt, again.attempt) == (1, 2)
+        assert again.body == first.body
+        assert await client.xlen(stream) == 0
+        assert await client.zcard(f"{stream}:retry") == 0
+    finally:
+        await client.aclose()
+
+
 async def _receive(source: RedisStreamSource, count: int) -> list[Any]:
     got: list[Any] = []
     async with asyncio.timeout(10.0):

@@ -45,6 +45,7 @@ its dead letter, which holds the envelope as published (:func:`published_envelop
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -526,7 +527,11 @@ class Deadlines:
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.period = min(1.0, limit / 4)
-        self._due: dict[asyncio.Task[Any], float] = {}  # in the order of their deadlines
+        # No clock read per wait: a check counts one more round; a wait begun in round r has
+        # lasted ``limit`` once round r + 1 + ``_rounds`` starts.
+        self._rounds = math.ceil(limit / self.period - 1e-9)
+        self._round = 0
+        self._due: dict[asyncio.Task[Any], int] = {}  # the round each began in, in order
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -534,10 +539,9 @@ class Deadlines:
         """The current task, now bounded."""
         task = asyncio.current_task()
         assert task is not None, "Deadlines.begin outside a task"
-        loop = task.get_loop()
-        self._due[task] = loop.time() + self.limit
+        self._due[task] = self._round
         if self._timer is None:
-            self._timer = loop.call_later(self.period, self._check)
+            self._timer = task.get_loop().call_later(self.period, self._check)
         return task
 
     def end(self, task: asyncio.Task[Any]) -> None:
@@ -554,11 +558,11 @@ class Deadlines:
 
     def _check(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        self._round += 1
+        last = self._round - 1 - self._rounds  # begun in this round or before: past the limit
         late = []
-        for task, due in self._due.items():
-            if due > now:
+        for task, began in self._due.items():
+            if began > last:
                 break
             late.append(task)
         for task in late:
@@ -566,7 +570,7 @@ class Deadlines:
             self._expired.add(task)
             task.cancel()
         if self._due:
-            self._timer = loop.call_later(self.period, self._check)
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._check)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -642,13 +646,16 @@ class _Pump:
             status.received(loop.time())
             if not batch:
                 await asyncio.sleep(0)  # a receive that never suspends must not starve the loop
-            elif self._metrics is not None:
-                self._count_received(batch, self._metrics)
+                continue
+            again = 0
             for delivery in batch:
+                again += delivery.redelivered
                 task = group.create_task(self._one(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
             status.in_flight = len(self._tasks)
+            if self._metrics is not None:
+                self._count_received(len(batch), again, self._metrics)
 
     async def _receive(self, free: int) -> Sequence[Delivery] | Exception:
         """Up to ``free`` deliveries, or what failed the receive (``TimeoutError`` when it took
@@ -682,9 +689,8 @@ class _Pump:
         return None
 
     @staticmethod
-    def _count_received(batch: Sequence[Delivery], metrics: QueueMetrics) -> None:
-        metrics.received.inc(len(batch))
-        again = sum(1 for delivery in batch if delivery.redelivered)
+    def _count_received(received: int, again: int, metrics: QueueMetrics) -> None:
+        metrics.received.inc(received)
         if again:
             metrics.redelivered.inc(again)
 

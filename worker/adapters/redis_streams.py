@@ -60,6 +60,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -389,8 +390,8 @@ class Wire(asyncio.Protocol):
         self._name = name
         self._loop = asyncio.get_running_loop()
         self._reader = RespReader()
-        # each caller: its future or answer, how many replies, those received, when it wrote
-        self._waiting: deque[tuple[asyncio.Future[list[Any]] | Answer, int, list[Any], float]]
+        # each caller: its future or answer, how many replies, those received
+        self._waiting: deque[tuple[asyncio.Future[list[Any]] | Answer, int, list[Any]]]
         self._waiting = deque()
         self._transport: asyncio.Transport | None = None
         self.broken: RedisError | None = None
@@ -410,7 +411,7 @@ class Wire(asyncio.Protocol):
             if not waiting:
                 self.fail(RedisConnectionError(f"{self._name}: a reply nobody asked for"))
                 return
-            waiter, count, got, _ = waiting[0]
+            waiter, count, got = waiting[0]
             got.append(value)
             if len(got) == count:
                 waiting.popleft()
@@ -434,21 +435,21 @@ class Wire(asyncio.Protocol):
 
     def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write ``payload`` (``replies`` commands); the future of their replies."""
+        assert self._transport is not None and self.broken is None
         future = self._loop.create_future()
-        self.send_then(payload, replies, future)
+        self._waiting.append((future, replies, []))
+        self._transport.write(payload)
         return future
 
-    def send_then(
-        self, payload: bytes, replies: int, waiter: asyncio.Future[list[Any]] | Answer
-    ) -> None:
-        """Write ``payload`` (``replies`` commands); their replies go to ``waiter``."""
+    def send_then(self, payload: bytes, replies: int, answer: Answer) -> None:
+        """Write ``payload`` (``replies`` commands); their replies go to ``answer``."""
         assert self._transport is not None and self.broken is None
-        self._waiting.append((waiter, replies, [], self._loop.time()))
+        self._waiting.append((answer, replies, []))
         self._transport.write(payload)
 
-    def oldest(self) -> float | None:
-        """When the oldest caller still waiting wrote its commands (Redis answers it first)."""
-        return self._waiting[0][3] if self._waiting else None
+    def oldest(self) -> object | None:
+        """The caller Redis owes a reply first (the same object while it waits), if any."""
+        return self._waiting[0] if self._waiting else None
 
     def expire(self, reason: str) -> None:
         """Give up on the oldest caller (``TimeoutError``), and so on the connection."""
@@ -511,8 +512,9 @@ class Link:
     (Redis may be gone; a blocked read's entries would reach nobody).
 
     Replies are not bounded by a timer each (asyncio's timers cost more than a command here):
-    while commands wait, one timer checks every ``timeout / 4`` (a second at most) how long the
-    oldest has waited, so a reply is given up after ``timeout`` plus that period at most."""
+    while commands wait, one timer looks every ``timeout / 4`` (a second at most) at the
+    caller Redis owes a reply first, and gives the connection up once the same one has waited
+    ``timeout`` (plus that period at most) for it."""
 
     def __init__(self, address: Address, timeout: float) -> None:
         self._address = address
@@ -522,6 +524,8 @@ class Link:
         self._opening = asyncio.Lock()
         self._tasks: set[asyncio.Task[list[Any]]] = set()  # calls of start() connecting first
         self._watch: asyncio.TimerHandle | None = None
+        self._owed: object | None = None  # the caller owed a reply first at the last look
+        self._owed_since = 0.0  # when that look saw it first
 
     async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
         """The replies to ``payload`` (``replies`` commands; error replies as values)."""
@@ -529,7 +533,9 @@ class Link:
         if wire is None or wire.broken is not None:
             async with asyncio.timeout(self._timeout):
                 wire = await self._open()
-        future = self._send(wire, payload, replies)
+        future = wire.send(payload, replies)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
         try:
             return await future
         except asyncio.CancelledError:
@@ -543,7 +549,8 @@ class Link:
         wire = self._wire
         if wire is not None and wire.broken is None:
             wire.send_then(payload, 1, answer)
-            self._watching()
+            if self._watch is None:
+                self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
             return
         task = asyncio.get_running_loop().create_task(self.call(payload))
         self._tasks.add(task)
@@ -556,28 +563,23 @@ class Link:
         else:
             answer(task.exception() or task.result())
 
-    def _send(self, wire: Wire, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
-        """``payload`` written; the future of its replies, failed when they take too long."""
-        future = wire.send(payload, replies)
-        self._watching()
-        return future
-
-    def _watching(self) -> None:
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
-
     def _check(self) -> None:
-        """Give the connection up when its oldest command waited ``timeout``; check again
-        while commands wait."""
+        """Give the connection up when the caller owed a reply first has waited ``timeout``
+        for it; look again while callers wait."""
         self._watch, wire = None, self._wire
-        since = None if wire is None or wire.broken is not None else wire.oldest()
-        if wire is None or since is None:
+        owed = None if wire is None or wire.broken is not None else wire.oldest()
+        if wire is None or owed is None:
+            self._owed = None
             return
         loop = asyncio.get_running_loop()
-        if loop.time() - since >= self._timeout:
+        now = loop.time()
+        if owed is not self._owed:
+            self._owed, self._owed_since = owed, now
+        elif now - self._owed_since >= self._timeout:
+            self._owed = None
             wire.expire(f"no reply within {self._timeout:g} s")
-        else:
-            self._watch = loop.call_later(self._period, self._check)
+            return
+        self._watch = loop.call_later(self._period, self._check)
 
     async def _open(self) -> Wire:
         async with self._opening:
@@ -629,6 +631,10 @@ class LuaScript:
         self._source = source.encode()
         self._sha = hashlib.sha1(self._source, usedforsecurity=False).hexdigest().encode()
 
+    def packed(self, keys: Sequence[bytes | str], args: Sequence[Any]) -> bytes:
+        """The script's ``EVALSHA`` command (to send with others; see :meth:`run`)."""
+        return pack(b"EVALSHA", self._sha, b"%d" % len(keys), *map(_arg, keys), *map(_arg, args))
+
     async def run(self, link: Link, keys: Sequence[bytes | str], args: Sequence[Any]) -> Any:
         """The script's reply; :class:`ResponseError` when it answered an error."""
         rest = [b"%d" % len(keys), *(_arg(k) for k in keys), *(_arg(a) for a in args)]
@@ -643,6 +649,7 @@ class LuaScript:
 
 _MOVE_DUE_SCRIPT = LuaScript(_MOVE_DUE)
 Part = tuple[bytes, bytes]  # an entry's part of a settle call: its reply stream, its arguments
+_FIVE = b"$%d\r\n%b\r\n" * 5  # an entry's five arguments, packed in one go
 
 
 class Settler:
@@ -662,63 +669,74 @@ class Settler:
         source = _SETTLE.encode()
         sha = hashlib.sha1(source, usedforsecurity=False).hexdigest().encode()
         self._commands = (bulk(b"EVALSHA") + bulk(sha), bulk(b"EVAL") + bulk(source))
-        self._queued: list[tuple[bytes, bytes, asyncio.Future[int]]] = []
+        # the queued entries' reply streams, arguments and futures, in order
+        self._queued: tuple[list[bytes], list[bytes], list[asyncio.Future[int]]] = ([], [], [])
         self._calls = 0  # calls under way
 
     def add(self, part: Part) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queued.append((*part, future))
+        keys, args, futures = self._queued
+        keys.append(part[0])
+        args.append(part[1])
+        futures.append(future)
         if not self._calls:
             self._flush()
         return future
 
     def _flush(self) -> None:
-        queued, self._queued = self._queued, []
-        for at in range(0, len(queued), _SETTLE_BATCH):
-            self._send(queued[at : at + _SETTLE_BATCH], whole=False)
+        (keys, args, futures), self._queued = self._queued, ([], [], [])
+        if len(futures) <= _SETTLE_BATCH:
+            self._send(keys, args, futures, whole=False)
+            return
+        for at in range(0, len(futures), _SETTLE_BATCH):
+            end = at + _SETTLE_BATCH
+            self._send(keys[at:end], args[at:end], futures[at:end], whole=False)
 
-    def _send(self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool) -> None:
-        count = len(batch)
-        payload = b"".join([
-            b"*%d\r\n" % (3 + self._fixed + 6 * count), self._commands[whole],
-            bulk(b"%d" % (3 + count)), self._keys, *(keys for keys, _, _ in batch),
-            self._args, *(args for _, args, _ in batch),
-        ])  # fmt: skip
+    def _send(
+        self, keys: list[bytes], args: list[bytes], futures: list[asyncio.Future[int]], whole: bool
+    ) -> None:
+        count = len(futures)
+        head = b"*%d\r\n%b$%d\r\n%d\r\n" % (
+            3 + self._fixed + 6 * count, self._commands[whole], len(b"%d" % (3 + count)),
+            3 + count,
+        )  # fmt: skip
+        payload = b"".join((head, self._keys, *keys, self._args, *args))
         self._calls += 1
-        self._link.start(payload, lambda reply: self._answer(batch, whole, reply))
+        self._link.start(payload, partial(self._answer, keys, args, futures, whole))
 
     def _answer(
-        self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool,
-        reply: list[Any] | BaseException,
+        self, keys: list[bytes], args: list[bytes], futures: list[asyncio.Future[int]],
+        whole: bool, reply: list[Any] | BaseException,
     ) -> None:  # fmt: skip
         self._calls -= 1
         try:
-            self._judge(batch, whole, reply if isinstance(reply, BaseException) else reply[0])
+            value = reply if isinstance(reply, BaseException) else reply[0]
+            if isinstance(value, RespError) and value.startswith("NOSCRIPT") and not whole:
+                self._send(keys, args, futures, whole=True)  # Redis restarted, or flushed
+            else:
+                _judge(futures, value)
         finally:
-            if self._queued and not self._calls:
+            if self._queued[2] and not self._calls:
                 self._flush()
 
-    def _judge(
-        self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]], whole: bool, value: Any
-    ) -> None:
-        """Each entry's result in ``value`` (a reply, or the exception the call failed with)."""
-        if isinstance(value, RespError) and value.startswith("NOSCRIPT") and not whole:
-            self._send(batch, whole=True)  # Redis restarted or flushed its scripts
-            return
-        if isinstance(value, list) and len(value) == len(batch):
-            for (_, _, future), result in zip(batch, value, strict=True):
-                if not future.done():
-                    if isinstance(result, int):
-                        future.set_result(result)
-                    else:
-                        future.set_exception(ResponseError(_text(result)))
-            return
-        error = value if isinstance(value, BaseException) else reply_error(value)
-        if error is None:
-            error = ResponseError(f"unexpected reply to the settle script: {str(value)[:200]}")
-        for _, _, future in batch:
+
+def _judge(futures: list[asyncio.Future[int]], value: Any) -> None:
+    """Each entry's result in ``value`` (the script's reply, or the exception the call
+    failed with)."""
+    if type(value) is list and len(value) == len(futures):
+        for future, result in zip(futures, value, strict=True):
             if not future.done():
-                future.set_exception(error)
+                if type(result) is int:
+                    future.set_result(result)
+                else:
+                    future.set_exception(ResponseError(_text(result)))
+        return
+    error = value if isinstance(value, BaseException) else reply_error(value)
+    if error is None:
+        error = ResponseError(f"unexpected reply to the settle script: {str(value)[:200]}")
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 def _text(value: Any) -> str:
@@ -764,6 +782,7 @@ class RedisStreamSource:
         )  # fmt: skip
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
         self._new_reads: dict[tuple[int, int | None], bytes] = {}
+        self._move_whole = False  # Redis lost the mover: run it on its own (sent whole)
         self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
         self._claim_cursor = b"0-0"
@@ -872,11 +891,15 @@ class RedisStreamSource:
         if self._regroup:
             await self._recreate_group()
             self._regroup = False
-        if now >= self._next_move:
+        move = now >= self._next_move
+        if move:
             self._next_move = now + _MOVE_EVERY
-            await self._move_retries(limit)
         if self._recover_from is None and self._recover_at is not None and now >= self._recover_at:
             self._recover_from, self._recover_at = b"0", None
+        if move and (self._recover_from is not None or now >= self._next_claim or self._move_whole):
+            self._move_whole = False  # on its own: the script sent whole if Redis lost it
+            await self._move_retries(limit)
+            move = False
         if self._recover_from is not None:
             return self._track(await self._recover(limit))
         batch: list[Delivery] = []
@@ -885,9 +908,49 @@ class RedisStreamSource:
             batch = await self._reclaim(limit)
         if len(batch) < limit:
             block = None if batch else _POLL_MS
-            fresh = await self._read(b">", limit - len(batch), block)
-            batch += [delivery_of(Entry(i, f)) for i, f in fresh if f is not None]
+            batch += await self._read_new(limit - len(batch), block, limit if move else 0)
         return self._track(batch)  # only now: a read that fails leaves nothing marked in flight
+
+    async def _read_new(self, count: int, block: int | None, move: int) -> list[Delivery]:
+        """XREADGROUP ``>``: the entries as deliveries (deleted ones left out). ``move``: due
+        retries (that many at most) are moved back to the stream first, in the same write."""
+        read = self._new_reads.get((count, block))
+        if read is None:
+            read = self._pack_read(b">", count, block)
+        if move:
+            o = self.options
+            [moved, reply] = await self._reads.call(
+                _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), move]) + read, 2
+            )
+            self._moved(moved)
+        else:
+            [reply] = await self._reads.call(read)
+        if reply is None:
+            return []
+        if type(reply) is RespError:
+            raise ResponseError(reply)
+        return [delivery_of(Entry(i, dict(zip(f[::2], f[1::2], strict=True))))
+                for _, entries in reply for i, f in entries if f is not None]  # fmt: skip
+
+    def _moved(self, reply: Any) -> None:
+        """Judge the retry mover's reply (sent with a read): log a refusal (a wrong-typed retry
+        set; intake goes on); when Redis lost the script, move with it sent whole next time."""
+        if type(reply) is RespError:
+            if reply.startswith("NOSCRIPT"):
+                self._next_move, self._move_whole = 0.0, True  # the next receive: on its own
+                return
+            self._move_refused(ResponseError(reply))
+
+    def _pack_read(self, start: bytes, count: int, block: int | None) -> bytes:
+        args = [*self._read_head, b"COUNT", b"%d" % count]
+        if block is not None:
+            args += [b"BLOCK", b"%d" % block]
+        payload = pack(*args, b"STREAMS", self._stream_key, start)
+        if start == b">":  # the usual read: packed once per count asked for
+            if len(self._new_reads) >= 1024:
+                self._new_reads.clear()
+            self._new_reads[(count, block)] = payload
+        return payload
 
     async def _move_retries(self, limit: int) -> None:
         """Move due retries back to the stream; a refusal (a wrong-typed retry set) is logged
@@ -896,9 +959,12 @@ class RedisStreamSource:
         try:
             await _MOVE_DUE_SCRIPT.run(self._reads, [o.retry_key, o.stream], [_ms(), limit])
         except ResponseError as exc:
-            error = describe(exc)
-            self._throttle.error("moving due retries back to the stream failed",
-                                 key=error, error=error, retry_key=o.retry_key)  # fmt: skip
+            self._move_refused(exc)
+
+    def _move_refused(self, exc: ResponseError) -> None:
+        error = describe(exc)
+        self._throttle.error("moving due retries back to the stream failed",
+                             key=error, error=error, retry_key=self.options.retry_key)  # fmt: skip
 
     async def _recreate_group(self) -> None:
         o = self.options
@@ -910,18 +976,7 @@ class RedisStreamSource:
 
     async def _read(self, start: bytes, count: int, block: int | None) -> Named:
         """XREADGROUP at ``start``: each entry's id and fields (``None``: deleted meanwhile)."""
-        key = (count, block)
-        payload = self._new_reads.get(key) if start == b">" else None
-        if payload is None:
-            args = [*self._read_head, b"COUNT", b"%d" % count]
-            if block is not None:
-                args += [b"BLOCK", b"%d" % block]
-            payload = pack(*args, b"STREAMS", self._stream_key, start)
-            if start == b">":  # the usual read: packed once per count asked for
-                if len(self._new_reads) >= 1024:
-                    self._new_reads.clear()
-                self._new_reads[key] = payload
-        [reply] = await self._reads.call(payload)
+        [reply] = await self._reads.call(self._pack_read(start, count, block))
         error = reply_error(reply)
         if error is not None:
             raise error
@@ -999,7 +1054,7 @@ class RedisStreamSource:
 
     def _settle_part(self, entry: Entry, delivery: Delivery, decision: Decision) -> Part:
         """The entry's reply stream and its five arguments of the settle script, packed."""
-        reply, member, due, dead = b"", b"", 0, b""
+        reply, member, due, dead = b"", b"", b"0", b""
         if decision.reply is not None and delivery.reply_to:
             reply = b"8:response%d:%b" % (len(decision.reply), decision.reply)
             if delivery.correlation_id is not None:
@@ -1008,11 +1063,12 @@ class RedisStreamSource:
         if decision.verdict is Verdict.RETRY:
             member = netstrings(self._retry_fields(entry, delivery, decision),
                                 retried_from=entry.id)  # fmt: skip
-            due = _ms() + round(decision.delay * 1000)
+            due = b"%d" % (_ms() + round(decision.delay * 1000))
         elif decision.verdict is Verdict.DEAD:
             dead = netstrings(self._dead_fields(entry, delivery, decision))
         reply_to = delivery.reply_to.encode() if delivery.reply_to else b""
-        args = b"".join((bulk(entry.id), bulk(reply), bulk(member), bulk(b"%d" % due), bulk(dead)))
+        args = _FIVE % (len(entry.id), entry.id, len(reply), reply, len(member), member,
+                        len(due), due, len(dead), dead)  # fmt: skip
         return bulk(reply_to), args
 
     @staticmethod
