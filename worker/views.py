@@ -229,28 +229,7 @@ def _query(query: dict[str, Any]) -> dict[str, list[str]]:
     return {k: v if isinstance(v, list) else [v] for k, v in query.items()}
 
 
-def _common(hook: HookType, payload: Any) -> dict[str, Any]:
-    body = require_object(payload, "interceptor")
-    missing = _missing(body, ("method", "apiId", "request"))
-    if missing:
-        raise EventError(
-            f"interceptor payload is missing {', '.join(missing)}",
-            code="NO_DATA",
-            details={"missing": missing},
-        )
-    if not isinstance(body["method"], str) or not isinstance(body["apiId"], str):
-        raise EventError("method and apiId must be strings", code="NO_DATA")
-    entity = body.get("entityName")
-    initiator = body.get("initiatorData")
-    return {
-        "hook": hook,
-        "method": body["method"],
-        "api_id": body["apiId"],
-        "entity_name": entity if isinstance(entity, str) else None,
-        "initiator": initiator if isinstance(initiator, dict) else {},
-        "request": _request(body["request"]),
-        "raw": body,
-    }
+_REQUIRED = ("method", "apiId", "request")
 
 
 def _response(payload: dict[str, Any]) -> dict[str, Any]:
@@ -263,14 +242,33 @@ def _response(payload: dict[str, Any]) -> dict[str, Any]:
 def interception_view(
     hook: HookType, payload: Any
 ) -> PreInterception | PostInterception | AdaptEntityInterception:
-    common = _common(hook, payload)
+    # Built field by field rather than through a dict of the common fields and ** (this runs
+    # once per interceptor event).
+    body = require_object(payload, "interceptor")
+    method, api_id, raw_request = body.get("method"), body.get("apiId"), body.get("request")
+    if method is None or api_id is None or raw_request is None:
+        missing = _missing(body, _REQUIRED)
+        raise EventError(
+            f"interceptor payload is missing {', '.join(missing)}",
+            code="NO_DATA",
+            details={"missing": missing},
+        )
+    if not isinstance(method, str) or not isinstance(api_id, str):
+        raise EventError("method and apiId must be strings", code="NO_DATA")
+    entity = body.get("entityName")
+    entity_name = entity if isinstance(entity, str) else None
+    initiator = body.get("initiatorData")
+    initiator_data = initiator if isinstance(initiator, dict) else {}
+    request = _request(raw_request)
     if hook is HookType.INTERCEPTOR_PRE:
-        return PreInterception(**common)
-    response = _response(common["raw"])
+        return PreInterception(hook, method, api_id, entity_name, initiator_data, request, body)
+    response = _response(body)
     status = StatusCode.parse(response.get("httpStatusCode", "200 OK"))
     if hook is HookType.INTERCEPTOR_POST:
-        return PostInterception(**common, body=response.get("body"), status=status)
+        return PostInterception(hook, method, api_id, entity_name, initiator_data, request, body,
+                                response.get("body"), status)  # fmt: skip
     entities = response.get("entities")
     if not isinstance(entities, list):
         raise EventError("ADAPT_ENTITY response has no entities list", code="NO_DATA")
-    return AdaptEntityInterception(**common, entities=entities, status=status)
+    return AdaptEntityInterception(hook, method, api_id, entity_name, initiator_data, request,
+                                   body, entities, status)  # fmt: skip
