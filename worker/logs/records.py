@@ -21,12 +21,11 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 import orjson
 
-from worker.tracing import current_span_id, current_trace_id
+from worker.tracing import current_span_id, current_trace, current_trace_id
 
 # ---------------------------------------------------------------------------------------------
 # Levels
@@ -157,30 +156,59 @@ _CORE: Final = frozenset(
 )
 
 
-@lru_cache(maxsize=4)
 def _second(epoch_second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_second))
 
 
+_MILLISECONDS: Final = tuple(f".{n:03d}Z" for n in range(1000))
+# The seconds part of the last timestamp, replaced whole (another thread may log too).
+_last_second: tuple[int, str] = (0, _second(0))
+
+
 def _timestamp(now: float) -> str:
     """UTC, milliseconds, literal ``Z``; the seconds part is cached (logs come many a second)."""
+    global _last_second
     # Rounded to the microsecond first, as datetime does, then truncated to the millisecond.
     second, millisecond = divmod(round(now * 1_000_000) // 1000, 1000)
-    return f"{_second(second)}.{millisecond:03d}Z"
+    cached = _last_second
+    if cached[0] != second:
+        cached = _last_second = (second, _second(second))
+    return cached[1] + _MILLISECONDS[millisecond]
+
+
+# Messages that redact_text leaves as they are: a message is nearly always a constant, so each is
+# checked once (bounded; only clean ones are kept, so the memo holds no secret).
+_CLEAN_MESSAGES: set[str] = set()
+_CLEAN_MESSAGES_MAX: Final = 4096
+
+
+def _message(message: object) -> str:
+    text = message if type(message) is str else str(message)
+    if text in _CLEAN_MESSAGES:
+        return text
+    redacted = redact_text(text)
+    if redacted is text and len(_CLEAN_MESSAGES) < _CLEAN_MESSAGES_MAX:
+        _CLEAN_MESSAGES.add(text)
+    return redacted
 
 
 def add_fields(record: dict[str, Any], fields: Mapping[str, Any]) -> None:
     """Add caller fields to ``record``, redacted; plain values take the short path (most do)."""
+    verdicts = _KEY_VERDICTS
     for key, value in fields.items():
         if key in _CORE:  # a caller field may not forge a trace id or a level: renamed instead
             key = "fields." + key
-        kind = type(value)
-        if is_secret_key(key):
+        secret = verdicts.get(key)
+        if secret is None:
+            secret = is_secret_key(key)
+        if secret:
             value = REDACTED
-        elif kind is str:
-            value = redact_text(value)
-        elif kind not in _PLAIN_TYPES:
-            value = redact(value)
+        else:
+            kind = type(value)
+            if kind is str:
+                value = redact_text(value)
+            elif kind not in _PLAIN_TYPES:
+                value = redact(value)
         record[key] = value
 
 
@@ -189,13 +217,14 @@ def make_record(
     fields: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The record in BioT's field order; ``bound`` is already redacted, ``fields`` are not."""
+    trace = current_trace.get()
     record = {
         "@timestamp": _timestamp(now),
-        "message": redact_text(message if type(message) is str else str(message)),
+        "message": _message(message),
         "level": level.name,
         "level_value": level.value,
         "appName": app_name,
-        "traceId": current_trace_id(),
+        "traceId": None if trace is None else trace.trace_id,
     }
     span_id = current_span_id.get()
     if span_id is not None:  # bound only while spans are exported (worker.otel)
