@@ -11,8 +11,9 @@ own (tests.redis_server)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -35,11 +36,13 @@ from worker.adapters.redis_streams import (
     Link,
     LuaScript,
     RedisStreamSource,
+    ReplyReader,
     RespError,
     RespReader,
     Settler,
     bulk,
     pack,
+    reply_reader,
 )
 
 REPLIES = (
@@ -52,26 +55,42 @@ PARSED: list[Any] = [
 ]  # fmt: skip
 
 
-def test_replies_parse_the_same_whole_and_byte_by_byte() -> None:
-    assert RespReader().feed(REPLIES) == PARSED
-    reader, parsed = RespReader(), []
+# The Python reader, and hiredis's when it is installed (reply_reader() prefers it).
+READERS: list[Callable[[], ReplyReader]] = [RespReader]
+if importlib.util.find_spec("hiredis") is not None:
+    READERS.append(reply_reader)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_replies_parse_the_same_whole_and_in_any_chunks(reader: Callable[[], ReplyReader]) -> None:
+    assert reader().feed(REPLIES) == PARSED
+    one_by_one, parsed = reader(), []
     for n in range(len(REPLIES)):
-        parsed += reader.feed(REPLIES[n : n + 1])
+        parsed += one_by_one.feed(REPLIES[n : n + 1])
     assert parsed == PARSED
     assert all(type(a) is type(b) for a, b in zip(parsed, PARSED, strict=True))
+    for cut in range(len(REPLIES)):  # two chunks, then the replies again whole
+        two = reader()
+        assert two.feed(REPLIES[:cut]) + two.feed(REPLIES[cut:]) + two.feed(REPLIES) == (
+            PARSED + PARSED
+        )
 
 
-def test_a_reply_split_mid_bulk_waits_for_the_rest() -> None:
-    reader = RespReader()
-    assert reader.feed(b"*2\r\n$5\r\nab") == []
-    assert reader.feed(b"cde\r") == []
-    assert reader.feed(b"\n:3\r\n+next") == [[b"abcde", 3]]
-    assert reader.feed(b"\r\n") == [b"next"]
+@pytest.mark.parametrize("reader", READERS)
+def test_a_reply_split_mid_bulk_waits_for_the_rest(reader: Callable[[], ReplyReader]) -> None:
+    split = reader()
+    assert split.feed(b"*2\r\n$5\r\nab") == []
+    assert split.feed(b"cde\r") == []
+    assert split.feed(b"\n:3\r\n+next") == [[b"abcde", 3]]
+    assert split.feed(b"\r\n") == [b"next"]
 
 
-def test_bytes_that_are_not_resp_are_refused() -> None:
+@pytest.mark.parametrize("reader", READERS)
+def test_bytes_that_are_not_resp_are_refused(reader: Callable[[], ReplyReader]) -> None:
     with pytest.raises(ValueError, match="not a RESP2 reply"):
-        RespReader().feed(b"HTTP/1.1 400 Bad Request\r\n")
+        reader().feed(b"HTTP/1.1 400 Bad Request\r\n")
+    with pytest.raises(ValueError, match="not a RESP2 reply"):
+        reader().feed(b":1\r\n*1\r\n?what\r\n")
 
 
 def test_commands_are_packed_as_arrays_of_bulk_strings() -> None:
