@@ -245,6 +245,7 @@ RESPONSES = [
     Response(405, b"405: Method Not Allowed", {"Content-Type": "text/plain", "Allow": "POST"}),
     Response(200, b"body without a type", {}),
     Response(503, b"x", {"Content-Type": "a", "content-type": "b"}),
+    Response(200, b"x", {"x-tab": "a\tb", "x-text": "caf\u00e9 \u2028 \u00a0"}),
 ]
 
 

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import EMPTY_BODY_STATUS_CODES, ceil_timeout, rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.http_writer import StreamWriter
@@ -358,13 +358,21 @@ class Connections:
 # ---------------------------------------------------------------- the wire
 
 _REASONS: Final = {status.value: status.phrase for status in HTTPStatus}  # aiohttp's phrases
-_SERVER_LINE: Final = f"Server: {SERVER_SOFTWARE}\r\n"
+_STATUS_LINES_11: Final = {
+    status: f"HTTP/1.1 {status} {reason}\r\n"
+    for status, reason in _REASONS.items()
+    if status not in EMPTY_BODY_STATUS_CODES
+}
+_SERVER_LINE: Final = f"\r\nServer: {SERVER_SOFTWARE}\r\n"
 # Headers aiohttp writes itself, or whose presence changes what it writes: a response carrying
 # one is written by aiohttp's response machinery (_Connection._write_with_aiohttp).
 _OWN_HEADERS: Final = frozenset({"content-length", "transfer-encoding", "date", "server",
                                  "connection"})  # fmt: skip
-# What aiohttp refuses in a status line or header (header injection): it writes nothing then.
-_FORBIDDEN: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# What aiohttp refuses in a header (header injection): it writes nothing then.
+_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# Header names seen, and whether each is Content-Type (names repeat: each is checked once).
+_NAMES: dict[str, bool] = {}
+_NAMES_MAX: Final = 1024
 
 
 def encode_head(request: RawRequestMessage, response: Response, keep_alive: bool) -> bytes | None:
@@ -374,37 +382,76 @@ def encode_head(request: RawRequestMessage, response: Response, keep_alive: bool
     version's default); ``None`` for a response aiohttp must write itself: a status without a
     standard phrase, one that has no body (1xx, 204, 304), a header aiohttp sets or reads, a
     header or body that is not ``str``/``bytes``, or a forbidden character."""
-    status, body = response.status, response.body
-    reason = _REASONS.get(status)
-    if reason is None or status in EMPTY_BODY_STATUS_CODES or type(body) is not bytes:
+    version, body = request.version, response.body
+    head = _status_line(version, response.status)
+    if head is None or type(body) is not bytes:
         return None
-    version = request.version
-    lines = [f"HTTP/{version.major}.{version.minor} {status} {reason}"]
-    typed = False
-    for name, value in response.headers.items():
-        if type(name) is not str or type(value) is not str:
-            return None
-        lower = name.lower()
-        if lower in _OWN_HEADERS:
-            return None
-        typed = typed or lower == "content-type"
-        lines.append(f"{name}: {value}")
-    if len(lines) > 1 and _FORBIDDEN.search("".join(lines)):
+    parts = [head]
+    typed = _add_headers(parts, response.headers)
+    if typed is None:
         return None
-    head = "\r\n".join(lines) + "\r\n"
     length = len(body)
-    bodiless = request.method == "HEAD"
-    if length or not bodiless:
-        head += f"Content-Length: {length}\r\n"
-    if length and not typed and not bodiless:
-        head += "Content-Type: application/octet-stream\r\n"
-    head += f"Date: {rfc822_formatted_time()}\r\n{_SERVER_LINE}"
+    if request.method == "HEAD":
+        if length:
+            parts += ("Content-Length: ", str(length), "\r\n")
+    else:
+        parts += ("Content-Length: ", str(length), "\r\n")
+        if length and not typed:
+            parts.append("Content-Type: application/octet-stream\r\n")
+    parts += ("Date: ", rfc822_formatted_time(), _SERVER_LINE)
     if keep_alive:
         if version == HttpVersion10:
-            head += "Connection: keep-alive\r\n"
+            parts.append("Connection: keep-alive\r\n")
     elif version == HttpVersion11:
-        head += "Connection: close\r\n"
-    return (head + "\r\n").encode()
+        parts.append("Connection: close\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode()
+
+
+def _status_line(version: HttpVersion, status: int) -> str | None:
+    if version is HttpVersion11:
+        return _STATUS_LINES_11.get(status)
+    reason = _REASONS.get(status)
+    if reason is None or status in EMPTY_BODY_STATUS_CODES:
+        return None
+    return f"HTTP/{version.major}.{version.minor} {status} {reason}\r\n"
+
+
+def _add_headers(parts: list[str], headers: Mapping[str, str]) -> bool | None:
+    """Append ``headers`` to ``parts``; whether one is Content-Type, ``None`` when one cannot
+    be written here (see :func:`encode_head`)."""
+    typed = False
+    for name, value in headers.items():
+        content_type = _NAMES.get(name)
+        if content_type is None:
+            content_type = _check_name(name)
+            if content_type is None:
+                return None
+        # Printable text holds no control character; anything else is looked at closely.
+        if type(value) is not str or not (value.isprintable() or _allowed(value)):
+            return None
+        typed = typed or content_type
+        parts += (name, ": ", value, "\r\n")
+    return typed
+
+
+def _allowed(text: str) -> bool:
+    """Whether aiohttp writes ``text`` in a header: no control character but tab."""
+    return _CONTROL.search(text) is None
+
+
+def _check_name(name: object) -> bool | None:
+    """Whether header ``name`` is Content-Type; ``None`` if :func:`encode_head` may not write it
+    (not a ``str``, one aiohttp writes itself, or holding a character aiohttp refuses)."""
+    if type(name) is not str:
+        return None
+    lower = name.lower()
+    if lower in _OWN_HEADERS or not _allowed(name):
+        return None
+    content_type = lower == "content-type"
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = content_type
+    return content_type
 
 
 @dataclass(frozen=True, slots=True)
