@@ -46,10 +46,10 @@ import re
 import resource
 import socket
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
@@ -97,8 +97,7 @@ _TEXT: Final = "text/plain; charset=utf-8"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
+class _Answer(NamedTuple):
     """A response and whether the connection closes after it (a refusal that cannot wait)."""
 
     response: Response
@@ -131,16 +130,20 @@ class HttpAdapter:
         self._log = log
         self.in_flight = 0
 
-    async def answer(
+    def answer(
         self, connection: _Connection, request: RawRequestMessage, payload: StreamReader
-    ) -> _Answer:
+    ) -> Awaitable[_Answer]:
         """The answer to one request: an event (``POST``, any path), a probe, or 404/405 as
         aiohttp's router answered them (every path is an event's, so 404 only for a target that
         is not a path, such as ``OPTIONS *``)."""
-        method = request.method
-        path = request.url.path_safe
-        if method == "POST" and path.startswith("/"):
-            return await self._event(connection, request, payload)
+        if request.method == "POST" and (
+            request.path.startswith("/") or request.url.path_safe.startswith("/")
+        ):  # the path as written (nearly always), else an absolute URL's
+            return self._event(connection, request, payload)
+        return self._not_an_event(request)
+
+    async def _not_an_event(self, request: RawRequestMessage) -> _Answer:
+        method, path = request.method, request.url.path_safe
         if path in PROBE_PATHS and method in ("GET", "HEAD"):
             return _Answer(await self._probes.answer(path, request.headers))
         if not path.startswith("/"):
@@ -691,9 +694,8 @@ class _Connection(BaseProtocol):
             answer = self._error_answer(_UNPARSED, 400, request.exc)
             return await self._write(_UNPARSED, payload, answer)
         try:
-            answer = await self._expect(request) or await self._adapter.answer(
-                self, request, payload
-            )
+            refused = self._expect(request) if "Expect" in request.headers else None
+            answer = refused or await self._adapter.answer(self, request, payload)
         except TimeoutError:
             answer = self._error_answer(request, 504, None)
         except Exception as exc:  # a body that broke off, or a bug: answered, never a traceback
@@ -703,7 +705,7 @@ class _Connection(BaseProtocol):
             await self._linger(payload)
         return keep_alive
 
-    async def _expect(self, request: RawRequestMessage) -> _Answer | None:
+    def _expect(self, request: RawRequestMessage) -> _Answer | None:
         """``Expect: 100-continue`` answered as aiohttp's applications do; 417 for another."""
         expect = request.headers.get("Expect")
         if not expect or request.version != HttpVersion11:
