@@ -205,6 +205,19 @@ async def test_a_server_that_is_not_there_is_a_connection_error() -> None:
         await link.call(pack(b"PING"))
 
 
+async def test_a_closed_link_fails_calls_and_settles_at_once() -> None:
+    require_broker("Redis", REDIS)
+    link = Link(Address("redis", REDIS[0], REDIS[1]), timeout=5.0)
+    assert await link.call(pack(b"PING")) == [b"PONG"]
+    link.close()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await link.call(pack(b"PING"))  # no new connection after close
+    settler = Settler(link, ["s", "s:retry", "s:dead"], ["g", "1", "1", "1"])
+    part = (bulk(b""), b"".join(bulk(arg) for arg in (b"1-1", b"", b"", b"0", b"")))
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await settler.add(part)
+
+
 async def test_pipelined_calls_each_get_their_own_replies() -> None:
     require_broker("Redis", REDIS)
     link = Link(Address("redis", REDIS[0], REDIS[1]), timeout=5.0)

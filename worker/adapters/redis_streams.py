@@ -630,11 +630,14 @@ class Link:
         self._watch: asyncio.TimerHandle | None = None
         self._owed: object | None = None  # the caller owed a reply first at the last look
         self._owed_since = 0.0  # when that look saw it first
+        self._closed = False
 
     async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
         """The replies to ``payload`` (``replies`` commands; error replies as values)."""
         wire = self._wire
         if wire is None or wire.broken is not None:
+            if self._closed:
+                raise RedisConnectionError(f"{self._address.name}: closed")
             async with asyncio.timeout(self._timeout):
                 wire = await self._open()
         future = wire.send(payload, replies)
@@ -655,6 +658,9 @@ class Link:
             wire.send_then(payload, 1, answer)
             if self._watch is None:
                 self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
+            return
+        if self._closed:
+            answer(RedisConnectionError(f"{self._address.name}: closed"))
             return
         task = asyncio.get_running_loop().create_task(self.call(payload))
         self._tasks.add(task)
@@ -690,7 +696,12 @@ class Link:
             wire = self._wire
             if wire is not None and wire.broken is None:
                 return wire  # another caller opened it meanwhile
-            self._wire = wire = await self._connect()
+            wire = await self._connect()
+            if self._closed:  # closed while connecting
+                closed = RedisConnectionError(f"{self._address.name}: closed")
+                wire.fail(closed)
+                raise closed
+            self._wire = wire
             return wire
 
     async def _connect(self) -> Wire:
@@ -717,6 +728,8 @@ class Link:
         return wire
 
     def close(self) -> None:
+        """Close the connection and fail what waits on it; later calls fail at once."""
+        self._closed = True
         wire, self._wire = self._wire, None
         if wire is not None and wire.broken is None:
             wire.fail(RedisConnectionError(f"{self._address.name}: closed"))
