@@ -10,9 +10,10 @@ import pytest
 
 from tests.conftest import KeyPair, interceptor_body, make_event, settings_for
 from tests.test_dispatch import interceptor_token, make_dispatcher
-from worker.dispatch import _Deadline, _Deadlines
 from worker.events import PreInterception
 from worker.routing import Context, Router
+from worker.tracing import QueuedTimeout as _Deadline
+from worker.tracing import TimeoutQueue as _Deadlines
 
 
 def _in(seconds: float) -> float:

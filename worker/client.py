@@ -57,7 +57,16 @@ from worker.errors import (
     LoginError,
     TransientApiError,
 )
-from worker.tracing import Span, Spans, TraceContext, current_trace, new_trace, remaining
+from worker.tracing import (
+    QueuedTimeout,
+    Span,
+    Spans,
+    TimeoutQueue,
+    TraceContext,
+    current_trace,
+    new_trace,
+    remaining,
+)
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from worker.metrics import Metrics
@@ -351,6 +360,8 @@ class BiotClient(ApiMethods):
         self._contact = contact
         self._metrics = metrics
         self._spans = spans
+        self._fixed_timeouts: dict[float, TimeoutQueue] = {}
+        self._deadline_timeouts = TimeoutQueue()
 
     async def request(
         self,
@@ -420,23 +431,42 @@ class BiotClient(ApiMethods):
         headers.update(call.headers)
         headers["Authorization"] = f"Bearer {token}"  # last: a caller's header never replaces it
         limit = call.timeout if left is None else min(call.timeout, left)
+        timeouts = self._timeouts(call.timeout, limit)
         if span is None and self._metrics is None:
             reply = await _exchange(self._session, call.method, call.url, headers, limit,
-                                    params=call.params, body=call.body, contact=self._contact)
+                                    params=call.params, body=call.body, contact=self._contact,
+                                    timeouts=timeouts)  # fmt: skip
             if reply.status >= 300:
                 raise _error_for(reply, call.method, call.url)
             return reply
-        return await self._observed(call, headers, limit, span)
+        return await self._observed(call, headers, limit, span, timeouts)
+
+    def _timeouts(self, timeout: float, limit: float) -> TimeoutQueue:
+        """The queue whose timer bounds a call: one per fixed timeout (such calls end in the
+        order they start), one for calls bounded by their event's deadline (in the order of
+        their events)."""
+        if limit < timeout:
+            return self._deadline_timeouts
+        queue = self._fixed_timeouts.get(timeout)
+        if queue is None:
+            queue = self._fixed_timeouts[timeout] = TimeoutQueue()
+        return queue
 
     async def _observed(
-        self, call: _Call, headers: Mapping[str, str], limit: float, span: Span | None
+        self,
+        call: _Call,
+        headers: Mapping[str, str],
+        limit: float,
+        span: Span | None,
+        timeouts: TimeoutQueue,
     ) -> _Reply:
         """One exchange, counted in the metrics and ended in its span."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             reply = await _exchange(self._session, call.method, call.url, headers, limit,
-                                    params=call.params, body=call.body, contact=self._contact)
+                                    params=call.params, body=call.body, contact=self._contact,
+                                    timeouts=timeouts)  # fmt: skip
         except BaseException as exc:  # no answer (or cancelled by the event's deadline)
             self._observe(call.method, None, loop.time() - started, span, _cut_short(exc))
             raise
@@ -717,22 +747,32 @@ async def _exchange(
     params: list[tuple[str, str]] | None = None,
     body: bytes | None = None,
     contact: BiotContact | None = None,
+    timeouts: TimeoutQueue | None = None,
 ) -> _Reply:
     """One request with exactly ``headers``, its body read within ``limit`` seconds, any status;
-    a response (its status line and headers) sets ``contact.answered_at``.
+    a response (its status line and headers) sets ``contact.answered_at``. ``timeouts`` is the
+    queue whose timer bounds it (``None``: a timer of its own).
 
     Timeouts and connection failures raise :class:`TransientApiError`, a malformed URL
     :class:`ApiError`; nothing here retries.
     """
+    loop = asyncio.get_running_loop()
+    timeout = QueuedTimeout(loop.time() + limit, timeouts or TimeoutQueue())
     try:
-        async with asyncio.timeout(limit):
+        timeout.enter()  # as `async with asyncio.timeout(limit):`, without its coroutines
+        try:
             async with session.request(
                 method, url, params=params, data=body, headers=headers,
                 timeout=_UNBOUNDED, allow_redirects=False,  # the token never follows a redirect
             ) as response:
                 if contact is not None:
                     contact.answered_at = time.monotonic()
-                return _Reply(response.status, response.headers, await response.read())
+                reply = _Reply(response.status, response.headers, await response.read())
+        except BaseException as exc:
+            timeout.leave(exc)  # raises TimeoutError for a cancellation it caused
+            raise
+        timeout.leave(None)
+        return reply
     except TimeoutError:
         message = f"no answer within {limit:.3g}s"
         raise TransientApiError(message, method=method, url=_public_url(url)) from None

@@ -11,12 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from config.settings import Settings
@@ -49,8 +45,10 @@ from worker.responses import (
 )
 from worker.routing import Context, Handler, Router, handler_name
 from worker.tracing import (
+    QueuedTimeout,
     Span,
     Spans,
+    TimeoutQueue,
     TraceContext,
     current_deadline,
     current_span_id,
@@ -127,7 +125,7 @@ class Dispatcher:
             HookType.NONSPECIFIC: worker.deadline_nonspecific,
         }
         self._hook_logs = {hook: log.bind(hook=hook.value) for hook in HookType}
-        self._deadlines = {hook: _Deadlines() for hook in HookType}
+        self._deadlines = {hook: TimeoutQueue() for hook in HookType}
 
     @property
     def error_context(self) -> ErrorContext:
@@ -295,7 +293,7 @@ class Dispatcher:
             event.attempt,
         )
         bound = current_deadline.set(deadline)
-        timeout = _Deadline(deadline, self._deadlines[event.hook])
+        timeout = QueuedTimeout(deadline, self._deadlines[event.hook])
         timeout.enter()  # as `async with timeout:` does, without two coroutines per event
         try:
             try:
@@ -360,138 +358,3 @@ def _finish(span: Span, status: int | None, error: BaseException | None) -> None
     """End ``span``; a failing exporter never fails the event it traced."""
     with contextlib.suppress(Exception):  # telemetry must not take an event down with it
         span.finish(status, error)
-
-
-# ---------------------------------------------------------------- deadlines
-# asyncio.timeout_at per event pushed a timer handle on the loop's heap and popped it off again
-# later (Python-level comparisons each way) for a deadline almost never reached: 20k of the
-# 390k instructions of an event. Events of one hook have one budget and start in order, so their
-# deadlines fall in the order they start: one timer per hook, at the earliest, serves them all.
-
-_RESOLUTION: Final = time.get_clock_info("monotonic").resolution  # asyncio's timer slack
-
-
-class _State(enum.Enum):  # asyncio.Timeout's
-    CREATED = "created"
-    ENTERED = "active"
-    EXPIRING = "expiring"
-    EXPIRED = "expired"
-    EXITED = "finished"
-
-
-_ENTERED, _EXPIRING, _EXPIRED, _EXITED = (
-    _State.ENTERED, _State.EXPIRING, _State.EXPIRED, _State.EXITED
-)  # fmt: skip
-
-
-class _Deadline:
-    """``asyncio.timeout_at(when)`` for one event, as an async context manager with the same
-    states and the same outcome (the task cancelled at ``when``, ``TimeoutError`` raised on
-    exit), its timer shared with the other events of its hook (see :class:`_Deadlines`)."""
-
-    __slots__ = ("_cancelling", "_handle", "_queue", "_state", "_task", "when")
-
-    def __init__(self, when: float, queue: _Deadlines) -> None:
-        self.when = when
-        self._queue = queue
-        self._state = _State.CREATED
-        self._handle: asyncio.Handle | None = None
-
-    async def __aenter__(self) -> _Deadline:
-        self.enter()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.leave(exc)
-
-    def enter(self) -> None:
-        """What ``__aenter__`` does, without a coroutine."""
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Timeout should be used inside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._state = _ENTERED
-        self._handle = self._queue.add(self)
-
-    def leave(self, exc: BaseException | None) -> None:
-        """What ``__aexit__`` does for ``exc`` (``None``: the block ended normally): raises
-        ``TimeoutError`` when the deadline's cancellation is what ended it."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._state is _EXPIRING:
-            self._state = _EXPIRED
-            if self._task.uncancel() <= self._cancelling and type(exc) is asyncio.CancelledError:
-                raise TimeoutError from exc  # no other cancellation came: ours to answer
-        else:
-            self._state = _EXITED
-            self._queue.finished()
-
-    def expired(self) -> bool:
-        return self._state is _EXPIRING or self._state is _EXPIRED
-
-    def expire(self) -> None:
-        """The deadline passed: cancel the task (once, and only while inside the block)."""
-        self._handle = None
-        if self._state is _ENTERED:
-            self._task.cancel()
-            self._state = _EXPIRING
-
-
-class _Deadlines:
-    """The deadlines of one hook's events in the order they fall, and one loop timer at the
-    earliest still running. A deadline that falls before one already queued (an event that
-    waited for its body, or whose carrier set an earlier one) or that has passed gets a timer
-    of its own, as asyncio's timeout would."""
-
-    __slots__ = ("_entries", "_loop", "_timer")
-
-    def __init__(self) -> None:
-        self._entries: deque[_Deadline] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, deadline: _Deadline) -> asyncio.Handle | None:
-        """Queue ``deadline``; or its own timer handle, which the caller cancels on exit."""
-        loop = asyncio.get_running_loop()
-        entries = self._entries
-        if loop is not self._loop:  # another loop (a test's, a Lambda container's): start anew
-            self._loop, self._timer = loop, None
-            entries.clear()
-        when = deadline.when
-        if when <= loop.time():
-            return loop.call_soon(deadline.expire)
-        if entries and when < entries[-1].when:
-            return loop.call_at(when, deadline.expire)
-        entries.append(deadline)
-        if self._timer is None:
-            self._timer = loop.call_at(entries[0].when, self._fire)
-        return None
-
-    def finished(self) -> None:
-        """Drop the deadlines of finished events from the front."""
-        entries = self._entries
-        while entries and entries[0]._state is _EXITED:
-            entries.popleft()
-
-    def _fire(self) -> None:
-        self._timer = None
-        loop = self._loop
-        assert loop is not None
-        end = loop.time() + _RESOLUTION
-        entries = self._entries
-        while entries:
-            head = entries[0]
-            if head._state is _ENTERED:
-                if head.when > end:
-                    break
-                head.expire()
-            entries.popleft()
-        if entries:
-            self._timer = loop.call_at(entries[0].when, self._fire)
