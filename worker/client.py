@@ -41,9 +41,8 @@ import random as _random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypedDict, TypeVar, Unpack
 
 import aiohttp
 import orjson
@@ -212,8 +211,7 @@ class BiotContact:
 # ---------------------------------------------------------------- API calls
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
+class _Call(NamedTuple):
     method: str
     url: str
     params: list[tuple[str, str]]
@@ -425,21 +423,26 @@ class BiotClient(ApiMethods):
             traceparent = span.context.traceparent
         else:
             traceparent = call.trace.child().traceparent
-        headers = _headers(self._user_agent, traceparent, call.body is not None)
-        if call.allow_interception:
-            headers["allow-interception"] = "1"
-        headers.update(call.headers)
-        headers["Authorization"] = f"Bearer {token}"  # last: a caller's header never replaces it
+        headers = _call_headers(call, self._user_agent, traceparent, token)
         limit = call.timeout if left is None else min(call.timeout, left)
-        timeouts = self._timeouts(call.timeout, limit)
-        if span is None and self._metrics is None:
+        observed = span is not None or self._metrics is not None  # counted, or ended in a span
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
             reply = await _exchange(self._session, call.method, call.url, headers, limit,
                                     params=call.params, body=call.body, contact=self._contact,
-                                    timeouts=timeouts)  # fmt: skip
-            if reply.status >= 300:
-                raise _error_for(reply, call.method, call.url)
-            return reply
-        return await self._observed(call, headers, limit, span, timeouts)
+                                    timeouts=self._timeouts(call.timeout, limit))  # fmt: skip
+        except BaseException as exc:  # no answer (or cancelled by the event's deadline)
+            if observed:
+                self._observe(call.method, None, loop.time() - started, span,
+                              _cut_short(exc))  # fmt: skip
+            raise
+        error = _error_for(reply, call.method, call.url) if reply.status >= 300 else None
+        if observed:
+            self._observe(call.method, reply.status, loop.time() - started, span, error)
+        if error is not None:
+            raise error
+        return reply
 
     def _timeouts(self, timeout: float, limit: float) -> TimeoutQueue:
         """The queue whose timer bounds a call: one per fixed timeout (such calls end in the
@@ -451,30 +454,6 @@ class BiotClient(ApiMethods):
         if queue is None:
             queue = self._fixed_timeouts[timeout] = TimeoutQueue()
         return queue
-
-    async def _observed(
-        self,
-        call: _Call,
-        headers: Mapping[str, str],
-        limit: float,
-        span: Span | None,
-        timeouts: TimeoutQueue,
-    ) -> _Reply:
-        """One exchange, counted in the metrics and ended in its span."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            reply = await _exchange(self._session, call.method, call.url, headers, limit,
-                                    params=call.params, body=call.body, contact=self._contact,
-                                    timeouts=timeouts)  # fmt: skip
-        except BaseException as exc:  # no answer (or cancelled by the event's deadline)
-            self._observe(call.method, None, loop.time() - started, span, _cut_short(exc))
-            raise
-        error = _error_for(reply, call.method, call.url) if reply.status >= 300 else None
-        self._observe(call.method, reply.status, loop.time() - started, span, error)
-        if error is not None:
-            raise error
-        return reply
 
     def _observe(
         self,
@@ -722,11 +701,22 @@ def _dumps_text(value: Any) -> str:
 # ---------------------------------------------------------------- one exchange, and its outcome
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
+class _Reply(NamedTuple):
     status: int
     headers: Mapping[str, str]
     raw: bytes
+
+
+def _call_headers(call: _Call, user_agent: str, traceparent: str, token: str) -> CIMultiDict[str]:
+    """An API call's headers: the traced ones, ``allow-interception``, the caller's, and the
+    service token last (a caller's header never replaces it)."""
+    headers = _headers(user_agent, traceparent, call.body is not None)
+    if call.allow_interception:
+        headers["allow-interception"] = "1"
+    if call.headers:
+        headers.update(call.headers)
+    headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 def _headers(user_agent: str, traceparent: str, has_body: bool) -> CIMultiDict[str]:
