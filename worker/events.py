@@ -149,6 +149,13 @@ def event_from_http(
         normalized = _LowerCased(headers)
     else:
         normalized = lower_headers(headers)
+    return _event(normalized, body, received_at, deadline)
+
+
+def _event(
+    normalized: Mapping[str, str], body: bytes, received_at: float, deadline: float | None
+) -> Event:
+    """An event from headers already lower-cased."""
     hook, known = hook_from_header(normalized.get("hooktype"))
     trace = trace_from_headers(normalized)
     return Event(hook, normalized, body, received_at, known, deadline, trace)
@@ -170,9 +177,7 @@ def event_from_envelope(
     body = _envelope_body(envelope.get("body"), bool(envelope.get("isBase64Encoded")))
     if len(body) > max_body_bytes:
         raise PayloadTooLarge(f"event body of {len(body)} bytes exceeds {max_body_bytes}")
-    return event_from_http(
-        lower_headers(raw_headers), body, received_at=received_at, deadline=deadline
-    )
+    return _event(lower_headers(raw_headers), body, received_at, deadline)
 
 
 def _envelope_body(body: Any, is_base64: bool) -> bytes:
