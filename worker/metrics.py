@@ -158,10 +158,7 @@ class Metrics:
             PREFIX + "public_key_fetches", "Fetches of BioT's public key, by outcome.",
             ["outcome"], registry=registry,
         )  # fmt: skip
-        self._queue_counters = {
-            verb: Counter(PREFIX + f"queue_{verb}", text, ["queue"], registry=registry)
-            for verb, text in _QUEUE_COUNTERS.items()
-        }
+        self._queues = _QueueCollector(registry)
         self._lag_gauge = Gauge(
             PREFIX + "queue_consumer_lag_messages",
             "Messages in the queue not yet delivered to this consumer group, as the broker "
@@ -247,9 +244,7 @@ class Metrics:
         the broker can tell it, is read at scrape time, at most once a second."""
         if lag is not None:
             self._lags.append((queue, lag))
-        for counter in self._queue_counters.values():
-            counter.labels(queue)
-        return QueueMetrics(*(c.labels(queue) for c in self._queue_counters.values()))
+        return self._queues.watch(queue)
 
     # ------------------------------------------------------------ exposition
 
@@ -365,6 +360,19 @@ _QUEUE_COUNTERS: Final = {
 }
 
 
+class Count:
+    """One queue counter's value: a plain number the event loop adds to (the scrape reads it on
+    the same thread), not a prometheus-client child, whose ``inc`` takes a lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
 class QueueMetrics:
     """One queue's counters, as :meth:`Metrics.watch_queue` gives them."""
 
@@ -373,9 +381,40 @@ class QueueMetrics:
         "retried", "settle_failures",
     )  # fmt: skip
 
-    def __init__(self, *children: Counter) -> None:
-        (self.received, self.redelivered, self.acknowledged, self.retried, self.dead_lettered,
-         self.settle_failures, self.receive_failures) = children  # fmt: skip
+    def __init__(self) -> None:
+        self.received, self.redelivered, self.acknowledged = Count(), Count(), Count()
+        self.retried, self.dead_lettered = Count(), Count()
+        self.settle_failures, self.receive_failures = Count(), Count()
+
+    def counts(self) -> tuple[Count, ...]:
+        """In the order of :data:`_QUEUE_COUNTERS`."""
+        return (
+            self.received, self.redelivered, self.acknowledged, self.retried,
+            self.dead_lettered, self.settle_failures, self.receive_failures,
+        )  # fmt: skip
+
+
+class _QueueCollector(Collector):
+    """The queue counters of every watched queue, turned into metric families at scrape time.
+    A queue watched twice (a source made again) keeps counting from where it was."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._queues: dict[str, QueueMetrics] = {}
+        registry.register(self)
+
+    def watch(self, queue: str) -> QueueMetrics:
+        metrics = self._queues.get(queue)
+        if metrics is None:
+            metrics = self._queues[queue] = QueueMetrics()
+        return metrics
+
+    def collect(self) -> Iterator[Metric]:
+        queues = list(self._queues.items())
+        for n, (verb, text) in enumerate(_QUEUE_COUNTERS.items()):
+            family = CounterMetricFamily(PREFIX + f"queue_{verb}", text, labels=["queue"])
+            for queue, metrics in queues:
+                family.add_metric([queue], metrics.counts()[n].value)
+            yield family
 
 
 async def _bounded(lag: Lag) -> int | None:
@@ -384,4 +423,3 @@ async def _bounded(lag: Lag) -> int | None:
             return await lag()
     except Exception:  # the broker is away: no reading, the health check says why
         return None
-
