@@ -23,6 +23,8 @@ the figure printed. Targets:
 - ``floor``: ``python -m worker.bench.floor`` of this tree (bare aiohttp, no JWT, no log);
 - ``quiet``: that worker without its per-event log line (``WORKER_LOG_LEVEL=WARNING``, the
   bench's ``worker-quiet``), run only when named in ``--only``;
+- ``nometrics``: that worker with ``WORKER_METRICS=false`` (the bench's ``worker-nometrics``),
+  run only when named in ``--only``: what the metrics cost per event;
 - ``candidate``: the worker of another tree (``--candidate PATH``, e.g. a worktree of the base
   commit: ``git worktree add /tmp/base <rev>``), run from there with that tree first on
   ``PYTHONPATH``, for the A/B of a change.
@@ -117,6 +119,8 @@ def targets(upstream: Upstream, port: int, candidate: Path | None) -> dict[str, 
     }
     quiet = procs.child_env({**env, "WORKER_LOG_LEVEL": "WARNING"})
     made["quiet"] = Target("quiet", ["worker", "run"], quiet, ROOT, False)
+    nometrics = procs.child_env({**env, "WORKER_METRICS": "false"})
+    made["nometrics"] = Target("nometrics", ["worker", "run"], nometrics, ROOT, False)
     if candidate is not None:
         cand_env = procs.child_env(env)
         cand_env["PYTHONPATH"] = str(candidate)
@@ -287,7 +291,7 @@ def _resolved(path: str | None) -> Path | None:
 def table(results: dict[str, dict[str, float]]) -> str:
     """Instructions per event of each target, each divided by the floor's, and the worker's
     divided by the candidate's (the A/B)."""
-    names = [n for n in ("floor", "worker", "quiet", "candidate")
+    names = [n for n in ("floor", "worker", "quiet", "nometrics", "candidate")
              if any(n in figures for figures in results.values())]  # fmt: skip
     head = ["point  "] + [f"{n:>11}" for n in names]
     head += [f"{n + '/floor':>16}" for n in names if n != "floor"]
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=parse_points, default=parse_points("a1,a32,b32"))
     parser.add_argument("--candidate", help="another tree whose worker is measured too")
     parser.add_argument("--only", type=lambda t: [p.strip() for p in t.split(",") if p.strip()],
-                        help="targets to run: worker,floor,candidate,quiet")  # fmt: skip
+                        help="targets to run: worker,floor,candidate,quiet,nometrics")  # fmt: skip
     parser.add_argument("--annotate", type=int, default=0, help="top N functions per dump")
     parser.add_argument("--keep", help="keep the dumps and logs in this directory")
     parser.add_argument("--json", help="also write the figures to this file")

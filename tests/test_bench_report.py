@@ -18,7 +18,9 @@ from worker.bench.report import (
     METRICS_TARGET,
     aggregate,
     bound,
+    find,
     log_backends,
+    metrics_rows,
     observability,
     point_record,
     targets,
@@ -347,3 +349,37 @@ def test_render_prints_the_observability_rows_spans_and_summary() -> None:
     assert "(b) c=1         metrics - (- µs)  otel 1.20 (+100 µs)" in text
     assert "(a) median over closed-loop levels: metrics 1.06, otel 1.41" in text
     assert f"[NOT MET] {METRICS_TARGET}" in text
+
+
+def test_the_metrics_extra_pairs_stay_out_of_the_rows_and_feed_the_metrics_cost() -> None:
+    """The pairs run on processes started later, beside no floor: the worker's ratios to the
+    floor come from the repetitions alone, the metrics' cost from every process."""
+    main = [
+        *records_for("floor", [1.0], 0.100),
+        *records_for("worker", [1.1], 0.110),
+        *records_for("worker-nometrics", [1.1], 0.110),
+    ]
+    pairs = [
+        point_record(Point(0, "a", False, variant, 1, None, pair), result([9.0], 1000, cpu))
+        for pair, (variant, cpu) in enumerate(
+            [("worker", 0.200), ("worker-nometrics", 0.190), ("worker", 0.210),
+             ("worker-nometrics", 0.200)]
+        )
+    ]  # fmt: skip
+    samples = {"a|False|worker|c=1": [1100.0], "a|False|worker|c=1|pair": [9000.0, 9000.0]}
+    rows = aggregate(main + pairs, samples)
+    worker = find(rows, "a", False, "c=1", "worker")
+    assert worker is not None
+    assert (worker["reps"], worker["n"]) == (1, 1)
+    assert worker["cpu_us_per_event"] == pytest.approx(110.0)
+    assert worker["latency_ms"]["p50"] == pytest.approx(1.1)
+    assert worker["ratios"]["floor"]["cpu"] == pytest.approx(1.1)
+    paired = metrics_rows(main + pairs, samples)
+    assert {r["variant"]: r["reps"] for r in paired} == {"worker": 3, "worker-nometrics": 3}
+    section = observability(rows, None, paired)
+    assert section is not None
+    assert section["scenarios"]["a"]["c=1"]["metrics cpu ratio"] == pytest.approx(200 / 190)
+    metrics = [t for t in targets(rows, None, paired) if t["target"] == METRICS_TARGET]
+    assert metrics[0]["measured"] == pytest.approx(200 / 190)
+    alone = [t for t in targets(rows, None) if t["target"] == METRICS_TARGET]
+    assert alone[0]["measured"] == pytest.approx(1.0)  # the repetitions' rows alone

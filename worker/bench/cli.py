@@ -279,9 +279,10 @@ async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, 
 
 
 def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) -> dict[str, Any]:
-    from worker.bench.report import aggregate, log_backends, targets
+    from worker.bench.report import aggregate, log_backends, metrics_rows, targets
 
     rows = aggregate(raw["points"], raw["samples"])
+    paired = metrics_rows(raw["points"], raw["samples"])
     memory = raw.get("memory")
     return {
         "meta": {
@@ -300,9 +301,9 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
         },
         "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
         "rows": rows,
-        "targets": targets(rows, memory),
+        "targets": targets(rows, memory, paired),
         "log_backends": log_backends(rows),
-        "observability": _observability(plan, rows, raw.get("profiles")),
+        "observability": _observability(plan, rows, raw.get("profiles"), paired),
         "memory": memory,
         "profiles": raw.get("profiles"),
         "queue": raw.get("queue"),
@@ -312,11 +313,14 @@ def build_result(plan: Plan, raw: dict[str, Any], pinning: str, elapsed: float) 
 
 
 def _observability(
-    plan: Plan, rows: list[dict[str, Any]], profiles: dict[str, Any] | None
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    profiles: dict[str, Any] | None,
+    metrics: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
     from worker.bench.report import observability
 
-    section = observability(rows, profiles)
+    section = observability(rows, profiles, metrics)
     if section is not None:  # how many processes each variant's figures come from
         section["processes_per_variant"] = plan.reps if plan.fresh_processes else 1
         paired = [p for p in plan.points() if p.pair >= 0]

@@ -394,7 +394,9 @@ def _skip(point: Point, peak: float) -> dict[str, Any]:
 
 
 def _key(point: Point) -> str:
-    return f"{point.scenario}|{point.tls}|{point.variant}|{point.level}"
+    """The pooled latencies' key (the metrics' extra pairs apart: see report.aggregate)."""
+    pair = "|pair" if point.pair >= 0 else ""
+    return f"{point.scenario}|{point.tls}|{point.variant}|{point.level}{pair}"
 
 
 def _fields(spec: LoadSpec) -> dict[str, Any]:

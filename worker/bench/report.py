@@ -85,6 +85,7 @@ def point_record(point: Point, result: LoadResult) -> dict[str, Any]:
     lag = summarize(result.lag_us) if result.lag_us else None
     return {
         "rep": point.rep,
+        "pair": point.pair,
         "scenario": point.scenario,
         "tls": point.tls,
         "variant": point.variant,
@@ -121,13 +122,31 @@ def row_key(record: Mapping[str, Any]) -> tuple[str, bool, str, str]:
 def aggregate(
     records: Iterable[Mapping[str, Any]], samples: Mapping[str, list[float]]
 ) -> list[dict[str, Any]]:
-    """One row per (scenario, transport, level, variant), in first-measured order."""
+    """One row per (scenario, transport, level, variant), in first-measured order, from the
+    plan's repetitions. The metrics' extra pairs (``pair`` >= 0, see ``Plan.paired_reps``) are
+    left out: they measure the worker on processes started later in the run, beside no floor,
+    so they would tilt its ratios to the floor; :func:`metrics_rows` reads them."""
     grouped: dict[tuple[str, bool, str, str], list[Mapping[str, Any]]] = {}
     for record in records:
-        grouped.setdefault(row_key(record), []).append(record)
+        if record.get("pair", -1) < 0:
+            grouped.setdefault(row_key(record), []).append(record)
     rows = [_row(key, reps, samples) for key, reps in grouped.items()]
     _add_ratios(rows)
     return rows
+
+
+def metrics_rows(
+    records: Iterable[Mapping[str, Any]], samples: Mapping[str, list[float]]
+) -> list[dict[str, Any]]:
+    """The rows the metrics' cost is read from: ``worker`` and ``worker-nometrics`` in
+    (:data:`METRICS_SCENARIO`) over the plan's repetitions and the extra pairs, each pair
+    measured on new processes (CPU per event: the median over every process measured)."""
+    grouped: dict[tuple[str, bool, str, str], list[Mapping[str, Any]]] = {}
+    for record in records:
+        key = row_key(record)
+        if key[:2] == (METRICS_SCENARIO, False) and key[3] in ("worker", "worker-nometrics"):
+            grouped.setdefault(key, []).append(record)
+    return [_row(key, reps, samples) for key, reps in grouped.items()]
 
 
 def _row(
@@ -245,8 +264,13 @@ def _check(rows: list[dict[str, Any]], name: str, spec: Spec, limit: float) -> d
     return _target(name, wanted, value, ok)
 
 
-def targets(rows: list[dict[str, Any]], memory: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The issue's targets, each measured, with ``met`` True/False (``None``: not measured)."""
+def targets(
+    rows: list[dict[str, Any]],
+    memory: Mapping[str, Any] | None,
+    metrics: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The issue's targets, each measured, with ``met`` True/False (``None``: not measured);
+    the metrics' cost is read from ``metrics`` (:func:`metrics_rows`) when given."""
     checks = [_check(rows, name, spec, limit) for name, spec, limit in TARGETS]
     worker_rows = [r for r in rows if r["variant"].startswith("worker")]
     failures = sum(r["errors"] + r["incomplete"] for r in worker_rows)
@@ -261,7 +285,7 @@ def targets(rows: list[dict[str, Any]], memory: Mapping[str, Any] | None) -> lis
     flat = None if memory is None else memory.get("flat")
     growth = None if memory is None else memory.get("growth_mb_per_min")
     checks.append(_target("worker RSS flat over 60 s at c=128", "growth < 1 MB/min", growth, flat))
-    checks.append(_metrics_target(rows))
+    checks.append(_metrics_target(metrics or rows))
     return checks
 
 
@@ -329,25 +353,29 @@ def _cpu_added(
 
 
 def observability(
-    rows: list[dict[str, Any]], profiles: Mapping[str, Any] | None = None
+    rows: list[dict[str, Any]],
+    profiles: Mapping[str, Any] | None = None,
+    metrics: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """What metrics and OpenTelemetry add to the worker's CPU per event, per scenario and level
     (plain HTTP API): ``metrics cpu ratio`` = worker / worker-nometrics, ``otel cpu ratio`` =
     worker-otel / worker, each with the µs per event it adds, and the span check; per scenario
     the median ratio over the closed-loop levels; under ``profiled``, the µs per event the
     cProfile'd worker (metrics on, OpenTelemetry off) spent in each. ``None`` (a figure) when
-    a row is missing; ``None`` (the section) when neither variant was measured."""
+    a row is missing; ``None`` (the section) when neither variant was measured. The metrics'
+    figures come from ``metrics`` (:func:`metrics_rows`) where it has the rows."""
+    paired = [*(metrics or ()), *rows]  # find() takes the first match: metrics' rows first
     scenarios: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if not row["tls"] and row["variant"] in OBSERVABILITY_VARIANTS:
             levels = scenarios.setdefault(row["scenario"], {})
             if row["level"] not in levels:
-                levels[row["level"]] = _costs(rows, row["scenario"], row["level"])
+                levels[row["level"]] = _costs(rows, paired, row["scenario"], row["level"])
     if not scenarios:
         return None
     summary = {
         scenario: {
-            "metrics cpu ratio": median(_closed_ratios(rows, scenario, "worker",
+            "metrics cpu ratio": median(_closed_ratios(paired, scenario, "worker",
                                                        "worker-nometrics")),
             "otel cpu ratio": median(_closed_ratios(rows, scenario, "worker-otel", "worker")),
         }
@@ -356,11 +384,13 @@ def observability(
     return {"scenarios": scenarios, "summary": summary, "profiled": _profiled(profiles)}
 
 
-def _costs(rows: list[dict[str, Any]], scenario: str, level: str) -> dict[str, Any]:
+def _costs(
+    rows: list[dict[str, Any]], paired: list[dict[str, Any]], scenario: str, level: str
+) -> dict[str, Any]:
     otel = find(rows, scenario, False, level, "worker-otel") or {}
     return {
-        "metrics cpu ratio": _cpu_ratio(rows, scenario, level, "worker", "worker-nometrics"),
-        "metrics cpu µs/event": _cpu_added(rows, scenario, level, "worker", "worker-nometrics"),
+        "metrics cpu ratio": _cpu_ratio(paired, scenario, level, "worker", "worker-nometrics"),
+        "metrics cpu µs/event": _cpu_added(paired, scenario, level, "worker", "worker-nometrics"),
         "otel cpu ratio": _cpu_ratio(rows, scenario, level, "worker-otel", "worker"),
         "otel cpu µs/event": _cpu_added(rows, scenario, level, "worker-otel", "worker"),
         "otel spans": otel.get("otel_spans"),
