@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("floor", "worker", "docs", "sample")
+VARIANTS = ("floor", "worker", "fastapi", "docs", "sample")
 NAMES = {
     "floor": "(i) floor",
     "worker": "biot-worker",
+    "fastapi": "(f) FastAPI",
     "docs": "(ii) docs",
     "sample": "(iii) sample",
 }
@@ -70,7 +71,7 @@ def main() -> None:
     )
     out.append("")
     out.append(
-        "Targets of the benchmark issue, measured in that run (medians over its repetitions):"
+        "Targets of the benchmark issues, measured in that run (medians over its repetitions):"
     )
     out.append("")
     out.append("| target | wanted | measured | met |")
@@ -126,11 +127,12 @@ def main() -> None:
     out.append("")
     out.append("Memory: " + (memory.group(0) if memory else "not measured in this run") + ".")
     out.append("")
-    block = re.search(r"^log backends.*?(?=\n\n)", text, flags=re.S | re.M)
-    if block:
-        out.append("```")
-        out.append(block.group(0))
-        out.append("```")
+    for head in ("log backends", "observability"):
+        block = re.search(rf"^{head}.*?(?=\n\n)", text, flags=re.S | re.M)
+        if block:
+            out.append("```")
+            out.append(block.group(0))
+            out.append("```")
     for name in ("profile (a)", "profile (b)"):
         match = re.search(rf"^{re.escape(name)}.*?(?=\n\n)", text, flags=re.S | re.M)
         if match:
