@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
@@ -184,7 +185,10 @@ def _int(raw: str) -> int:
 
 
 def _float(raw: str) -> float:
-    return float(raw)
+    value = float(raw)
+    if not math.isfinite(value):  # inf would pass "greater than 0" and break every timer
+        raise ValueError(f"not a finite number: {raw.strip()!r}")
+    return value
 
 
 def _bool(raw: str) -> bool:

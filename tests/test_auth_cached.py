@@ -80,6 +80,32 @@ async def test_a_verifier_without_a_cache_is_awaited_for_every_event() -> None:
     assert verifier.calls == 2
 
 
+class _LookAlike(_OnlyVerify):
+    """A verifier with a ``verify_cached`` of its own whose answer is truthy but no verdict
+    (a coroutine, as an ``async def`` or an AsyncMock gives): it must not pass a token."""
+
+    async def verify_cached(self, token: str, scope: str | None) -> bool:
+        return True
+
+
+async def test_only_jwt_verifier_answers_from_its_cache_a_look_alike_is_awaited() -> None:
+    async def handler(view: Any, ctx: Any) -> None:
+        return None
+
+    verifier = _LookAlike()
+    dispatcher = Dispatcher(
+        routes=Router().pre(handler, entity="patient"),
+        api=FakeApi(),
+        log=CapturingLog(),
+        settings=settings_for(),
+        verifier=verifier,
+    )
+    hook = "INTERCEPTOR_PRE"
+    bad = await dispatcher.dispatch(make_event(hook, interceptor_body(hook), token="bad"))
+    assert bad.status == 400
+    assert verifier.calls == 1
+
+
 async def test_a_cached_token_without_the_hook_scope_is_403_and_counted(keys: KeyPair) -> None:
     from worker.metrics import Metrics
 

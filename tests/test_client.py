@@ -465,6 +465,22 @@ async def test_the_per_call_timeout_bounds_an_attempt(
     assert sleep.delays == []
 
 
+async def test_computed_timeouts_share_a_bounded_number_of_timer_queues(
+    client: BiotClient, upstream: Upstream
+) -> None:
+    """A plugin that computes its timeouts (one per input size, say) does not grow the client:
+    past the first few values each call's timeout has a timer of its own, which still bounds
+    it, and leaves nothing on the loop once the call is over."""
+    for n in range(40):
+        await client.get("/x", timeout=5.0 + n / 1000)
+    assert len(client._fixed_timeouts) <= 16
+    upstream.replies.append(upstream.hang)
+    with pytest.raises(TransientApiError, match="no answer within"):
+        await client.post("/x", json={}, timeout=0.05 + 1e-6)  # past the shared ones
+    upstream.release.set()
+    assert len(client._fixed_timeouts) <= 16
+
+
 # ---------------------------------------------------------------- search
 
 

@@ -194,3 +194,23 @@ async def test_the_dispatcher_answers_504_for_events_past_their_deadline_in_a_bu
         events.append(make_event(hook, body, token=token))
     answers = await asyncio.gather(*(dispatcher.dispatch(event) for event in events))
     assert [a.status for a in answers] == [504, 200] * 10
+
+
+async def test_an_earlier_deadline_after_the_queue_emptied_still_falls_due() -> None:
+    """A late deadline leaves (its block ended) and the queue is empty, its timer still set for
+    that late time; an earlier deadline queued next is cut off at its own time, not then."""
+    queue = _Deadlines()
+    async with _Deadline(_in(30.0), queue):
+        await asyncio.sleep(0)
+    assert not queue._entries
+    early = _Deadline(_in(0.02), queue)
+
+    async def block() -> None:
+        async with early:
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(block())
+    done, _ = await asyncio.wait({task}, timeout=10.0)  # not 30 s later
+    assert done, "the earlier deadline waited for the timer of the one that left"
+    assert isinstance(task.exception(), TimeoutError)
+    assert early.expired()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -522,3 +523,81 @@ async def test_a_client_leaving_during_its_body_is_not_an_error(serve: Serve) ->
     await eventually(gone, "the connection to be gone")
     assert not [r for r in server.log.records if r["level"] == "ERROR"]
     assert not server.log.find("request failed")
+
+
+_LEAKED: contextvars.ContextVar[int] = contextvars.ContextVar("_LEAKED", default=-1)
+
+
+async def test_a_long_pipelined_burst_is_answered_one_at_a_time_in_order(serve: Serve) -> None:
+    """More pipelined requests in one write than the parser hands over at once (it holds the
+    rest and reading pauses): each still starts only after the one before it has answered, the
+    answers come in request order, and no handler sees a context variable the one before it
+    set."""
+    count = 80
+    running, most, seen = 0, 0, []
+
+    async def handler(view: NonSpecific, ctx: Context) -> dict[str, int]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        seen.append(_LEAKED.get())
+        _LEAKED.set(view.body["n"])  # never reset: must not reach the next request
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        running -= 1
+        return {"n": view.body["n"]}
+
+    server = await serve(Router().nonspecific(handler))
+    reader, writer = await _open(server)
+    try:
+        burst = b"".join(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            for body in (orjson.dumps({"n": n}) for n in range(count))
+        )
+        writer.write(burst)
+        answered = []
+        async with asyncio.timeout(20):
+            for _ in range(count):
+                head, body = await _read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                answered.append(orjson.loads(body)["n"])
+    finally:
+        writer.close()
+    assert answered == list(range(count))
+    assert most == 1
+    assert seen == [-1] * count
+
+
+async def test_a_shutdown_gives_its_grace_to_an_event_whose_client_left(
+    serve: Serve,
+) -> None:
+    """The client hangs up while its event runs: the runner's cleanup still waits (up to its
+    grace, 1 s here) for the event to end instead of forgetting it with its connection."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []
+
+    async def slow(view: NonSpecific, ctx: Context) -> dict[str, bool]:
+        entered.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        ended.append("finished")
+        return {"done": True}
+
+    server = await serve(Router().nonspecific(slow))
+    _, writer = await _open(server)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    async with asyncio.timeout(10):
+        await entered.wait()
+    writer.close()
+    await writer.wait_closed()
+    cleanup = asyncio.create_task(server.runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=0.3)
+    assert not done  # waiting for the event (without it, cleanup returned at once)
+    release.set()
+    async with asyncio.timeout(10):
+        await cleanup
+    assert ended == ["finished"]

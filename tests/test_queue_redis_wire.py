@@ -35,6 +35,7 @@ from worker.adapters.redis_streams import (
     Address,
     Link,
     LuaScript,
+    Part,
     RedisStreamSource,
     ReplyReader,
     RespError,
@@ -109,6 +110,7 @@ class Listener:
         self.mode = mode
         self.connections = 0
         self.closed = 0
+        self.received: list[bytearray] = []  # what each connection sent
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Listener:
@@ -128,15 +130,17 @@ class Listener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        received = bytearray()
+        self.received.append(received)
         try:
             if self.mode == "hang up":
-                await reader.read(100)
+                received += await reader.read(100)
             else:
                 if self.mode == "once":
-                    await reader.read(100)
+                    received += await reader.read(100)
                     writer.write(b"+OK\r\n")
-                while await reader.read(100):
-                    pass  # never answers; returns when the client closes
+                while chunk := await reader.read(100):
+                    received += chunk  # never answers; returns when the client closes
         finally:
             self.closed += 1
             writer.close()
@@ -193,6 +197,35 @@ async def test_a_settle_call_nobody_answers_fails_each_of_its_settles_in_time() 
                 return once.closed == 1
 
             await eventually(dropped, "the connection whose reply never came closed")
+        finally:
+            link.close()
+
+
+async def test_a_settle_given_up_on_before_it_went_is_never_sent() -> None:
+    """The pump stops waiting for a settle (its bound passed) while it waits behind another
+    call: it is not sent later, when the entry may already be delivered again; the entry stays
+    pending and comes back. The others queued with it still go."""
+    async with Listener("once") as once:
+        link = Link(once.address, timeout=0.2)
+        try:
+            assert await link.call(pack(b"PING")) == [b"OK"]
+            settler = Settler(link, ["s", "s:retry", "s:dead"], ["g", "1", "1", "1"])
+
+            def part(entry: bytes) -> Part:
+                return bulk(b""), b"".join(bulk(a) for a in (entry, b"", b"", b"0", b""))
+
+            first = settler.add(part(b"1-1"))  # goes at once, gets no reply
+            waiting = [settler.add(part(b"1-%d" % n)) for n in (2, 3, 4)]
+            waiting[0].cancel()  # given up on while the first call is under way
+            waiting[1].cancel()
+            results = await asyncio.gather(first, waiting[2], return_exceptions=True)
+            assert [type(r) for r in results] == [TimeoutError, ResponseError]
+
+            async def sent() -> bool:
+                return once.connections == 2 and b"1-4" in once.received[1]
+
+            await eventually(sent, "the settle still wanted sent on a new connection")
+            assert b"1-2" not in once.received[1] and b"1-3" not in once.received[1]
         finally:
             link.close()
 
@@ -327,6 +360,38 @@ async def test_settles_go_together_each_with_its_own_result(
         assert [row["message_id"] for row in pending] == [got[7].message.id]
         assert await client.xlen(stream) == 1
     finally:
+        await client.aclose()
+
+
+async def test_a_reply_to_naming_the_sources_own_keys_writes_no_reply_there(
+    own_redis: RedisServer,
+) -> None:
+    """A publisher's reply_to naming the stream itself or its dead letters: the settle would
+    write the reply there and set the key to expire with it, taking the stream's pending
+    entries or the dead letters along an hour later. The message is settled without a reply,
+    and the worker says why."""
+    client = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    try:
+        for box in (stream, f"{stream}:dead", f"{stream}:box"):
+            await client.xadd(stream, {"envelope": message(box), "reply_to": box})
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
+        log = FakeLog()
+        async with RedisStreamSource(url, settings=queue_settings(), log=log) as source:
+            got = await _receive(source, 3)
+            for delivery in got:
+                await source.settle(delivery, Decision(Verdict.ACK, reply=b"r"))
+        assert await client.ttl(stream) == -1  # no expiry set on the stream
+        assert await client.exists(f"{stream}:dead") == 0
+        assert await client.xlen(f"{stream}:box") == 1  # a genuine reply stream still gets it
+        warned = log.find(
+            "a message's reply_to names the source's own stream, retries or dead letters: "
+            "no reply written"
+        )
+        assert sorted(w["reply_to"] for w in warned) == sorted([stream, f"{stream}:dead"])
+        assert await client.xlen(stream) == 0  # all three acknowledged
+    finally:
+        await client.delete(stream, f"{stream}:dead", f"{stream}:box", f"{stream}:retry")
         await client.aclose()
 
 

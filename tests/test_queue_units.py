@@ -357,6 +357,9 @@ async def test_a_receive_stuck_on_a_dead_connection_fails_after_broker_timeout()
 async def test_deadlines_tell_their_own_cancellation_from_any_other() -> None:
     deadlines = Deadlines(0.05)
     assert deadlines.period == 0.0125
+    # A limit that is not a whole number of seconds: periods that divide it, of a second at most.
+    assert (Deadlines(10.5).period, Deadlines(10.5)._rounds) == (10.5 / 11, 11)
+    assert (Deadlines(10.0).period, Deadlines(2.0).period) == (1.0, 0.5)
     outcomes: list[str] = []
     forever = asyncio.Event()
 

@@ -109,6 +109,8 @@ def test_one_error_names_every_problem() -> None:
         ({"WORKER_API_RETRIES": "-1"}, "WORKER_API_RETRIES: must be 0 or more, got -1"),
         ({"WORKER_JWT_LEEWAY": "-0.5"}, "WORKER_JWT_LEEWAY: must be 0 or more, got -0.5"),
         ({"WORKER_API_TIMEOUT": ""}, "WORKER_API_TIMEOUT: not a number: ''"),
+        ({"WORKER_BROKER_TIMEOUT": "inf"}, "WORKER_BROKER_TIMEOUT: not a finite number: 'inf'"),
+        ({"WORKER_API_TIMEOUT": "nan"}, "WORKER_API_TIMEOUT: not a finite number: 'nan'"),
         ({"WORKER_ROUTES": "handlers"}, "WORKER_ROUTES: expected module:function, got 'handlers'"),
         (
             {"WORKER_EVENT_LOOP": "trio"},

@@ -57,6 +57,7 @@ from worker.errors import (
     TransientApiError,
 )
 from worker.tracing import (
+    OWN_TIMERS,
     QueuedTimeout,
     Span,
     Spans,
@@ -82,6 +83,7 @@ LOGIN_PATH: Final = "/ums/v2/services/accessToken"
 PUBLIC_KEY_PATH: Final = "/ums/v1/security/public-key"
 
 _TIMEOUT: Final = 10.0  # seconds per attempt, login and public-key fetch unless told otherwise
+_SHARED_TIMEOUTS: Final = 16  # distinct per-call timeouts given a shared timer queue each
 # Backstop for code that uses the session directly; the calls here bound each attempt themselves.
 _SESSION_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=10.0)
 _UNBOUNDED: Final = aiohttp.ClientTimeout()  # per request: our asyncio.timeout is the bound
@@ -446,12 +448,15 @@ class BiotClient(ApiMethods):
 
     def _timeouts(self, timeout: float, limit: float) -> TimeoutQueue:
         """The queue whose timer bounds a call: one per fixed timeout (such calls end in the
-        order they start), one for calls bounded by their event's deadline (in the order of
-        their events)."""
+        order they start; for the first :data:`_SHARED_TIMEOUTS` values, then a timer per
+        call), one for calls bounded by their event's deadline (in the order of their
+        events)."""
         if limit < timeout:
             return self._deadline_timeouts
         queue = self._fixed_timeouts.get(timeout)
         if queue is None:
+            if len(self._fixed_timeouts) >= _SHARED_TIMEOUTS:  # a plugin's computed timeouts
+                return OWN_TIMERS
             queue = self._fixed_timeouts[timeout] = TimeoutQueue()
         return queue
 
@@ -747,7 +752,7 @@ async def _exchange(
     :class:`ApiError`; nothing here retries.
     """
     loop = asyncio.get_running_loop()
-    timeout = QueuedTimeout(loop.time() + limit, timeouts or TimeoutQueue())
+    timeout = QueuedTimeout(loop.time() + limit, timeouts or OWN_TIMERS)
     try:
         timeout.enter()  # as `async with asyncio.timeout(limit):`, without its coroutines
         try:

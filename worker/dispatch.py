@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from config.settings import Settings
+from worker.auth import JwtVerifier
 from worker.client import BiotApi
 from worker.errors import AuthError, DeadlineExceeded, WorkerError
 from worker.events import (
@@ -104,9 +105,11 @@ class Dispatcher:
         self._settings = settings
         self._public_settings = settings.public()
         self._verifier = verifier
-        # JwtVerifier answers from its cache without a coroutine; a verifier without one awaits.
-        self._verify_cached: Callable[[str, str | None], bool] | None = getattr(
-            verifier, "verify_cached", None
+        # JwtVerifier answers from its cache without a coroutine; any other verifier (a test's,
+        # a plugin's) is awaited, whatever attributes it has: a look-alike's truthy answer
+        # (a Mock's, a coroutine's) must never pass a token.
+        self._verify_cached: Callable[[str, str | None], bool] | None = (
+            verifier.verify_cached if isinstance(verifier, JwtVerifier) else None
         )
         biot, worker = settings.biot, settings.worker
         self._errors = ErrorContext(biot.app_name, biot.environment)

@@ -218,6 +218,7 @@ class QueuedTimeout:
         self._queue = queue
         self._state = _State.CREATED
         self._handle: asyncio.Handle | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     async def __aenter__(self) -> QueuedTimeout:
         self.enter()
@@ -247,9 +248,12 @@ class QueuedTimeout:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        task = self._task
+        self._task = None  # a finished entry may wait in the queue behind a slower one
         if self._state is _EXPIRING:
             self._state = _EXPIRED
-            if self._task.uncancel() <= self._cancelling and type(exc) is asyncio.CancelledError:
+            assert task is not None  # expiring: entered, in this task
+            if task.uncancel() <= self._cancelling and type(exc) is asyncio.CancelledError:
                 raise TimeoutError from exc  # no other cancellation came: ours to answer
         else:
             self._state = _EXITED
@@ -261,7 +265,7 @@ class QueuedTimeout:
     def expire(self) -> None:
         """The deadline passed: cancel the task (once, and only while inside the block)."""
         self._handle = None
-        if self._state is _ENTERED:
+        if self._state is _ENTERED and self._task is not None:
             self._task.cancel()
             self._state = _EXPIRING
 
@@ -292,8 +296,14 @@ class TimeoutQueue:
         if entries and when < entries[-1].when:
             return loop.call_at(when, deadline.expire)
         entries.append(deadline)
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
             self._timer = loop.call_at(entries[0].when, self._fire)
+        elif len(entries) == 1 and when < timer.when():
+            # The queue had emptied (finished() drops entries, not the timer) and the timer is
+            # still set for a later deadline that has left: move it to this one.
+            timer.cancel()
+            self._timer = loop.call_at(when, self._fire)
         return None
 
     def finished(self) -> None:
@@ -317,3 +327,20 @@ class TimeoutQueue:
             entries.popleft()
         if entries:
             self._timer = loop.call_at(entries[0].when, self._fire)
+
+
+class OwnTimers(TimeoutQueue):
+    """A timer of its own for every timeout, cancelled when its block ends (what
+    ``asyncio.timeout`` does): for deadlines that share nothing with others."""
+
+    __slots__ = ()
+
+    def add(self, deadline: QueuedTimeout) -> asyncio.Handle | None:
+        return asyncio.get_running_loop().call_at(deadline.when, deadline.expire)
+
+    def finished(self) -> None:
+        pass
+
+
+#: The :class:`OwnTimers` anyone may use (it holds nothing).
+OWN_TIMERS: Final = OwnTimers()

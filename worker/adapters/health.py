@@ -327,11 +327,6 @@ def health_runner(
     )
 
 
-def trace_of(request: web.BaseRequest) -> TraceContext:
-    """The trace a request names (or a new one): what its answer and log lines carry."""
-    return trace_from_headers(lower_headers(request.headers))
-
-
 def to_web(response: Response) -> web.Response:
     """A :class:`~worker.responses.Response` as aiohttp's (this listener's and the HTTP
     adapter's)."""

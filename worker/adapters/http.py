@@ -41,6 +41,7 @@ grace period to finish, then the caller closes what the dispatcher uses.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import re
 import resource
@@ -484,9 +485,10 @@ class _Connection(BaseProtocol):
     connection, moved on (not replaced) after each response."""
 
     __slots__ = (
-        "_adapter", "_close", "_connections", "_force_close", "_header_timer", "_headers_seen",
-        "_idle_since", "_keepalive_handle", "_keepalive_timeout", "_lingering_time", "_payload",
-        "_queue", "_request_count", "_server", "_tail", "_task", "reading_body",
+        "_adapter", "_close", "_connections", "_context", "_force_close", "_header_timer",
+        "_headers_seen", "_idle_since", "_keepalive_handle", "_keepalive_timeout",
+        "_lingering_time", "_payload", "_queue", "_request_count", "_server", "_tail", "_task",
+        "reading_body",
     )  # fmt: skip
 
     def __init__(self, server: _Server, loop: asyncio.AbstractEventLoop) -> None:
@@ -518,12 +520,12 @@ class _Connection(BaseProtocol):
         self._force_close = False  # closed, or closing without answering
         self._tail = b""  # what came after an upgrade request, parsed once it is answered
         self.reading_body = False  # set by the adapter while a body trickles in
+        # Each request's task starts from a copy of this context, never from the previous
+        # request's (a pipelined request is started from that one's task): nothing a handler
+        # sets in a context variable reaches the next event.
+        self._context = contextvars.copy_context()
 
     # ------------------------------------------------------------ the cap's view
-
-    def idle_since(self) -> float:
-        """When the connection opened or last finished a response."""
-        return self._idle_since
 
     def eviction_order(self) -> tuple[int, float]:
         """Which evictable connection goes first: one that never completed a request's headers
@@ -638,14 +640,17 @@ class _Connection(BaseProtocol):
         return bool(messages)
 
     def _next(self) -> None:
-        """Answer the next queued request, in a task of its own."""
+        """Answer the next queued request, in a task of its own. The task is in place before
+        reading resumes: what the parser held back is queued behind it, not started beside it."""
         request, payload = self._queue.popleft()
         assert self._parser is not None
         self._parser.message_consumed()
+        self._payload = payload
+        self._task = self._loop.create_task(
+            self._respond(request, payload), context=self._context.copy()
+        )
         if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
             self._resume_reading_if_drained()
-        self._payload = payload
-        self._task = self._loop.create_task(self._respond(request, payload))
 
     def _resume_reading_if_drained(self) -> None:
         if self._tail and len(self._tail) >= _READ_BUFSIZE:
@@ -681,8 +686,8 @@ class _Connection(BaseProtocol):
                 self._idle_since + self._keepalive_timeout, self._keepalive_check
             )
         if self._upgraded and not self._queue:
-            self._resume_after_upgrade()
-        if self._queue:
+            self._resume_after_upgrade()  # may start the next request itself
+        if self._queue and self._task is None:
             self._next()
 
     async def _exchange(
@@ -913,7 +918,13 @@ class _Server(web.Server):
         return _Connection(self, self._loop)
 
     def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
-        self._connections.pop(handler, None)
+        """A connection whose client went away while its event runs stays known until the event
+        ends (as in aiohttp's server), so that a shutdown gives that event its grace period."""
+        task = getattr(handler, "_task", None)
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._connections.pop(handler, None))
+        else:
+            self._connections.pop(handler, None)
 
 
 def app_runner(
