@@ -526,10 +526,11 @@ class Deadlines:
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
-        self.period = min(1.0, limit / 4)
         # No clock read per wait: a check counts one more round; a wait begun in round r has
-        # lasted ``limit`` once round r + 1 + ``_rounds`` starts.
-        self._rounds = math.ceil(limit / self.period - 1e-9)
+        # lasted ``limit`` once round r + 1 + ``_rounds`` starts. The period divides ``limit``
+        # whole (at most a second and a quarter of it), so that bound is ``limit + period``.
+        self._rounds = math.ceil(limit / min(1.0, limit / 4) - 1e-9)
+        self.period = limit / self._rounds
         self._round = 0
         self._due: dict[asyncio.Task[Any], int] = {}  # the round each began in, in order
         self._expired: set[asyncio.Task[Any]] = set()

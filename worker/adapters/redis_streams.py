@@ -539,7 +539,8 @@ class Wire(asyncio.Protocol):
 
     def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """Write ``payload`` (``replies`` commands); the future of their replies."""
-        assert self._transport is not None and self.broken is None
+        if self._transport is None or self.broken is not None:  # not under python -O either
+            raise self.broken or RedisConnectionError("not connected")
         future = self._loop.create_future()
         self._waiting.append((future, replies, []))
         self._transport.write(payload)
@@ -547,7 +548,8 @@ class Wire(asyncio.Protocol):
 
     def send_then(self, payload: bytes, replies: int, answer: Answer) -> None:
         """Write ``payload`` (``replies`` commands); their replies go to ``answer``."""
-        assert self._transport is not None and self.broken is None
+        if self._transport is None or self.broken is not None:
+            raise self.broken or RedisConnectionError("not connected")
         self._waiting.append((answer, replies, []))
         self._transport.write(payload)
 
@@ -803,6 +805,14 @@ class Settler:
 
     def _flush(self) -> None:
         (keys, args, futures), self._queued = self._queued, ([], [], [])
+        if any(future.done() for future in futures):
+            # Given up on while they waited (the pump's bound passed): never sent, since the
+            # entry may be delivered again by now; it stays pending and comes back.
+            kept = [n for n, future in enumerate(futures) if not future.done()]
+            keys, args = [keys[n] for n in kept], [args[n] for n in kept]
+            futures = [futures[n] for n in kept]
+            if not futures:
+                return
         if len(futures) <= _SETTLE_BATCH:
             self._send(keys, args, futures, whole=False)
             return
@@ -898,6 +908,9 @@ class RedisStreamSource:
             self._settles, [o.stream, o.retry_key, o.dead_letter],
             [o.group, str(o.dead_letter_maxlen), str(REPLY_MAXLEN), str(REPLY_TTL)],
         )  # fmt: skip
+        # A reply_to naming one of these would have the settle expire it (a reply stream lives
+        # an hour): the source's stream with its pending entries, its retries, its dead letters.
+        self._own_keys = frozenset((o.stream, o.retry_key, o.dead_letter))
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
         self._new_reads: dict[tuple[int, int | None], bytes] = {}
         self._move_whole = False  # Redis lost the mover: run it on its own (sent whole)
@@ -1173,6 +1186,12 @@ class RedisStreamSource:
     def _settle_part(self, entry: Entry, delivery: Delivery, decision: Decision) -> Part:
         """The entry's reply stream and its five arguments of the settle script, packed."""
         reply_to, reply = delivery.reply_to, b""
+        if reply_to and reply_to in self._own_keys:
+            self._log.warning(
+                "a message's reply_to names the source's own stream, retries or dead letters: "
+                "no reply written", ref=delivery.ref, reply_to=reply_to,
+            )  # fmt: skip
+            reply_to = None
         if decision.reply is not None and reply_to:
             reply = b"8:response%d:%b" % (len(decision.reply), decision.reply)
             if delivery.correlation_id is not None:
