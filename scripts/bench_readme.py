@@ -84,7 +84,10 @@ def main() -> None:
             f"{'yes' if t['met'] else ('n/a' if t['met'] is None else '**no**')} |"
         )
     out.append("")
-    out.append("Per scenario: p50 / p99 latency, worker CPU per event (from /proc), events/s.")
+    out.append(
+        "Per scenario: p50 / p99 latency, CPU per event of the target process (its CPU-time "
+        "clock), events/s."
+    )
     out.append("")
     out.append("| scenario | load | " + " | ".join(NAMES[v] for v in VARIANTS) + " |")
     out.append("|---|---|" + "---|" * len(VARIANTS))
@@ -125,7 +128,8 @@ def main() -> None:
                     f"{_num(u['cpu_us_per_event'], '.0f')} µs, {_num(u['throughput'], '.0f')}/s"
                 )
     out.append("")
-    out.append("Memory: " + (memory.group(0) if memory else "not measured in this run") + ".")
+    found = memory.group(0).removeprefix("memory, ") if memory else "not measured in this run"
+    out.append(f"Memory: {found}.")
     out.append("")
     for head in ("log backends", "observability"):
         block = re.search(rf"^{head}.*?(?=\n\n)", text, flags=re.S | re.M)
