@@ -305,9 +305,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_source(args.source)
     routes = plugin_routes(settings)
     if args.source is not None:
-        _run(settings, runner.run_queue(settings, routes, args.source))
+        _run(settings, runner.run_queue(settings, routes, args.source, freeze_gc=True))
     else:
-        _run(settings, runner.run_http(settings, routes))
+        _run(settings, runner.run_http(settings, routes, freeze_gc=True))
     return 0
 
 
@@ -330,7 +330,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"biot-worker dev: {' and '.join(ignored)} ignored: dev always runs against its own "
             "emulator (biot-worker run serves a real BioT)\n"
         )
-    _run(settings, run_dev(settings, routes, source=args.source, tls=args.tls))
+    _run(settings, run_dev(settings, routes, source=args.source, tls=args.tls, freeze_gc=True))
     return 0
 
 

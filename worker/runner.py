@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -151,18 +152,32 @@ async def run_http(
     stop: asyncio.Event | None = None,
     started: Started | None = None,
     stream: TextIO | BinaryIO | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Serve events over HTTP until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None).
 
     ``started(app, url)`` is called once listening; ``stream`` is where log lines go (default
     stdout). A port in use or an unreadable CA bundle raises :class:`StartupError`.
+    ``freeze_gc``: see :func:`freeze_startup_objects` (the process's own worker, not a test's).
     """
     if stop is None:
         _signals_to_the_main_thread()
     async with WorkerApp(settings, routes, stream=stream) as app:
         with _signals_unless_given(stop, app.log) as stopping:
-            await _serve_http(app, stopping, started)
+            await _serve_http(app, stopping, started, freeze_gc)
         app.log.info("worker stopped; closing resources")
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive once the worker has started (modules, the plugin, settings,
+    pools: some 47k) out of the cyclic collector's sight (``gc.freeze``). A full collection
+    otherwise walks them all while every event in flight waits: 13-23 ms per full collection in
+    (b) at c=32 here, which made the worker's p99 twice the floor's; 1.3-1.5 ms with them frozen.
+    Objects made later are collected as before; a cycle among the frozen ones is never freed,
+    which startup objects that live as long as the process do not mind. For the process's own
+    worker only (``biot-worker run`` and ``dev``): a test's worker leaves the test process
+    alone."""
+    gc.freeze()
 
 
 def http_adapter(app: WorkerApp) -> HttpAdapter:
@@ -180,7 +195,9 @@ def http_adapter(app: WorkerApp) -> HttpAdapter:
     )
 
 
-async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | None) -> None:
+async def _serve_http(
+    app: WorkerApp, stop: asyncio.Event, started: Started | None, freeze_gc: bool = False
+) -> None:
     settings, worker = app.settings, app.settings.worker
     adapter = http_adapter(app)
     listening = False
@@ -188,6 +205,8 @@ async def _serve_http(app: WorkerApp, stop: asyncio.Event, started: Started | No
     def on_listening(port: int) -> None:
         nonlocal listening
         listening = True
+        if freeze_gc:
+            freeze_startup_objects()
         url = f"http://{_url_host(worker.host)}:{port}"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         app.log.info("worker listening", url=url, base_url=settings.biot.base_url, event_loop=loop)
@@ -281,9 +300,11 @@ async def run_queue(
     stop: asyncio.Event | None = None,
     stream: TextIO | BinaryIO | None = None,
     fields: dict[str, str] | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Serve the queue at ``url`` until ``stop`` is set (SIGTERM/SIGINT when ``stop`` is None),
     with ``/healthz`` and ``/readyz`` on the health port (see :func:`_health_listener`).
+    ``freeze_gc``: see :func:`freeze_startup_objects`, once the queue and the port are open.
 
     A bad URL raises :class:`SettingsError`; a broker that cannot be reached at start logs
     ``cannot open the queue`` and raises ``SystemExit(1)``; a health port that cannot be bound
@@ -315,6 +336,8 @@ async def run_queue(
             health_url = await stack.enter_async_context(_health_listener(app, health, intake))
             app.log.info("worker consuming", source=queue.redact_url(url), health=health_url,
                          **(fields or {}))  # fmt: skip
+            if freeze_gc:
+                freeze_startup_objects()
             with _signals_unless_given(stop, app.log) as stopping:
                 await queue.consume(
                     source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log,

@@ -64,18 +64,21 @@ async def run_dev(
     started: Started | None = None,
     stream: TextIO | BinaryIO | None = None,
     banner: TextIO | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """The worker against an embedded emulator until ``stop`` (default: SIGTERM/SIGINT).
 
     Over HTTP every route BioT can subscribe is subscribed and the trigger commands go to
     ``banner`` (default stderr); with ``source`` the events come from that queue instead.
+    ``freeze_gc``: see :func:`worker.runner.freeze_startup_objects` (``biot-worker dev``).
     """
     async with embedded_emulator(settings, tls=tls) as (emulator, server, pointed):
         out = banner or sys.stderr
         if source is not None:
             _write_queue_banner(out, server.url, source)
             fields = {"emulator_url": server.url}
-            await run_queue(pointed, routes, source, stop=stop, stream=stream, fields=fields)
+            await run_queue(pointed, routes, source, stop=stop, stream=stream, fields=fields,
+                            freeze_gc=freeze_gc)  # fmt: skip
             return
 
         def on_started(app: WorkerApp, url: str) -> None:
@@ -84,7 +87,8 @@ async def run_dev(
             if started is not None:
                 started(app, url)
 
-        await run_http(pointed, routes, stop=stop, started=on_started, stream=stream)
+        await run_http(pointed, routes, stop=stop, started=on_started, stream=stream,
+                       freeze_gc=freeze_gc)  # fmt: skip
 
 
 def subscribe_routes(emulator: Emulator, routes: Router, endpoint: str, log: Log) -> None:
