@@ -131,18 +131,10 @@ def main() -> None:
     found = memory.group(0).removeprefix("memory, ") if memory else "not measured in this run"
     out.append(f"Memory: {found}.")
     out.append("")
-    for head in ("log backends", "observability"):
-        block = re.search(rf"^{head}.*?(?=\n\n)", text, flags=re.S | re.M)
+    for head in ("log backends", "observability", "profile (a)", "profile (b)"):
+        block = re.search(rf"^{re.escape(head)}.*?(?=\n\n)", text, flags=re.S | re.M)
         if block:
-            out.append("```")
-            out.append(block.group(0))
-            out.append("```")
-    for name in ("profile (a)", "profile (b)"):
-        match = re.search(rf"^{re.escape(name)}.*?(?=\n\n)", text, flags=re.S | re.M)
-        if match:
-            out.append("```")
-            out.append(match.group(0))
-            out.append("```")
+            out += ["```", block.group(0), "```"]
     sys.stdout.write("\n".join(out) + "\n")
 
 

@@ -61,18 +61,24 @@ class _OnlyVerify:
         return {"scopes": [scope]}
 
 
-async def test_a_verifier_without_a_cache_is_awaited_for_every_event() -> None:
+def _pre_dispatcher(verifier: Any) -> Dispatcher:
+    """A dispatcher with a PRE route that answers nothing, checking tokens with ``verifier``."""
+
     async def handler(view: Any, ctx: Any) -> None:
         return None
 
-    verifier = _OnlyVerify()
-    dispatcher = Dispatcher(
+    return Dispatcher(
         routes=Router().pre(handler, entity="patient"),
         api=FakeApi(),
         log=CapturingLog(),
         settings=settings_for(),
         verifier=verifier,
     )
+
+
+async def test_a_verifier_without_a_cache_is_awaited_for_every_event() -> None:
+    verifier = _OnlyVerify()
+    dispatcher = _pre_dispatcher(verifier)
     hook = "INTERCEPTOR_PRE"
     good = await dispatcher.dispatch(make_event(hook, interceptor_body(hook), token="good"))
     bad = await dispatcher.dispatch(make_event(hook, interceptor_body(hook), token="bad"))
@@ -89,17 +95,8 @@ class _LookAlike(_OnlyVerify):
 
 
 async def test_only_jwt_verifier_answers_from_its_cache_a_look_alike_is_awaited() -> None:
-    async def handler(view: Any, ctx: Any) -> None:
-        return None
-
     verifier = _LookAlike()
-    dispatcher = Dispatcher(
-        routes=Router().pre(handler, entity="patient"),
-        api=FakeApi(),
-        log=CapturingLog(),
-        settings=settings_for(),
-        verifier=verifier,
-    )
+    dispatcher = _pre_dispatcher(verifier)
     hook = "INTERCEPTOR_PRE"
     bad = await dispatcher.dispatch(make_event(hook, interceptor_body(hook), token="bad"))
     assert bad.status == 400
