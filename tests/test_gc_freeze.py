@@ -36,7 +36,7 @@ asyncio.run(main())
 
 @pytest.mark.parametrize(("mode", "frozen"), [("freeze", True), ("leave", False)])
 def test_the_process_worker_freezes_what_it_started_with(mode: str, frozen: bool) -> None:
-    done = subprocess.run(
+    done = subprocess.run(  # noqa: S603 - our own interpreter running our script
         [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
