@@ -50,7 +50,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -90,6 +90,7 @@ RETRY_PARAMS = ("max_attempts", "retry_delay", "retry_max_delay")
 # An envelope is JSON text around the body (escaping can double it): refuse to parse beyond this.
 _ENVELOPE_SLACK = 65_536
 _RECEIVE_BACKOFF = (0.1, 2.0)  # first and largest pause after the broker failed a receive
+_T = TypeVar("_T")
 
 
 class SourceUnavailable(Exception):
@@ -630,7 +631,7 @@ class _Pump:
                 await self._wake.wait()
                 status.waiting = False
                 continue
-            batch = await self._receive(free)
+            batch = await self._bounded(self._source.receive(free))
             if isinstance(batch, Exception):  # broker trouble: keep the worker alive, try again
                 error = describe(batch)
                 status.failed(error, loop.time())
@@ -658,12 +659,13 @@ class _Pump:
             if self._metrics is not None:
                 self._count_received(len(batch), again, self._metrics)
 
-    async def _receive(self, free: int) -> Sequence[Delivery] | Exception:
-        """Up to ``free`` deliveries, or what failed the receive (``TimeoutError`` when it took
-        longer than the broker timeout)."""
+    async def _bounded(self, operation: Awaitable[_T]) -> _T | Exception:
+        """What a broker operation (a receive, a settle) returned, or what failed it
+        (``TimeoutError`` when it took longer than the broker timeout: a dead connection must
+        not hold the intake or a slot, whatever the source does)."""
         task = self._deadlines.begin()
         try:
-            return await self._source.receive(free)
+            return await operation
         except asyncio.CancelledError:
             if not self._deadlines.expired(task):
                 raise
@@ -672,22 +674,6 @@ class _Pump:
             return exc
         finally:
             self._deadlines.end(task)
-
-    async def _settle(self, delivery: Delivery, decision: Decision) -> Exception | None:
-        """What failed the settle, if it failed (``TimeoutError`` when it took longer than the
-        broker timeout: a dead connection must not hold the slot, whatever the source does)."""
-        task = self._deadlines.begin()
-        try:
-            await self._source.settle(delivery, decision)
-        except asyncio.CancelledError:
-            if not self._deadlines.expired(task):
-                raise
-            return TimeoutError()
-        except Exception as exc:
-            return exc
-        finally:
-            self._deadlines.end(task)
-        return None
 
     @staticmethod
     def _count_received(received: int, again: int, metrics: QueueMetrics) -> None:
@@ -707,7 +693,7 @@ class _Pump:
             self._log.exception("processing a queue message failed", ref=delivery.ref)
             reason = f"WORKER_ERROR: {type(exc).__name__}"
             decision = Decision(Verdict.DEAD, reason=reason, envelope=published_envelope(delivery))
-        failed = await self._settle(delivery, decision)
+        failed = await self._bounded(self._source.settle(delivery, decision))
         if failed is not None:
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()

@@ -805,14 +805,6 @@ class Settler:
 
     def _flush(self) -> None:
         (keys, args, futures), self._queued = self._queued, ([], [], [])
-        if any(future.done() for future in futures):
-            # Given up on while they waited (the pump's bound passed): never sent, since the
-            # entry may be delivered again by now; it stays pending and comes back.
-            kept = [n for n, future in enumerate(futures) if not future.done()]
-            keys, args = [keys[n] for n in kept], [args[n] for n in kept]
-            futures = [futures[n] for n in kept]
-            if not futures:
-                return
         if len(futures) <= _SETTLE_BATCH:
             self._send(keys, args, futures, whole=False)
             return
@@ -823,6 +815,15 @@ class Settler:
     def _send(
         self, keys: list[bytes], args: list[bytes], futures: list[asyncio.Future[int]], whole: bool
     ) -> None:
+        if any(future.done() for future in futures):
+            # Given up on while they waited (the pump's bound passed), or before a resend after
+            # NOSCRIPT: never sent, since the entry may be delivered again by now; it stays
+            # pending and comes back.
+            kept = [n for n, future in enumerate(futures) if not future.done()]
+            keys, args = [keys[n] for n in kept], [args[n] for n in kept]
+            futures = [futures[n] for n in kept]
+            if not futures:
+                return
         count = len(futures)
         head = b"*%d\r\n%b$%d\r\n%d\r\n" % (
             3 + self._fixed + 6 * count, self._commands[whole], len(b"%d" % (3 + count)),
