@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -192,20 +193,15 @@ def bench_main(args: argparse.Namespace) -> int:
         sys.stderr.write("biot-worker bench: --store goes with --check\n")
         return 2
     plan = plan_from(args)
-    run_dir = Path(tempfile.mkdtemp(prefix="biot-bench-"))
     started = time.monotonic()
-
-    def progress(line: str) -> None:
-        sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
-        sys.stderr.flush()
+    progress = _progress(started)
 
     from worker.bench.table import render
 
-    try:
-        raw, pinning = asyncio.run(_measure(plan, run_dir, progress))
-    except (RuntimeError, OSError) as exc:
-        progress(f"bench failed: {exc} (process logs kept in {run_dir})")
+    measured = _measure_in_new_dir(plan, progress)
+    if measured is None:
         return 1
+    raw, pinning, run_dir = measured
     result = build_result(plan, raw, pinning, time.monotonic() - started)
     sys.stdout.write(render(result) + "\n")
     write_outputs(result, raw, args, progress)
@@ -230,18 +226,11 @@ def check_main(args: argparse.Namespace) -> int:
             sys.stderr.write(f"biot-worker bench --check: {exc}\n")
             return 2
     plan = check.check_plan(plan_from(args))
-    run_dir = Path(tempfile.mkdtemp(prefix="biot-bench-"))
     started = time.monotonic()
-
-    def progress(line: str) -> None:
-        sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
-        sys.stderr.flush()
-
-    try:
-        raw, pinning = asyncio.run(_measure(plan, run_dir, progress))
-    except (RuntimeError, OSError) as exc:
-        progress(f"bench failed: {exc} (process logs kept in {run_dir})")
+    measured = _measure_in_new_dir(plan, _progress(started))
+    if measured is None:
         return 2
+    raw, pinning, run_dir = measured
     shutil.rmtree(run_dir, ignore_errors=True)
     rows = aggregate(raw["points"], raw["samples"])
     failures = sum(r["errors"] + r["incomplete"] for r in rows)
@@ -266,6 +255,30 @@ def check_main(args: argparse.Namespace) -> int:
     sys.stdout.write(f"bench --check {verdict} ({elapsed:.0f} s, pinning {pinning}):\n"
                      + "\n".join(lines) + "\n")  # fmt: skip
     return status
+
+
+def _progress(started: float) -> Callable[[str], None]:
+    """A progress line on stderr, stamped with the seconds since ``started``."""
+
+    def progress(line: str) -> None:
+        sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {line}\n")
+        sys.stderr.flush()
+
+    return progress
+
+
+def _measure_in_new_dir(
+    plan: Plan, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], str, Path] | None:
+    """The plan measured with its process logs in a new directory: the raw results, the
+    pinning and that directory; ``None`` (said on ``progress``, the logs kept) when it failed."""
+    run_dir = Path(tempfile.mkdtemp(prefix="biot-bench-"))
+    try:
+        raw, pinning = asyncio.run(_measure(plan, run_dir, progress))
+    except (RuntimeError, OSError) as exc:
+        progress(f"bench failed: {exc} (process logs kept in {run_dir})")
+        return None
+    return raw, pinning, run_dir
 
 
 async def _measure(plan: Plan, run_dir: Path, progress: Any) -> tuple[dict[str, Any], str]:
