@@ -228,6 +228,30 @@ class Observable(Protocol):
         ...
 
 
+class Settling(Protocol):
+    """A settle under way by callback (see :class:`SettlesSoon`)."""
+
+    def give_up(self) -> None:
+        """Stop waiting for it: it is not sent if it has not gone yet, ``done`` is not called,
+        and the source counts it as failed (the message comes back)."""
+        ...
+
+
+class SettlesSoon(Protocol):
+    """Optional for a :class:`Source`: settling without a task waiting for it (a task resumed
+    for each settle's reply costs a turn of the event loop per event). The pump then holds the
+    event's slot until ``done`` is called, and still bounds the wait (``op_timeout``, then
+    :meth:`Settling.give_up`)."""
+
+    def settle_soon(
+        self, delivery: Delivery, decision: Decision, done: Callable[[BaseException | None], None]
+    ) -> Settling:
+        """Start what :meth:`Source.settle` does; ``done(None)`` once the outcome is durable,
+        ``done(error)`` when it could not be done, called once, from the event loop (possibly
+        before this returns)."""
+        ...
+
+
 # ---------------------------------------------------------------- envelopes and replies
 
 
@@ -516,6 +540,14 @@ class IntakeStatus:
         return self.state == "running" and not self.waiting and late
 
 
+class Expiring(Protocol):
+    """A wait bounded by :class:`Deadlines` that is not a task's."""
+
+    def expire(self) -> None:
+        """Past its deadline: give up."""
+        ...
+
+
 class Deadlines:
     """Bounds on the waits of many tasks with one timer, not one each (an asyncio timeout per
     settle costs more CPU than the settle): :meth:`begin` notes that the current task starts a
@@ -523,7 +555,7 @@ class Deadlines:
     (a second at most) the tasks past their deadline are cancelled, and in the
     ``CancelledError`` that follows, :meth:`expired` tells that cancellation (taken back: the
     caller raises ``TimeoutError`` instead) from any other. A wait ends after ``limit`` plus
-    that period at most."""
+    that period at most. A wait that is not a task's (:meth:`hold`) is told by its ``expire``."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
@@ -533,7 +565,8 @@ class Deadlines:
         self._rounds = math.ceil(limit / min(1.0, limit / 4) - 1e-9)
         self.period = limit / self._rounds
         self._round = 0
-        self._due: dict[asyncio.Task[Any], int] = {}  # the round each began in, in order
+        # the round each began in, in order
+        self._due: dict[asyncio.Task[Any] | Expiring, int] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -541,14 +574,20 @@ class Deadlines:
         """The current task, now bounded."""
         task = asyncio.current_task()
         assert task is not None, "Deadlines.begin outside a task"
-        self._due[task] = self._round
-        if self._timer is None:
-            self._timer = task.get_loop().call_later(self.period, self._check)
+        self.hold(task)
         return task
 
-    def end(self, task: asyncio.Task[Any]) -> None:
-        self._due.pop(task, None)
-        self._expired.discard(task)
+    def hold(self, wait: asyncio.Task[Any] | Expiring) -> None:
+        """Bound ``wait`` from now on (a task is cancelled past its deadline; anything else is
+        told by its ``expire``), until :meth:`end`."""
+        self._due[wait] = self._round
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._check)
+
+    def end(self, wait: asyncio.Task[Any] | Expiring) -> None:
+        self._due.pop(wait, None)
+        if self._expired:
+            self._expired.discard(wait)  # a task, if there
 
     def expired(self, task: asyncio.Task[Any]) -> bool:
         """Whether the ``CancelledError`` ``task`` got is its deadline's, and no other
@@ -563,14 +602,17 @@ class Deadlines:
         self._round += 1
         last = self._round - 1 - self._rounds  # begun in this round or before: past the limit
         late = []
-        for task, began in self._due.items():
+        for wait, began in self._due.items():
             if began > last:
                 break
-            late.append(task)
-        for task in late:
-            del self._due[task]
-            self._expired.add(task)
-            task.cancel()
+            late.append(wait)
+        for wait in late:
+            del self._due[wait]
+            if isinstance(wait, asyncio.Task):
+                self._expired.add(wait)
+                wait.cancel()
+            else:
+                wait.expire()
         if self._due:
             self._timer = asyncio.get_running_loop().call_later(self.period, self._check)
 
@@ -580,7 +622,41 @@ class Deadlines:
             self._timer = None
 
 
+class _Held:
+    """An event's slot, held from the end of its task until the source's callback says how
+    its settle went (see :class:`SettlesSoon`), or its deadline passes."""
+
+    __slots__ = ("_pump", "decision", "delivery", "over", "settling")
+
+    def __init__(self, pump: _Pump, delivery: Delivery, decision: Decision) -> None:
+        self._pump = pump
+        self.delivery = delivery
+        self.decision = decision
+        self.settling: Settling | None = None
+        self.over = False
+
+    def __call__(self, failed: BaseException | None) -> None:
+        """The source's ``done``."""
+        if not self.over:
+            self._pump._release(self, failed)
+
+    def expire(self) -> None:
+        """Past the broker timeout: the source gives it up, the settle counts as failed."""
+        self.give_up()
+        self._pump._release(self, TimeoutError())
+
+    def give_up(self) -> None:
+        if not self.over and self.settling is not None:
+            self.settling.give_up()
+
+
 class _Pump:
+    """The intake loop and the event tasks it starts. An event holds a slot (of
+    ``max_in_flight``) from its receipt until its settle is done: as its task, then (with a
+    :class:`SettlesSoon` source) as a :class:`_Held` until the source's callback. The tasks
+    have no done-callbacks (each would cost a turn of the event loop): they give their slot
+    back themselves."""
+
     def __init__(
         self,
         source: Source,
@@ -591,12 +667,15 @@ class _Pump:
         metrics: QueueMetrics | None = None,
     ) -> None:
         self._source = source
+        self._settle_soon: Callable[..., Settling] | None = getattr(source, "settle_soon", None)
         self._metrics = metrics
         self._process = process
         self._log = log
         self._throttle = Throttle(log)
         self._deadlines = Deadlines(op_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: set[_Held] = set()
+        self._all_settled: asyncio.Future[None] | None = None  # while draining waits for them
         self._wake = asyncio.Event()
         self._status = status
         status.beat_bound = op_timeout + self._deadlines.period + _RECEIVE_BACKOFF[1]
@@ -605,27 +684,33 @@ class _Pump:
         watcher = asyncio.create_task(self._wake_on(stop))
         self._status.state = "running"
         try:
-            async with asyncio.TaskGroup() as group:
-                await self._intake(group, stop, max_in_flight)
-                self._status.state = "draining"
-                await self._drain(grace)
+            await self._intake(stop, max_in_flight)
+            self._status.state = "draining"
+            await self._drain(grace)
         finally:
             self._status.state = "stopped"
             self._deadlines.close()
             watcher.cancel()
-            await asyncio.wait([watcher])
+            tasks = [watcher, *self._tasks]
+            for task in tasks:
+                task.cancel()
+            for held in list(self._held):  # their messages stay unsettled and come back
+                held.give_up()
+                held.over = True
+            self._held.clear()
+            await asyncio.wait(tasks)
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._wake.set()
 
-    async def _intake(self, group: asyncio.TaskGroup, stop: asyncio.Event, limit: int) -> None:
+    async def _intake(self, stop: asyncio.Event, limit: int) -> None:
         pause = _RECEIVE_BACKOFF[0]
         status, loop = self._status, asyncio.get_running_loop()
         while not stop.is_set():
             status.beat_at = loop.time()
-            free = limit - len(self._tasks)
-            if free <= 0:  # done-callbacks run on this loop, so no wake-up can slip in between
+            free = limit - len(self._tasks) - len(self._held)
+            if free <= 0:  # slots are given back on this loop, so no wake-up slips in between
                 self._wake.clear()
                 status.waiting = True
                 await self._wake.wait()
@@ -652,10 +737,8 @@ class _Pump:
             again = 0
             for delivery in batch:
                 again += delivery.redelivered
-                task = group.create_task(self._one(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
-            status.in_flight = len(self._tasks)
+                self._tasks.add(loop.create_task(self._one(delivery)))
+            status.in_flight = len(self._tasks) + len(self._held)
             if self._metrics is not None:
                 self._count_received(len(batch), again, self._metrics)
 
@@ -681,19 +764,61 @@ class _Pump:
         if again:
             metrics.redelivered.inc(again)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._status.in_flight = len(self._tasks)
+    def _free(self) -> None:
+        """A slot was given back."""
+        self._status.in_flight = len(self._tasks) + len(self._held)
         self._wake.set()
 
     async def _one(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            decision = await self._process(delivery)
-        except Exception as exc:  # a bug of ours: keep the message, in the dead letters
-            self._log.exception("processing a queue message failed", ref=delivery.ref)
-            reason = f"WORKER_ERROR: {type(exc).__name__}"
-            decision = Decision(Verdict.DEAD, reason=reason, envelope=published_envelope(delivery))
-        failed = await self._bounded(self._source.settle(delivery, decision))
+            try:
+                decision = await self._process(delivery)
+            except Exception as exc:  # a bug of ours: keep the message, in the dead letters
+                self._log.exception("processing a queue message failed", ref=delivery.ref)
+                reason = f"WORKER_ERROR: {type(exc).__name__}"
+                decision = Decision(Verdict.DEAD, reason=reason,
+                                    envelope=published_envelope(delivery))  # fmt: skip
+            if self._settle_soon is not None:
+                self._hold(task, delivery, decision)
+                return
+            failed = await self._bounded(self._source.settle(delivery, decision))
+            self._after_settle(delivery, decision, failed)
+        finally:
+            if task in self._tasks:  # not when the slot passed to a _Held
+                self._tasks.discard(task)
+                self._free()
+
+    def _hold(self, task: asyncio.Task[None], delivery: Delivery, decision: Decision) -> None:
+        """The settle through the source's callback; the slot passes from ``task`` (the
+        event's) to a :class:`_Held` until then."""
+        assert self._settle_soon is not None
+        held = _Held(self, delivery, decision)
+        self._held.add(held)
+        self._tasks.discard(task)
+        self._deadlines.hold(held)
+        try:
+            settling = self._settle_soon(delivery, decision, held)
+        except Exception as exc:  # a bug of the source's: the message comes back
+            held(exc)
+            return
+        if not held.over:
+            held.settling = settling
+
+    def _release(self, held: _Held, failed: BaseException | None) -> None:
+        held.over = True
+        self._deadlines.end(held)
+        self._held.discard(held)
+        self._free()
+        if not self._held and self._all_settled is not None and not self._all_settled.done():
+            self._all_settled.set_result(None)
+        self._after_settle(held.delivery, held.decision, failed)
+
+    def _after_settle(
+        self, delivery: Delivery, decision: Decision, failed: BaseException | None
+    ) -> None:
+        """Count the settle, and say when it failed or was a retry or a dead letter."""
         if failed is not None:
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()
@@ -738,22 +863,28 @@ class _Pump:
 
     async def _drain(self, grace: float) -> None:
         tasks = set(self._tasks)
-        self._log.info("stopping intake; waiting for in-flight events", in_flight=len(tasks))
-        deadline = asyncio.get_running_loop().time() + grace
+        in_flight = len(tasks) + len(self._held)
+        self._log.info("stopping intake; waiting for in-flight events", in_flight=in_flight)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self._source.halt()
-        if not tasks:
-            return
-        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        _, pending = await asyncio.wait(tasks, timeout=remaining)
-        if pending:
+        unfinished = 0
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            unfinished = len(pending)
+            for task in pending:
+                task.cancel()
+        if self._held:  # settles under way by callback; no task adds one any more
+            self._all_settled = loop.create_future()
+            await asyncio.wait([self._all_settled], timeout=max(0.0, deadline - loop.time()))
+            unfinished += len(self._held)
+        if unfinished:
             self._log.warning(
                 "in-flight events did not finish within the grace period; "
                 "they stay unacknowledged and will be delivered again",
-                unfinished=len(pending),
+                unfinished=unfinished,
                 grace=grace,
             )
-            for task in pending:
-                task.cancel()
 
 
 async def pump(

@@ -76,6 +76,7 @@ from worker.adapters.queue import (
     Decision,
     Delivery,
     QueueInfo,
+    Settling,
     SourceUnavailable,
     Verdict,
     positive,
@@ -778,8 +779,11 @@ class Settler:
     together (:data:`_SETTLE_BATCH` entries a call at most; more go as more calls, pipelined).
     So a lone event waits for nothing, and under load a call carries what one round trip
     gathered. :meth:`add` queues an entry's :data:`Part` and returns the future of its own
-    result: what XACK returned, or the error that left that entry pending (a wrong-typed key).
-    A call that fails (the connection, no reply in time) fails every entry it carried."""
+    result: what XACK returned, or the error that left that entry pending (a wrong-typed key);
+    with ``then``, the result goes to ``then`` instead, as the reply is parsed (no turn of the
+    event loop), and the future only tells whether the settle is still wanted (cancel it to
+    give it up). A call that fails (the connection, no reply in time) fails every entry it
+    carried."""
 
     def __init__(self, link: Link, keys: Sequence[str], args: Sequence[str]) -> None:
         self._link = link
@@ -789,87 +793,123 @@ class Settler:
         source = _SETTLE.encode()
         sha = hashlib.sha1(source, usedforsecurity=False).hexdigest().encode()
         self._commands = (bulk(b"EVALSHA") + bulk(sha), bulk(b"EVAL") + bulk(source))
-        # the queued entries' reply streams, arguments and futures, in order
-        self._queued: tuple[list[bytes], list[bytes], list[asyncio.Future[int]]] = ([], [], [])
+        # the queued entries: their reply streams, arguments and waiters, in order
+        self._queued: tuple[list[bytes], list[bytes], list[_Waiter]] = ([], [], [])
         self._calls = 0  # calls under way
 
-    def add(self, part: Part) -> asyncio.Future[int]:
+    def add(self, part: Part, then: Then | None = None) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        keys, args, futures = self._queued
+        keys, args, waiters = self._queued
         keys.append(part[0])
         args.append(part[1])
-        futures.append(future)
+        waiters.append((future, then))
         if not self._calls:
             self._flush()
         return future
 
     def _flush(self) -> None:
-        (keys, args, futures), self._queued = self._queued, ([], [], [])
-        if len(futures) <= _SETTLE_BATCH:
-            self._send(keys, args, futures, whole=False)
+        (keys, args, waiters), self._queued = self._queued, ([], [], [])
+        if len(waiters) <= _SETTLE_BATCH:
+            self._send(keys, args, waiters, whole=False)
             return
-        for at in range(0, len(futures), _SETTLE_BATCH):
+        for at in range(0, len(waiters), _SETTLE_BATCH):
             end = at + _SETTLE_BATCH
-            self._send(keys[at:end], args[at:end], futures[at:end], whole=False)
+            self._send(keys[at:end], args[at:end], waiters[at:end], whole=False)
 
     def _send(
-        self, keys: list[bytes], args: list[bytes], futures: list[asyncio.Future[int]], whole: bool
+        self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
     ) -> None:
-        if any(future.done() for future in futures):
+        if any(future.done() for future, _ in waiters):
             # Given up on while they waited (the pump's bound passed), or before a resend after
             # NOSCRIPT: never sent, since the entry may be delivered again by now; it stays
             # pending and comes back.
-            kept = [n for n, future in enumerate(futures) if not future.done()]
+            kept = [n for n, (future, _) in enumerate(waiters) if not future.done()]
             keys, args = [keys[n] for n in kept], [args[n] for n in kept]
-            futures = [futures[n] for n in kept]
-            if not futures:
+            waiters = [waiters[n] for n in kept]
+            if not waiters:
                 return
-        count = len(futures)
+        count = len(waiters)
         head = b"*%d\r\n%b$%d\r\n%d\r\n" % (
             3 + self._fixed + 6 * count, self._commands[whole], len(b"%d" % (3 + count)),
             3 + count,
         )  # fmt: skip
         payload = b"".join((head, self._keys, *keys, self._args, *args))
         self._calls += 1
-        self._link.start(payload, partial(self._answer, keys, args, futures, whole))
+        self._link.start(payload, partial(self._answer, keys, args, waiters, whole))
 
     def _answer(
-        self, keys: list[bytes], args: list[bytes], futures: list[asyncio.Future[int]],
-        whole: bool, reply: list[Any] | BaseException,
+        self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool,
+        reply: list[Any] | BaseException,
     ) -> None:  # fmt: skip
         self._calls -= 1
         try:
             value = reply if isinstance(reply, BaseException) else reply[0]
             if isinstance(value, RespError) and value.startswith("NOSCRIPT") and not whole:
-                self._send(keys, args, futures, whole=True)  # Redis restarted, or flushed
+                self._send(keys, args, waiters, whole=True)  # Redis restarted, or flushed
             else:
-                _judge(futures, value)
+                _judge(waiters, value)
         finally:
             if self._queued[2] and not self._calls:
                 self._flush()
 
 
-def _judge(futures: list[asyncio.Future[int]], value: Any) -> None:
+#: Where an entry's result goes as it is parsed: what XACK returned, or the error.
+Then = Callable[[int | BaseException], None]
+_Waiter = tuple[asyncio.Future[int], Then | None]  # an entry's future, and its ``then``
+
+
+def _judge(waiters: list[_Waiter], value: Any) -> None:
     """Each entry's result in ``value`` (the script's reply, or the exception the call
     failed with)."""
-    if type(value) is list and len(value) == len(futures):
-        for future, result in zip(futures, value, strict=True):
+    if type(value) is list and len(value) == len(waiters):
+        for (future, then), result in zip(waiters, value, strict=True):
             if not future.done():
-                if type(result) is int:
-                    future.set_result(result)
-                else:
-                    future.set_exception(ResponseError(_text(result)))
+                outcome = result if type(result) is int else ResponseError(_text(result))
+                _tell(future, then, outcome)
         return
     error = value if isinstance(value, BaseException) else reply_error(value)
     if error is None:
         error = ResponseError(f"unexpected reply to the settle script: {str(value)[:200]}")
-    for future in futures:
+    for future, then in waiters:
         if not future.done():
-            future.set_exception(error)
+            _tell(future, then, error)
+
+
+def _tell(future: asyncio.Future[int], then: Then | None, outcome: int | BaseException) -> None:
+    if then is not None:
+        future.cancel()  # done: no longer wanted, and nothing for anyone to retrieve
+        then(outcome)
+    elif isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class _Settling:
+    """An entry's settle under way by callback (:meth:`RedisStreamSource.settle_soon`)."""
+
+    __slots__ = ("_done", "_id", "_source", "future")
+
+    def __init__(
+        self, source: RedisStreamSource, entry_id: bytes,
+        done: Callable[[BaseException | None], None],
+    ) -> None:  # fmt: skip
+        self._source = source
+        self._id = entry_id
+        self._done = done
+        self.future: asyncio.Future[int] | None = None  # the Settler's: cancelled to give up
+
+    def answered(self, result: int | BaseException) -> None:
+        self._done(self._source._settled(self._id, result))
+
+    def give_up(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.cancel()  # not sent if it has not gone; its reply ignored if it has
+            self._source._settled(self._id, TimeoutError("settle given up"))
 
 
 class RedisStreamSource:
@@ -972,14 +1012,34 @@ class RedisStreamSource:
         assert isinstance(entry, Entry)
         try:
             acked = await self._settler.add(self._settle_part(entry, delivery, decision))
-        except BaseException:
-            self._recover_after_failed_settle()
+        except BaseException as exc:
+            self._settled(entry.id, exc)
             raise
-        finally:
-            self._in_flight.discard(entry.id)
-            self._settled_meanwhile.add(entry.id)
-        if not acked:
+        self._settled(entry.id, acked)
+
+    def settle_soon(
+        self, delivery: Delivery, decision: Decision, done: Callable[[BaseException | None], None]
+    ) -> Settling:
+        """:meth:`settle` by callback (see :class:`~worker.adapters.queue.SettlesSoon`):
+        ``done`` is called as the settle call's reply is parsed."""
+        entry = delivery.message
+        assert isinstance(entry, Entry)
+        settling = _Settling(self, entry.id, done)
+        part = self._settle_part(entry, delivery, decision)
+        settling.future = self._settler.add(part, settling.answered)
+        return settling
+
+    def _settled(self, entry_id: bytes, result: int | BaseException) -> BaseException | None:
+        """Note how an entry's settle went: ``result`` is what XACK returned, or the error
+        that left the entry pending (returned)."""
+        self._in_flight.discard(entry_id)
+        self._settled_meanwhile.add(entry_id)
+        if isinstance(result, BaseException):
+            self._recover_after_failed_settle()
+            return result
+        if not result:
             self._regroup = True
+        return None
 
     async def halt(self) -> None:
         return None  # nothing was fetched ahead: XREADGROUP asks for free slots only
