@@ -363,6 +363,46 @@ async def test_settles_go_together_each_with_its_own_result(
         await client.aclose()
 
 
+async def test_settle_soon_tells_each_entry_how_its_settle_went(own_redis: RedisServer) -> None:
+    """The pump's path (settle by callback): each entry's ``done`` gets ``None`` once it is
+    acknowledged and its reply written, or the error that left it pending; a settle given up
+    on while it waited behind another call is never sent, and its ``done`` never called."""
+    client = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    try:
+        await client.set(f"{stream}:bad", "not a stream")
+        for box in ("box", "bad", "box", "box"):
+            await client.xadd(stream, {"envelope": message(box), "reply_to": f"{stream}:{box}"})
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
+        async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
+            got = await _receive(source, 4)
+            told: dict[int, BaseException | None] = {}
+
+            def done(n: int) -> Callable[[BaseException | None], None]:
+                return lambda error: told.__setitem__(n, error)
+
+            settling = [source.settle_soon(d, Decision(Verdict.ACK, reply=b"r%d" % n), done(n))
+                        for n, d in enumerate(got)]  # fmt: skip
+            settling[3].give_up()  # still waiting for the first call's reply: never sent
+
+            async def told_three() -> bool:
+                return len(told) == 3
+
+            await eventually(told_three, "the settles of the first three entries")
+            assert told[0] is None and told[2] is None
+            assert isinstance(told[1], ResponseError) and "WRONGTYPE" in str(told[1])
+            again = await _receive(source, 2)  # the refused one and the given-up one: pending
+            assert {d.message.id for d in again} == {got[1].message.id, got[3].message.id}
+            assert 3 not in told
+        replies: Any = await client.xrange(f"{stream}:box")
+        assert [fields[b"response"] for _, fields in replies] == [b"r0", b"r2"]
+        pending: Any = await client.xpending_range(stream, "biot-worker", "-", "+", 10)
+        assert [row["message_id"] for row in pending] == [got[1].message.id, got[3].message.id]
+    finally:
+        await client.delete(stream, f"{stream}:bad", f"{stream}:box", f"{stream}:retry")
+        await client.aclose()
+
+
 async def test_a_reply_to_naming_the_sources_own_keys_writes_no_reply_there(
     own_redis: RedisServer,
 ) -> None:
