@@ -31,6 +31,7 @@ from tests.queue_helpers import (
 )
 from tests.redis_server import RedisServer
 from worker.adapters.queue import Decision, SourceUnavailable, Verdict
+from worker.adapters.redis_streams import _SETTLE as SETTLE_SCRIPT
 from worker.adapters.redis_streams import (
     Address,
     Link,
@@ -400,6 +401,46 @@ async def test_settle_soon_tells_each_entry_how_its_settle_went(own_redis: Redis
         assert [row["message_id"] for row in pending] == [got[1].message.id, got[3].message.id]
     finally:
         await client.delete(stream, f"{stream}:bad", f"{stream}:box", f"{stream}:retry")
+        await client.aclose()
+
+
+async def test_settles_asked_for_as_a_batch_starts_go_ahead_of_the_next_read(
+    own_redis: RedisServer,
+) -> None:
+    """The pump starts a batch's tasks and calls receive again: the read waits one turn of the
+    loop, and the settles asked for in that turn go in its write, ahead of it on its
+    connection; they are answered while the read blocks (not behind it)."""
+    client = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    try:
+        for n in range(2):
+            await client.xadd(stream, {"envelope": message(f"m{n}"), "reply_to": f"{stream}:box"})
+        await client.script_load(SETTLE_SCRIPT)  # else NOSCRIPT: sent again whole, on its own
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
+        async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
+            got = await _receive(source, 2)
+            reading = asyncio.create_task(source.receive(10))
+            await asyncio.sleep(0)  # its first step: it lets the batch's tasks run first
+            told: list[BaseException | None] = []
+            for n, delivery in enumerate(got):
+                source.settle_soon(delivery, Decision(Verdict.ACK, reply=b"r%d" % n),
+                                   told.append)  # fmt: skip
+
+            async def answered() -> bool:
+                return len(told) == 2
+
+            await eventually(answered, "both settles, answered while the read blocks")
+            assert told == [None, None] and not reading.done()
+            assert source._settles._wire is None  # the settles' own connection never opened
+            await client.xadd(stream, {"envelope": message("m2")})
+            async with asyncio.timeout(5.0):
+                [third] = await reading
+            await source.settle(third, Decision(Verdict.ACK))
+        replies: Any = await client.xrange(f"{stream}:box")
+        assert [fields[b"response"] for _, fields in replies] == [b"r0", b"r1"]
+        assert await client.xlen(stream) == 0
+    finally:
+        await client.delete(stream, f"{stream}:box", f"{stream}:retry")
         await client.aclose()
 
 

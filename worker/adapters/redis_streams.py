@@ -481,6 +481,7 @@ def reply_error(value: Any) -> ResponseError | None:
 
 #: Called with a call's replies, or with the exception it failed with.
 Answer = Callable[[list[Any] | BaseException], None]
+Call = tuple[bytes, Answer]  # a command of one reply, and where its reply goes
 
 
 class Wire(asyncio.Protocol):
@@ -538,11 +539,18 @@ class Wire(asyncio.Protocol):
         while self._waiting:
             _settle_waiter(self._waiting.popleft()[0], error)
 
-    def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
-        """Write ``payload`` (``replies`` commands); the future of their replies."""
+    def send(
+        self, payload: bytes, replies: int, ahead: Sequence[Call] = ()
+    ) -> asyncio.Future[list[Any]]:
+        """Write ``payload`` (``replies`` commands); the future of their replies. ``ahead``:
+        commands of one reply each written first, in the same write, their replies to their
+        answers."""
         if self._transport is None or self.broken is not None:  # not under python -O either
             raise self.broken or RedisConnectionError("not connected")
         future = self._loop.create_future()
+        if ahead:
+            self._waiting.extend((answer, 1, []) for _, answer in ahead)
+            payload = b"".join((*(command for command, _ in ahead), payload))
         self._waiting.append((future, replies, []))
         self._transport.write(payload)
         return future
@@ -635,15 +643,24 @@ class Link:
         self._owed_since = 0.0  # when that look saw it first
         self._closed = False
 
-    async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
-        """The replies to ``payload`` (``replies`` commands; error replies as values)."""
+    async def call(self, payload: bytes, replies: int = 1, ahead: Sequence[Call] = ()) -> list[Any]:
+        """The replies to ``payload`` (``replies`` commands; error replies as values).
+        ``ahead``: commands sent first in the same write (see :meth:`Wire.send`); each answer
+        gets its reply, or the error that kept it from being sent or answered."""
         wire = self._wire
         if wire is None or wire.broken is not None:
-            if self._closed:
-                raise RedisConnectionError(f"{self._address.name}: closed")
-            async with asyncio.timeout(self._timeout):
-                wire = await self._open()
-        future = wire.send(payload, replies)
+            try:
+                if self._closed:
+                    raise RedisConnectionError(f"{self._address.name}: closed")
+                async with asyncio.timeout(self._timeout):
+                    wire = await self._open()
+            except BaseException as exc:
+                unsent = exc if isinstance(exc, Exception) else RedisConnectionError(
+                    f"{self._address.name}: connecting was given up")  # fmt: skip
+                for _, answer in ahead:
+                    answer(unsent)
+                raise
+        future = wire.send(payload, replies, ahead)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
         try:
@@ -796,6 +813,8 @@ class Settler:
         # the queued entries: their reply streams, arguments and waiters, in order
         self._queued: tuple[list[bytes], list[bytes], list[_Waiter]] = ([], [], [])
         self._calls = 0  # calls under way
+        #: Settles asked for meanwhile wait for :meth:`take` (or :meth:`release`).
+        self.holding = False
 
     def add(self, part: Part, then: Then | None = None) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -803,9 +822,26 @@ class Settler:
         keys.append(part[0])
         args.append(part[1])
         waiters.append((future, then))
-        if not self._calls:
+        if not self._calls and not self.holding:
             self._flush()
         return future
+
+    def take(self) -> list[Call]:
+        """The settles waiting, as calls to write ahead of another command on another
+        connection (:meth:`Link.call`'s ``ahead``); under way from now on."""
+        (keys, args, waiters), self._queued = self._queued, ([], [], [])
+        calls = []
+        for at in range(0, len(waiters), _SETTLE_BATCH):
+            end = at + _SETTLE_BATCH
+            call = self._pack(keys[at:end], args[at:end], waiters[at:end], whole=False)
+            if call is not None:
+                calls.append(call)
+        return calls
+
+    def release(self) -> None:
+        """Send the settles waiting (unless a call is under way: they go once it is answered)."""
+        if self._queued[2] and not self._calls and not self.holding:
+            self._flush()
 
     def _flush(self) -> None:
         (keys, args, waiters), self._queued = self._queued, ([], [], [])
@@ -819,6 +855,14 @@ class Settler:
     def _send(
         self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
     ) -> None:
+        call = self._pack(keys, args, waiters, whole)
+        if call is not None:
+            self._link.start(*call)
+
+    def _pack(
+        self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
+    ) -> Call | None:
+        """The settle call of these entries (those still wanted), counted as under way."""
         if any(future.done() for future, _ in waiters):
             # Given up on while they waited (the pump's bound passed), or before a resend after
             # NOSCRIPT: never sent, since the entry may be delivered again by now; it stays
@@ -827,7 +871,7 @@ class Settler:
             keys, args = [keys[n] for n in kept], [args[n] for n in kept]
             waiters = [waiters[n] for n in kept]
             if not waiters:
-                return
+                return None
         count = len(waiters)
         head = b"*%d\r\n%b$%d\r\n%d\r\n" % (
             3 + self._fixed + 6 * count, self._commands[whole], len(b"%d" % (3 + count)),
@@ -835,7 +879,7 @@ class Settler:
         )  # fmt: skip
         payload = b"".join((head, self._keys, *keys, self._args, *args))
         self._calls += 1
-        self._link.start(payload, partial(self._answer, keys, args, waiters, whole))
+        return payload, partial(self._answer, keys, args, waiters, whole)
 
     def _answer(
         self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool,
@@ -849,8 +893,7 @@ class Settler:
             else:
                 _judge(waiters, value)
         finally:
-            if self._queued[2] and not self._calls:
-                self._flush()
+            self.release()
 
 
 #: Where an entry's result goes as it is parsed: what XACK returned, or the error.
@@ -954,6 +997,7 @@ class RedisStreamSource:
         self._own_keys = frozenset((o.stream, o.retry_key, o.dead_letter))
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
         self._new_reads: dict[tuple[int, int | None], bytes] = {}
+        self._handed_out = False  # the last receive returned entries (see receive)
         self._move_whole = False  # Redis lost the mover: run it on its own (sent whole)
         self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
@@ -997,15 +1041,30 @@ class RedisStreamSource:
             )
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
+        """Up to ``limit`` entries. Right after a receive that returned some, it first lets
+        their tasks start (one turn of the loop, in which a handler that makes no API call
+        ends): the settles asked for meanwhile go in the same write as the read, ahead of it on
+        its connection (one write and one wake of Redis for both, not two)."""
         self._settled_meanwhile.clear()  # see _track
         try:
-            return await self._receive(limit)
+            if self._handed_out:
+                self._handed_out = False
+                self._settler.holding = True
+                try:
+                    await asyncio.sleep(0)
+                finally:
+                    self._settler.holding = False
+            batch = await self._receive(limit)
         except BaseException as exc:
             if no_group(exc):  # Redis lost the group (and our pending entries with it)
                 await self._recreate_group()
                 return []
             self._recover_soon(0.0)  # whatever we were handed meanwhile is pending: re-read it
             raise
+        finally:
+            self._settler.release()  # settles held that did not go with a read go now
+        self._handed_out = bool(batch)
+        return batch
 
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
         entry = delivery.message
@@ -1081,6 +1140,7 @@ class RedisStreamSource:
     async def _receive(self, limit: int) -> list[Delivery]:
         now = time.monotonic()
         if self._regroup:
+            self._settler.release()  # held settles go with a read only, not behind this
             await self._recreate_group()
             self._regroup = False
         move = now >= self._next_move
@@ -1090,13 +1150,16 @@ class RedisStreamSource:
             self._recover_from, self._recover_at = b"0", None
         if move and (self._recover_from is not None or now >= self._next_claim or self._move_whole):
             self._move_whole = False  # on its own: the script sent whole if Redis lost it
+            self._settler.release()
             await self._move_retries(limit)
             move = False
         if self._recover_from is not None:
+            self._settler.release()
             return self._track(await self._recover(limit))
         batch: list[Delivery] = []
         if now >= self._next_claim:
             self._next_claim = now + min(self.options.claim_idle / 2, 5.0)
+            self._settler.release()
             batch = await self._reclaim(limit)
         if len(batch) < limit:
             block = None if batch else _POLL_MS
@@ -1109,14 +1172,15 @@ class RedisStreamSource:
         read = self._new_reads.get((count, block))
         if read is None:
             read = self._pack_read(b">", count, block)
+        ahead = self._settler.take()  # settles held while the tasks started
         if move:
             o = self.options
             [moved, reply] = await self._reads.call(
-                _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), move]) + read, 2
+                _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), move]) + read, 2, ahead
             )
             self._moved(moved)
         else:
-            [reply] = await self._reads.call(read)
+            [reply] = await self._reads.call(read, 1, ahead)
         if reply is None:
             return []
         if type(reply) is RespError:
