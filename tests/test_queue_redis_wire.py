@@ -444,6 +444,45 @@ async def test_settles_asked_for_as_a_batch_starts_go_ahead_of_the_next_read(
         await client.aclose()
 
 
+async def test_receive_soon_reads_by_callback_when_it_is_a_plain_read(
+    own_redis: RedisServer,
+) -> None:
+    """The pump's path (receive by callback): ``None`` while the read needs ``receive()`` (to
+    connect first); then the entries go to ``then`` as they are parsed; a group Redis lost is
+    an empty batch, and the next ``receive()`` makes it again."""
+    client = own_redis.client()
+    stream = f"wire-{uuid.uuid4().hex}"
+    try:
+        await client.xadd(stream, {"envelope": message("m0")})
+        url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
+        async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
+            got: list[Any] = []
+            assert source.receive_soon(10, got.append) is None  # not connected yet
+            await _receive(source, 1)  # connects
+            assert source.receive_soon(10, got.append) is not None
+            await client.xadd(stream, {"envelope": message("m1")})
+
+            async def handed() -> bool:
+                return len(got) == 1
+
+            await eventually(handed, "the entry handed to then")
+            assert [d.body for d in got[0]] == [message("m1")]
+            await client.xgroup_destroy(stream, "biot-worker")
+            assert source.receive_soon(10, got.append) is not None
+
+            async def lost() -> bool:
+                return len(got) == 2
+
+            await eventually(lost, "the read of a group Redis lost answered")
+            assert got[1] == []
+            assert await source.receive(10) == []  # makes the group again
+            groups: Any = await client.xinfo_groups(stream)
+            assert [g["name"] for g in groups] == [b"biot-worker"]
+    finally:
+        await client.delete(stream, f"{stream}:retry")
+        await client.aclose()
+
+
 async def test_a_reply_to_naming_the_sources_own_keys_writes_no_reply_there(
     own_redis: RedisServer,
 ) -> None:

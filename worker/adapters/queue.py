@@ -252,6 +252,22 @@ class SettlesSoon(Protocol):
         ...
 
 
+class ReceivesSoon(Protocol):
+    """Optional for a :class:`Source`: receiving without a task waiting for it (the intake
+    task resumed for each read's reply costs a turn of the event loop per batch). The pump
+    starts each batch's tasks from ``then`` and asks for the next batch once they had their
+    first turn (so that a source may send their settles with that read)."""
+
+    def receive_soon(
+        self, limit: int, then: Callable[[Sequence[Delivery] | BaseException], None]
+    ) -> Settling | None:
+        """Start what :meth:`Source.receive` does, its result or error to ``then``, called
+        once from the event loop, never before this returns; what gives the receive up. ``None``
+        (nothing started) when this receive needs :meth:`Source.receive` (reconnecting,
+        recovering, or anything else it does as a coroutine)."""
+        ...
+
+
 # ---------------------------------------------------------------- envelopes and replies
 
 
@@ -650,6 +666,32 @@ class _Held:
             self.settling.give_up()
 
 
+class _Reading:
+    """A receive under way by callback (see :class:`ReceivesSoon`)."""
+
+    __slots__ = ("_pump", "over", "receiving")
+
+    def __init__(self, pump: _Pump) -> None:
+        self._pump = pump
+        self.receiving: Settling | None = None
+        self.over = False
+
+    def __call__(self, result: Sequence[Delivery] | BaseException) -> None:
+        """The source's ``then``."""
+        if not self.over:
+            self._pump._arrived(self, result)
+
+    def expire(self) -> None:
+        """Past the broker timeout: the source gives it up, the receive counts as failed."""
+        if not self.over:
+            if self.receiving is not None:
+                self.receiving.give_up()
+            self._pump._arrived(self, TimeoutError())
+
+
+_SLOW = object()  # the next receive needs Source.receive
+
+
 class _Pump:
     """The intake loop and the event tasks it starts. An event holds a slot (of
     ``max_in_flight``) from its receipt until its settle is done: as its task, then (with a
@@ -668,6 +710,14 @@ class _Pump:
     ) -> None:
         self._source = source
         self._settle_soon: Callable[..., Settling] | None = getattr(source, "settle_soon", None)
+        self._receive_soon: Callable[..., Settling | None] | None = getattr(
+            source, "receive_soon", None)  # fmt: skip
+        # while the intake receives by callback: what it waits for, its stop and its limit
+        self._by_callback: asyncio.Future[object] | None = None
+        self._stop = asyncio.Event()
+        self._limit = 0
+        self._reading: _Reading | None = None
+        self._pause = _RECEIVE_BACKOFF[0]  # after the next failed receive, if one failed last
         self._metrics = metrics
         self._process = process
         self._log = log
@@ -705,8 +755,8 @@ class _Pump:
         self._wake.set()
 
     async def _intake(self, stop: asyncio.Event, limit: int) -> None:
-        pause = _RECEIVE_BACKOFF[0]
         status, loop = self._status, asyncio.get_running_loop()
+        slow = self._receive_soon is None  # the next receive: Source.receive
         while not stop.is_set():
             status.beat_at = loop.time()
             free = limit - len(self._tasks) - len(self._held)
@@ -716,31 +766,108 @@ class _Pump:
                 await self._wake.wait()
                 status.waiting = False
                 continue
+            if not slow:
+                outcome = await self._by_callbacks(stop, limit)
+                if outcome is _SLOW:
+                    slow = True
+                elif isinstance(outcome, BaseException):
+                    await self._failed(outcome, stop)
+                continue  # stopped, or no slot free: looked at above
+            slow = self._receive_soon is None
             batch = await self._bounded(self._source.receive(free))
             if isinstance(batch, Exception):  # broker trouble: keep the worker alive, try again
-                error = describe(batch)
-                status.failed(error, loop.time())
-                if self._metrics is not None:
-                    self._metrics.receive_failures.inc()
-                self._throttle.warning(
-                    "receiving from the queue failed; trying again", key=error, error=error,
-                    retry_in=pause,
-                )  # fmt: skip
-                await wait_or_stop(stop, pause)
-                pause = min(_RECEIVE_BACKOFF[1], pause * 2)
+                await self._failed(batch, stop)
                 continue
-            pause = _RECEIVE_BACKOFF[0]
             status.received(loop.time())
             if not batch:
                 await asyncio.sleep(0)  # a receive that never suspends must not starve the loop
                 continue
-            again = 0
-            for delivery in batch:
-                again += delivery.redelivered
-                self._tasks.add(loop.create_task(self._one(delivery)))
-            status.in_flight = len(self._tasks) + len(self._held)
-            if self._metrics is not None:
-                self._count_received(len(batch), again, self._metrics)
+            self._start(batch)
+
+    async def _failed(self, error: BaseException, stop: asyncio.Event) -> None:
+        """A receive failed: say so (throttled), and wait (until stop at most) a pause that
+        doubles while receives keep failing (:meth:`IntakeStatus.received` ends the run)."""
+        status = self._status
+        said = describe(error)
+        pause = _RECEIVE_BACKOFF[0] if status.failures == 0 else self._pause
+        status.failed(said, asyncio.get_running_loop().time())
+        if self._metrics is not None:
+            self._metrics.receive_failures.inc()
+        self._throttle.warning("receiving from the queue failed; trying again", key=said,
+                               error=said, retry_in=pause)  # fmt: skip
+        self._pause = min(_RECEIVE_BACKOFF[1], pause * 2)
+        await wait_or_stop(stop, pause)
+
+    def _start(self, batch: Sequence[Delivery]) -> None:
+        """A task for each delivery; each holds a slot."""
+        again, create, tasks = 0, asyncio.get_running_loop().create_task, self._tasks
+        for delivery in batch:
+            again += delivery.redelivered
+            tasks.add(create(self._one(delivery)))
+        self._status.in_flight = len(tasks) + len(self._held)
+        if self._metrics is not None:
+            self._count_received(len(batch), again, self._metrics)
+
+    async def _by_callbacks(self, stop: asyncio.Event, limit: int) -> object:
+        """Receive by the source's callbacks (:class:`ReceivesSoon`) until one receive needs
+        :meth:`Source.receive` (``_SLOW``), one fails (its error), or the intake is stopped or
+        out of slots (``None``). Each batch's tasks start where its result is parsed, and the
+        next receive goes once they had their first turn."""
+        self._stop, self._limit = stop, limit
+        loop = asyncio.get_running_loop()
+        self._by_callback = waiting = loop.create_future()
+        try:
+            loop.call_soon(self._read_soon)  # after the first turn of tasks just started
+            return await waiting
+        finally:
+            self._by_callback = None
+            reading, self._reading = self._reading, None
+            if reading is not None:  # cancelled: the entries it may bring stay pending
+                reading.over = True
+                self._deadlines.end(reading)
+                if reading.receiving is not None:
+                    reading.receiving.give_up()
+
+    def _read_soon(self) -> None:
+        waiting = self._by_callback
+        if waiting is None or waiting.done():
+            return
+        free = self._limit - len(self._tasks) - len(self._held)
+        if free <= 0 or self._stop.is_set():
+            waiting.set_result(None)
+            return
+        self._status.beat_at = asyncio.get_running_loop().time()
+        assert self._receive_soon is not None
+        reading = _Reading(self)
+        try:
+            receiving = self._receive_soon(free, reading)
+        except Exception as exc:  # a bug of the source's: as a failed receive
+            waiting.set_result(exc)
+            return
+        if receiving is None:
+            waiting.set_result(_SLOW)
+            return
+        reading.receiving = receiving
+        self._reading = reading
+        self._deadlines.hold(reading)
+
+    def _arrived(self, reading: _Reading, result: Sequence[Delivery] | BaseException) -> None:
+        reading.over = True
+        self._reading = None
+        self._deadlines.end(reading)
+        waiting = self._by_callback
+        if waiting is None or waiting.done():
+            return  # the intake stopped receiving by callback (cancelled): entries stay pending
+        if isinstance(result, BaseException):
+            waiting.set_result(result)
+            return
+        loop = asyncio.get_running_loop()
+        self._status.received(loop.time())
+        if result:
+            self._start(result)
+            loop.call_soon(self._read_soon)  # after the tasks' first turn: see ReceivesSoon
+        else:
+            self._read_soon()
 
     async def _bounded(self, operation: Awaitable[_T]) -> _T | Exception:
         """What a broker operation (a receive, a settle) returned, or what failed it

@@ -522,7 +522,13 @@ class Wire(asyncio.Protocol):
             if len(got) == count:
                 waiting.popleft()
                 if not isinstance(waiter, asyncio.Future):
-                    waiter(got)
+                    try:
+                        waiter(got)
+                    except Exception as exc:  # a bug of the answer's: the replies stay in step
+                        self._loop.call_exception_handler(
+                            {"message": f"{self._name}: answering a reply failed",
+                             "exception": exc, "protocol": self}
+                        )  # fmt: skip
                 elif not waiter.done():
                     waiter.set_result(got)
 
@@ -555,10 +561,16 @@ class Wire(asyncio.Protocol):
         self._transport.write(payload)
         return future
 
-    def send_then(self, payload: bytes, replies: int, answer: Answer) -> None:
-        """Write ``payload`` (``replies`` commands); their replies go to ``answer``."""
+    def send_then(
+        self, payload: bytes, replies: int, answer: Answer, ahead: Sequence[Call] = ()
+    ) -> None:
+        """Write ``payload`` (``replies`` commands); their replies go to ``answer``.
+        ``ahead``: as for :meth:`send`."""
         if self._transport is None or self.broken is not None:
             raise self.broken or RedisConnectionError("not connected")
+        if ahead:
+            self._waiting.extend((first, 1, []) for _, first in ahead)
+            payload = b"".join((*(command for command, _ in ahead), payload))
         self._waiting.append((answer, replies, []))
         self._transport.write(payload)
 
@@ -686,6 +698,28 @@ class Link:
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._answered(done, answer))
 
+    @property
+    def up(self) -> bool:
+        """Whether the connection is open (a command goes at once)."""
+        return self._wire is not None and self._wire.broken is None
+
+    def send_soon(
+        self, payload: bytes, replies: int, ahead: Sequence[Call], answer: Answer
+    ) -> None:
+        """:meth:`call` by callback, on a connection that is :attr:`up`: ``answer`` gets the
+        ``replies`` replies of ``payload`` as they are parsed (or the error that broke the
+        connection)."""
+        assert self._wire is not None
+        self._wire.send_then(payload, replies, answer, ahead)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
+
+    def give_up(self) -> None:
+        """Stop waiting: break the connection, failing what waits on it."""
+        wire = self._wire
+        if wire is not None and wire.broken is None:
+            wire.fail(RedisConnectionError(f"{self._address.name}: a reply was given up on"))
+
     def _answered(self, task: asyncio.Task[list[Any]], answer: Answer) -> None:
         self._tasks.discard(task)
         if task.cancelled():
@@ -797,10 +831,9 @@ class Settler:
     So a lone event waits for nothing, and under load a call carries what one round trip
     gathered. :meth:`add` queues an entry's :data:`Part` and returns the future of its own
     result: what XACK returned, or the error that left that entry pending (a wrong-typed key);
-    with ``then``, the result goes to ``then`` instead, as the reply is parsed (no turn of the
-    event loop), and the future only tells whether the settle is still wanted (cancel it to
-    give it up). A call that fails (the connection, no reply in time) fails every entry it
-    carried."""
+    cancelled, it is given up (not sent if it has not gone). :meth:`add_then` gives the result
+    to a callback instead, as the reply is parsed (no turn of the event loop). A call that
+    fails (the connection, no reply in time) fails every entry it carried."""
 
     def __init__(self, link: Link, keys: Sequence[str], args: Sequence[str]) -> None:
         self._link = link
@@ -816,15 +849,20 @@ class Settler:
         #: Settles asked for meanwhile wait for :meth:`take` (or :meth:`release`).
         self.holding = False
 
-    def add(self, part: Part, then: Then | None = None) -> asyncio.Future[int]:
+    def add(self, part: Part) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.add_then(part, future, None)
+        return future
+
+    def add_then(self, part: Part, wanted: Wanted, then: Then | None) -> None:
+        """:meth:`add` with ``wanted`` (done once given up on: then it is not sent) and
+        ``then`` (called with the result; without it, ``wanted`` is the future to get it)."""
         keys, args, waiters = self._queued
         keys.append(part[0])
         args.append(part[1])
-        waiters.append((future, then))
+        waiters.append((wanted, then))
         if not self._calls and not self.holding:
             self._flush()
-        return future
 
     def take(self) -> list[Call]:
         """The settles waiting, as calls to write ahead of another command on another
@@ -842,6 +880,11 @@ class Settler:
         """Send the settles waiting (unless a call is under way: they go once it is answered)."""
         if self._queued[2] and not self._calls and not self.holding:
             self._flush()
+
+    def unhold(self) -> None:
+        """Stop :attr:`holding`; send what was held (see :meth:`release`)."""
+        self.holding = False
+        self.release()
 
     def _flush(self) -> None:
         (keys, args, waiters), self._queued = self._queued, ([], [], [])
@@ -863,11 +906,11 @@ class Settler:
         self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
     ) -> Call | None:
         """The settle call of these entries (those still wanted), counted as under way."""
-        if any(future.done() for future, _ in waiters):
+        if any(wanted.done() for wanted, _ in waiters):
             # Given up on while they waited (the pump's bound passed), or before a resend after
             # NOSCRIPT: never sent, since the entry may be delivered again by now; it stays
             # pending and comes back.
-            kept = [n for n, (future, _) in enumerate(waiters) if not future.done()]
+            kept = [n for n, (wanted, _) in enumerate(waiters) if not wanted.done()]
             keys, args = [keys[n] for n in kept], [args[n] for n in kept]
             waiters = [waiters[n] for n in kept]
             if not waiters:
@@ -898,34 +941,43 @@ class Settler:
 
 #: Where an entry's result goes as it is parsed: what XACK returned, or the error.
 Then = Callable[[int | BaseException], None]
-_Waiter = tuple[asyncio.Future[int], Then | None]  # an entry's future, and its ``then``
+
+
+class Wanted(Protocol):
+    def done(self) -> bool:
+        """Answered or given up on: no longer to send or answer."""
+        ...
+
+
+_Waiter = tuple[Wanted, Then | None]  # an entry's future (or what stands for it), its ``then``
 
 
 def _judge(waiters: list[_Waiter], value: Any) -> None:
     """Each entry's result in ``value`` (the script's reply, or the exception the call
     failed with)."""
     if type(value) is list and len(value) == len(waiters):
-        for (future, then), result in zip(waiters, value, strict=True):
-            if not future.done():
+        for (wanted, then), result in zip(waiters, value, strict=True):
+            if not wanted.done():
                 outcome = result if type(result) is int else ResponseError(_text(result))
-                _tell(future, then, outcome)
+                _tell(wanted, then, outcome)
         return
     error = value if isinstance(value, BaseException) else reply_error(value)
     if error is None:
         error = ResponseError(f"unexpected reply to the settle script: {str(value)[:200]}")
-    for future, then in waiters:
-        if not future.done():
-            _tell(future, then, error)
+    for wanted, then in waiters:
+        if not wanted.done():
+            _tell(wanted, then, error)
 
 
-def _tell(future: asyncio.Future[int], then: Then | None, outcome: int | BaseException) -> None:
+def _tell(wanted: Wanted, then: Then | None, outcome: int | BaseException) -> None:
     if then is not None:
-        future.cancel()  # done: no longer wanted, and nothing for anyone to retrieve
         then(outcome)
-    elif isinstance(outcome, BaseException):
-        future.set_exception(outcome)
+        return
+    assert isinstance(wanted, asyncio.Future)
+    if isinstance(outcome, BaseException):
+        wanted.set_exception(outcome)
     else:
-        future.set_result(outcome)
+        wanted.set_result(outcome)
 
 
 def _text(value: Any) -> str:
@@ -935,7 +987,7 @@ def _text(value: Any) -> str:
 class _Settling:
     """An entry's settle under way by callback (:meth:`RedisStreamSource.settle_soon`)."""
 
-    __slots__ = ("_done", "_id", "_source", "future")
+    __slots__ = ("_done", "_id", "_over", "_source")
 
     def __init__(
         self, source: RedisStreamSource, entry_id: bytes,
@@ -944,14 +996,19 @@ class _Settling:
         self._source = source
         self._id = entry_id
         self._done = done
-        self.future: asyncio.Future[int] | None = None  # the Settler's: cancelled to give up
+        self._over = False  # answered or given up: not sent if it has not gone (see Settler)
+
+    def done(self) -> bool:
+        return self._over
 
     def answered(self, result: int | BaseException) -> None:
-        self._done(self._source._settled(self._id, result))
+        if not self._over:
+            self._over = True
+            self._done(self._source._settled(self._id, result))
 
     def give_up(self) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.cancel()  # not sent if it has not gone; its reply ignored if it has
+        if not self._over:
+            self._over = True  # its reply, if it went, is ignored
             self._source._settled(self._id, TimeoutError("settle given up"))
 
 
@@ -1066,6 +1123,65 @@ class RedisStreamSource:
         self._handed_out = bool(batch)
         return batch
 
+    def receive_soon(
+        self, limit: int, then: Callable[[Sequence[Delivery] | BaseException], None]
+    ) -> Settling | None:
+        """:meth:`receive` by callback (see :class:`~worker.adapters.queue.ReceivesSoon`),
+        when it is a plain read (with the retry mover when it is due) on a connection that is
+        up; ``None`` otherwise. The settles held meanwhile go ahead of the read, in its write;
+        the entries it brings go to ``then`` with settles held again until the loop's next
+        turn, in which the pump starts their tasks and sends the next read."""
+        now = time.monotonic()
+        recover_due = self._recover_at is not None and now >= self._recover_at
+        move = now >= self._next_move
+        if (self._regroup or self._recover_from is not None or recover_due
+                or now >= self._next_claim or (move and self._move_whole)
+                or not self._reads.up):  # fmt: skip
+            return None
+        read = self._new_reads.get((limit, _POLL_MS)) or self._pack_read(b">", limit, _POLL_MS)
+        if move:
+            self._next_move = now + _MOVE_EVERY
+            o = self.options
+            read = _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), limit]) + read
+        self._settled_meanwhile.clear()  # see _track
+        self._reads.send_soon(read, 1 + move, self._settler.take(),
+                              partial(self._read_answered, then, move))  # fmt: skip
+        return self._reads
+
+    def _read_answered(
+        self, then: Callable[[Sequence[Delivery] | BaseException], None], moved: bool,
+        reply: list[Any] | BaseException,
+    ) -> None:  # fmt: skip
+        """A read of :meth:`receive_soon` answered (with the mover's reply first if
+        ``moved``), or the error that broke its connection."""
+        if isinstance(reply, BaseException):
+            self._recover_soon(0.0)  # whatever we were handed meanwhile is pending: re-read it
+            then(reply)
+            return
+        if moved:
+            self._moved(reply[0])
+        value = reply[-1]
+        if type(value) is RespError:
+            error = ResponseError(value)
+            if no_group(error):  # Redis lost the group: the next receive() makes it again
+                self._regroup = True
+                then([])
+            else:
+                self._recover_soon(0.0)
+                then(error)
+            return
+        if value is None:
+            then([])
+            return
+        batch = self._track(new_deliveries(value))
+        if not batch:
+            then(batch)
+            return
+        settler = self._settler
+        settler.holding = True  # the tasks' settles wait for the next read (see receive_soon)
+        then(batch)
+        asyncio.get_running_loop().call_soon(settler.unhold)  # after what then() started
+
     async def settle(self, delivery: Delivery, decision: Decision) -> None:
         entry = delivery.message
         assert isinstance(entry, Entry)
@@ -1084,8 +1200,8 @@ class RedisStreamSource:
         entry = delivery.message
         assert isinstance(entry, Entry)
         settling = _Settling(self, entry.id, done)
-        part = self._settle_part(entry, delivery, decision)
-        settling.future = self._settler.add(part, settling.answered)
+        self._settler.add_then(self._settle_part(entry, delivery, decision), settling,
+                               settling.answered)  # fmt: skip
         return settling
 
     def _settled(self, entry_id: bytes, result: int | BaseException) -> BaseException | None:
@@ -1185,8 +1301,7 @@ class RedisStreamSource:
             return []
         if type(reply) is RespError:
             raise ResponseError(reply)
-        return [delivery_of(Entry(i, dict(zip(f[::2], f[1::2], strict=True))))
-                for _, entries in reply for i, f in entries if f is not None]  # fmt: skip
+        return new_deliveries(reply)
 
     def _moved(self, reply: Any) -> None:
         """Judge the retry mover's reply (sent with a read): log a refusal (a wrong-typed retry
@@ -1364,6 +1479,12 @@ class RedisStreamSource:
 def stream_entries(reply: Any) -> list[Entry]:
     """The entries of an XREAD/XREADGROUP reply (deleted ones, without fields, left out)."""
     return [Entry(i, f) for _, entries in reply or [] for i, f in entries if f is not None]
+
+
+def new_deliveries(reply: Any) -> list[Delivery]:
+    """The deliveries of an XREADGROUP ``>`` reply (entries deleted meanwhile left out)."""
+    return [delivery_of(Entry(i, dict(zip(f[::2], f[1::2], strict=True))))
+            for _, entries in reply for i, f in entries if f is not None]  # fmt: skip
 
 
 def delivery_of(entry: Entry, redelivered: int = 0, *, again: bool = False) -> Delivery:

@@ -1,13 +1,20 @@
-"""The pump with a source that settles by callback (:class:`SettlesSoon`, as the Redis source
-does): an event's slot is held from the end of its task until the source says how its settle
-went, a settle the source never answers is given up after the broker timeout (its slot back,
-the failure said once), one the source fails or refuses counts as failed, and on stop the
-drain waits for settles under way within the grace period, then gives them up."""
+"""The pump with a source that settles and receives by callback (:class:`SettlesSoon`,
+:class:`ReceivesSoon`, as the Redis source does).
+
+Settling: an event's slot is held from the end of its task until the source says how its
+settle went, a settle the source never answers is given up after the broker timeout (its slot
+back, the failure said once), one the source fails or refuses counts as failed, and on stop the
+drain waits for settles under way within the grace period, then gives them up.
+
+Receiving: each batch's tasks start where the source hands it over, and the next receive is
+asked for only once they had their first turn; a receive the source cannot do by callback goes
+through ``receive()``; one that fails is retried after the backoff, one never answered is given
+up after the broker timeout, and one under way when the pump is cancelled is given up."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -20,6 +27,8 @@ from worker.adapters.queue import (
     Verdict,
     pump,
 )
+
+Then = Callable[[Sequence[Delivery] | BaseException], None]
 
 Done = Callable[[BaseException | None], None]
 UNSETTLED = "settling a queue message failed; the broker will deliver it again"
@@ -184,3 +193,148 @@ async def test_the_drain_waits_for_settles_under_way_within_the_grace(answered: 
     else:  # the grace passed: given up, its message comes back
         assert unfinished == [{"unfinished": 1, "grace": 0.2}] and pending.given_up
     assert log.find("stopping intake; waiting for in-flight events") == [{"in_flight": 1}]
+
+
+class Receiving:
+    """One receive by callback the test answers (or not) itself."""
+
+    def __init__(self, limit: int, then: Then) -> None:
+        self.limit, self.then = limit, then
+        self.given_up = False
+
+    def give_up(self) -> None:
+        self.given_up = True
+
+
+class ReceivingSource(CallbackSource):
+    """Receives by callback (each answered by the test through ``reads``) unless ``slow``
+    says the next one needs ``receive()``; records the order of what happens in ``trail``."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        super().__init__(messages)
+        self.reads: list[Receiving] = []
+        self.read_asked = asyncio.Event()
+        self.slow = 0  # receives to refuse by callback
+        self.trail: list[str] = []
+
+    async def receive(self, limit: int) -> list[Delivery]:
+        self.trail.append("receive()")
+        return await super().receive(limit)
+
+    def receive_soon(self, limit: int, then: Then) -> Receiving | None:
+        if self.slow:
+            self.slow -= 1
+            return None
+        self.trail.append("receive_soon")
+        reading = Receiving(limit, then)
+        self.reads.append(reading)
+        self.read_asked.set()
+        return reading
+
+    def settle_soon(self, delivery: Delivery, decision: Decision, done: Done) -> Pending:
+        self.trail.append(f"settle {delivery.ref}")
+        done(None)  # at once: settled
+        return Pending(delivery, decision, done)
+
+    async def next_read(self) -> Receiving:
+        while not self.reads:
+            self.read_asked.clear()
+            await self.read_asked.wait()
+        return self.reads.pop(0)
+
+    def hand(self, reading: Receiving, *bodies: bytes) -> None:
+        reading.then([Delivery(body, ref=body.decode()) for body in bodies])
+
+
+async def test_a_batch_handed_over_by_callback_starts_before_the_next_receive() -> None:
+    source, log, stop = ReceivingSource([]), FakeLog(), asyncio.Event()
+
+    async def process(delivery: Delivery) -> Decision:
+        source.trail.append(f"process {delivery.ref}")
+        if delivery.ref == "c":
+            stop.set()
+        return Decision(Verdict.ACK)
+
+    async with asyncio.timeout(10):
+        pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=8,
+                                           grace=5.0, log=log))  # fmt: skip
+        first = await source.next_read()
+        assert first.limit == 8
+        source.hand(first, b"a", b"b")
+        second = await source.next_read()
+        assert second.limit == 8  # a and b settled: their slots are back
+        source.slow = 1  # the next one needs receive(): its entries come that way
+        source.messages = [b"c"]
+        source.hand(second)  # nothing this time: the next receive at once
+        await pumping
+    assert source.trail == [
+        "receive_soon", "process a", "settle a", "process b", "settle b", "receive_soon",
+        "receive()", "process c", "settle c",  # stopped: no receive after c's turn
+    ]
+    assert log.find("receiving from the queue failed; trying again") == []
+
+
+async def test_a_receive_by_callback_that_fails_is_tried_again_after_the_backoff() -> None:
+    source, log, stop = ReceivingSource([]), FakeLog(), asyncio.Event()
+    status = IntakeStatus()
+
+    async def process(delivery: Delivery) -> Decision:
+        stop.set()
+        return Decision(Verdict.ACK)
+
+    async with asyncio.timeout(10):
+        pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=4,
+                                           grace=5.0, log=log, status=status))  # fmt: skip
+        failing = await source.next_read()
+        failing.then(ConnectionError("the broker went away"))
+        again = await source.next_read()  # after the backoff
+        assert status.failures == 1 and status.last_error == (
+            "ConnectionError: the broker went away")  # fmt: skip
+        source.hand(again, b"a")
+        await pumping
+    assert log.find("receiving from the queue failed; trying again") == [
+        {"error": "ConnectionError: the broker went away", "retry_in": 0.1}
+    ]
+    assert status.failures == 0  # the next one succeeded
+
+
+async def test_a_receive_by_callback_never_answered_is_given_up_after_the_broker_timeout() -> (
+    None
+):
+    source, log, stop = ReceivingSource([]), FakeLog(), asyncio.Event()
+
+    async def process(delivery: Delivery) -> Decision:
+        stop.set()
+        return Decision(Verdict.ACK)
+
+    async with asyncio.timeout(10):
+        pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=4,
+                                           grace=5.0, log=log, op_timeout=0.05))  # fmt: skip
+        stuck = await source.next_read()
+        again = await source.next_read()  # after the timeout and the backoff
+        assert stuck.given_up
+        source.hand(stuck, b"late")  # an answer after that is ignored
+        source.hand(again, b"a")
+        await pumping
+    assert "process late" not in source.trail and "settle a" in source.trail
+    assert log.find("receiving from the queue failed; trying again") == [
+        {"error": "TimeoutError", "retry_in": 0.1}
+    ]
+
+
+async def test_a_receive_by_callback_under_way_when_the_pump_is_cancelled_is_given_up() -> None:
+    source, log = ReceivingSource([]), FakeLog()
+
+    async def process(delivery: Delivery) -> Decision:
+        raise AssertionError("nothing was handed over")
+
+    async with asyncio.timeout(10):
+        pumping = asyncio.create_task(pump(source, process, stop=asyncio.Event(),
+                                           max_in_flight=4, grace=5.0, log=log))  # fmt: skip
+        reading = await source.next_read()
+        pumping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pumping
+    assert reading.given_up
+    source.hand(reading, b"late")  # ignored: no task starts after the pump ended
+    assert "process late" not in source.trail
