@@ -342,5 +342,6 @@ async def run_queue(
                 await queue.consume(
                     source, app.dispatcher.handle, settings=settings, stop=stopping, log=app.log,
                     status=intake, metrics=app.metrics, refuse=app.dispatcher.refuse,
+                    traced=app.spans is not None,
                 )  # fmt: skip
         app.log.info("worker stopped; closing resources")

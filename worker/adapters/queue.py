@@ -429,12 +429,15 @@ class Processor:
         log: Log,
         info: QueueInfo | None = None,
         refuse: Refuse | None = None,
+        traced: bool = True,
     ) -> None:
-        """``info`` names the source in each event's span attributes (``messaging.*``);
-        ``refuse`` (``Dispatcher.refuse``) answers a message refused before it became an
-        event, counted and traced as an event, as the HTTP adapter's refusals are."""
+        """``info`` names the source in each event's span attributes (``messaging.*``, made
+        only when ``traced``: spans are exported); ``refuse`` (``Dispatcher.refuse``) answers a
+        message refused before it became an event, counted and traced as an event, as the
+        HTTP adapter's refusals are."""
         self._handle = handle
         self._refuse = refuse
+        self._traced = traced
         self._transport = _span_attributes(info)
         self._ref_attribute = "messaging.message.id" if info is None else info.ref_attribute
         self._errors = errors
@@ -453,7 +456,8 @@ class Processor:
             event = parse_envelope(delivery, received_at=received_at, max_body_bytes=self._max_body)
         except WorkerError as exc:
             return self._refusal(delivery, exc, received_at)
-        event.transport = self._attributes(delivery)
+        if self._traced:
+            event.transport = self._attributes(delivery)
         outcome = await self._handle(event)
         return self._judge(delivery, outcome, event.trace, event.headers)
 
@@ -708,6 +712,7 @@ class _Pump:
         status: IntakeStatus,
         metrics: QueueMetrics | None = None,
     ) -> None:
+        self._loop = asyncio.get_running_loop()  # made where it runs (in pump())
         self._source = source
         self._settle_soon: Callable[..., Settling] | None = getattr(source, "settle_soon", None)
         self._receive_soon: Callable[..., Settling | None] | None = getattr(
@@ -800,13 +805,15 @@ class _Pump:
 
     def _start(self, batch: Sequence[Delivery]) -> None:
         """A task for each delivery; each holds a slot."""
-        again, create, tasks = 0, asyncio.get_running_loop().create_task, self._tasks
+        again, create, tasks = 0, self._loop.create_task, self._tasks
         for delivery in batch:
             again += delivery.redelivered
             tasks.add(create(self._one(delivery)))
         self._status.in_flight = len(tasks) + len(self._held)
         if self._metrics is not None:
-            self._count_received(len(batch), again, self._metrics)
+            self._metrics.received.inc(len(batch))
+            if again:
+                self._metrics.redelivered.inc(again)
 
     async def _by_callbacks(self, stop: asyncio.Event, limit: int) -> object:
         """Receive by the source's callbacks (:class:`ReceivesSoon`) until one receive needs
@@ -814,7 +821,7 @@ class _Pump:
         out of slots (``None``). Each batch's tasks start where its result is parsed, and the
         next receive goes once they had their first turn."""
         self._stop, self._limit = stop, limit
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._by_callback = waiting = loop.create_future()
         try:
             loop.call_soon(self._read_soon)  # after the first turn of tasks just started
@@ -836,7 +843,7 @@ class _Pump:
         if free <= 0 or self._stop.is_set():
             waiting.set_result(None)
             return
-        self._status.beat_at = asyncio.get_running_loop().time()
+        self._status.beat_at = self._loop.time()
         assert self._receive_soon is not None
         reading = _Reading(self)
         try:
@@ -861,7 +868,7 @@ class _Pump:
         if isinstance(result, BaseException):
             waiting.set_result(result)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._status.received(loop.time())
         if result:
             self._start(result)
@@ -884,12 +891,6 @@ class _Pump:
             return exc
         finally:
             self._deadlines.end(task)
-
-    @staticmethod
-    def _count_received(received: int, again: int, metrics: QueueMetrics) -> None:
-        metrics.received.inc(received)
-        if again:
-            metrics.redelivered.inc(again)
 
     def _free(self) -> None:
         """A slot was given back."""
@@ -1057,12 +1058,14 @@ async def consume(
     status: IntakeStatus | None = None,
     metrics: Metrics | None = None,
     refuse: Refuse | None = None,
+    traced: bool = True,
 ) -> None:
     """Serve the (entered) ``source`` through ``handle`` (``Dispatcher.handle``) until ``stop``
     is set, then drain: :func:`pump` with the worker's settings and the source's retry policy;
     ``status`` follows the intake loop for health probes; ``metrics`` count the source's
     messages under its name (and its consumer lag, when it can tell); ``refuse``
-    (``Dispatcher.refuse``) answers messages that never became events."""
+    (``Dispatcher.refuse``) answers messages that never became events; ``traced``: spans are
+    exported (each event's carries the source's attributes)."""
     biot, worker = settings.biot, settings.worker
     info = source_info(source)
     process = Processor(
@@ -1073,6 +1076,7 @@ async def consume(
         log=log,
         info=info,
         refuse=refuse,
+        traced=traced,
     )
     counted = None if metrics is None else metrics.watch_queue(
         info.destination if info is not None else "unknown", _lag_of(source))  # fmt: skip

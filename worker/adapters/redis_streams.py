@@ -555,11 +555,19 @@ class Wire(asyncio.Protocol):
             raise self.broken or RedisConnectionError("not connected")
         future = self._loop.create_future()
         if ahead:
-            self._waiting.extend((answer, 1, []) for _, answer in ahead)
-            payload = b"".join((*(command for command, _ in ahead), payload))
+            payload = self._ahead(ahead, payload)
         self._waiting.append((future, replies, []))
         self._transport.write(payload)
         return future
+
+    def _ahead(self, ahead: Sequence[Call], payload: bytes) -> bytes:
+        """``ahead``'s answers now waiting, in order; their commands, then ``payload``."""
+        if len(ahead) == 1:  # the usual: one settle call
+            command, answer = ahead[0]
+            self._waiting.append((answer, 1, []))
+            return command + payload
+        self._waiting.extend((answer, 1, []) for _, answer in ahead)
+        return b"".join((*(command for command, _ in ahead), payload))
 
     def send_then(
         self, payload: bytes, replies: int, answer: Answer, ahead: Sequence[Call] = ()
@@ -569,8 +577,7 @@ class Wire(asyncio.Protocol):
         if self._transport is None or self.broken is not None:
             raise self.broken or RedisConnectionError("not connected")
         if ahead:
-            self._waiting.extend((first, 1, []) for _, first in ahead)
-            payload = b"".join((*(command for command, _ in ahead), payload))
+            payload = self._ahead(ahead, payload)
         self._waiting.append((answer, replies, []))
         self._transport.write(payload)
 
@@ -906,15 +913,17 @@ class Settler:
         self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
     ) -> Call | None:
         """The settle call of these entries (those still wanted), counted as under way."""
-        if any(wanted.done() for wanted, _ in waiters):
-            # Given up on while they waited (the pump's bound passed), or before a resend after
-            # NOSCRIPT: never sent, since the entry may be delivered again by now; it stays
-            # pending and comes back.
-            kept = [n for n, (wanted, _) in enumerate(waiters) if not wanted.done()]
-            keys, args = [keys[n] for n in kept], [args[n] for n in kept]
-            waiters = [waiters[n] for n in kept]
-            if not waiters:
-                return None
+        for wanted, _ in waiters:
+            if wanted.done():
+                # Given up on while they waited (the pump's bound passed), or before a resend
+                # after NOSCRIPT: never sent, since the entry may be delivered again by now; it
+                # stays pending and comes back.
+                kept = [n for n, (wanted, _) in enumerate(waiters) if not wanted.done()]
+                keys, args = [keys[n] for n in kept], [args[n] for n in kept]
+                waiters = [waiters[n] for n in kept]
+                if not waiters:
+                    return None
+                break
         count = len(waiters)
         head = b"*%d\r\n%b$%d\r\n%d\r\n" % (
             3 + self._fixed + 6 * count, self._commands[whole], len(b"%d" % (3 + count)),
@@ -959,7 +968,10 @@ def _judge(waiters: list[_Waiter], value: Any) -> None:
         for (wanted, then), result in zip(waiters, value, strict=True):
             if not wanted.done():
                 outcome = result if type(result) is int else ResponseError(_text(result))
-                _tell(wanted, then, outcome)
+                if then is not None:
+                    then(outcome)
+                else:
+                    _tell(wanted, then, outcome)
         return
     error = value if isinstance(value, BaseException) else reply_error(value)
     if error is None:
