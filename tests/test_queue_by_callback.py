@@ -14,7 +14,7 @@ up after the broker timeout, and one under way when the pump is cancelled is giv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -32,6 +32,16 @@ Then = Callable[[Sequence[Delivery] | BaseException], None]
 
 Done = Callable[[BaseException | None], None]
 UNSETTLED = "settling a queue message failed; the broker will deliver it again"
+
+
+def acking_and_stopping(stop: asyncio.Event) -> Callable[[Delivery], Awaitable[Decision]]:
+    """A process that acknowledges each message, and sets ``stop`` at the first."""
+
+    async def process(delivery: Delivery) -> Decision:
+        stop.set()
+        return Decision(Verdict.ACK)
+
+    return process
 
 
 class Pending:
@@ -167,10 +177,7 @@ async def test_a_source_failing_to_start_a_settle_loses_no_slot() -> None:
 async def test_the_drain_waits_for_settles_under_way_within_the_grace(answered: bool) -> None:
     source, log, stop = CallbackSource([b"a"]), FakeLog(), asyncio.Event()
 
-    async def process(delivery: Delivery) -> Decision:
-        stop.set()
-        return Decision(Verdict.ACK)
-
+    process = acking_and_stopping(stop)
     async with asyncio.timeout(10):
         pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=4,
                                            grace=0.2, log=log, op_timeout=30.0))  # fmt: skip
@@ -278,10 +285,7 @@ async def test_a_receive_by_callback_that_fails_is_tried_again_after_the_backoff
     source, log, stop = ReceivingSource([]), FakeLog(), asyncio.Event()
     status = IntakeStatus()
 
-    async def process(delivery: Delivery) -> Decision:
-        stop.set()
-        return Decision(Verdict.ACK)
-
+    process = acking_and_stopping(stop)
     async with asyncio.timeout(10):
         pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=4,
                                            grace=5.0, log=log, status=status))  # fmt: skip
@@ -303,10 +307,7 @@ async def test_a_receive_by_callback_never_answered_is_given_up_after_the_broker
 ):
     source, log, stop = ReceivingSource([]), FakeLog(), asyncio.Event()
 
-    async def process(delivery: Delivery) -> Decision:
-        stop.set()
-        return Decision(Verdict.ACK)
-
+    process = acking_and_stopping(stop)
     async with asyncio.timeout(10):
         pumping = asyncio.create_task(pump(source, process, stop=stop, max_in_flight=4,
                                            grace=5.0, log=log, op_timeout=0.05))  # fmt: skip
