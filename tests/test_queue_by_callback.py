@@ -211,6 +211,8 @@ class Receiving:
 
     def give_up(self) -> None:
         self.given_up = True
+        # as the Redis source does: the broken connection fails the read at once
+        self.then(ConnectionError("the connection was given up"))
 
 
 class ReceivingSource(CallbackSource):

@@ -686,8 +686,10 @@ class _Reading:
             self._pump._arrived(self, result)
 
     def expire(self) -> None:
-        """Past the broker timeout: the source gives it up, the receive counts as failed."""
+        """Past the broker timeout: the source gives it up, the receive counts as failed (as
+        a ``TimeoutError``, not as whatever giving it up answers)."""
         if not self.over:
+            self.over = True
             if self.receiving is not None:
                 self.receiving.give_up()
             self._pump._arrived(self, TimeoutError())
