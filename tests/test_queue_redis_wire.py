@@ -407,35 +407,48 @@ async def test_settle_soon_tells_each_entry_how_its_settle_went(own_redis: Redis
 async def test_settles_asked_for_as_a_batch_starts_go_ahead_of_the_next_read(
     own_redis: RedisServer,
 ) -> None:
-    """The pump starts a batch's tasks and calls receive again: the read waits one turn of the
-    loop, and the settles asked for in that turn go in its write, ahead of it on its
-    connection; they are answered while the read blocks (not behind it)."""
+    """As the pump does: a batch read by callback starts its tasks, and the next read goes one
+    turn of the loop later; the settles asked for meanwhile go in that read's write, ahead of
+    it on its connection, and are answered while the read blocks (not behind it)."""
     client = own_redis.client()
     stream = f"wire-{uuid.uuid4().hex}"
     try:
-        for n in range(2):
-            await client.xadd(stream, {"envelope": message(f"m{n}"), "reply_to": f"{stream}:box"})
         await client.script_load(SETTLE_SCRIPT)  # else NOSCRIPT: sent again whole, on its own
         url = f"redis://127.0.0.1:{own_redis.port}/0?stream={stream}"
         async with RedisStreamSource(url, settings=queue_settings(), log=FakeLog()) as source:
-            got = await _receive(source, 2)
-            reading = asyncio.create_task(source.receive(10))
-            await asyncio.sleep(0)  # its first step: it lets the batch's tasks run first
+            for _ in range(2):  # connects, then its start-up pass over its own pending entries
+                assert await source.receive(10) == []  # (nothing there yet)
+            for n in range(2):
+                await client.xadd(stream, {"envelope": message(f"m{n}"),
+                                           "reply_to": f"{stream}:box"})  # fmt: skip
+            batches: list[Any] = []
             told: list[BaseException | None] = []
-            for n, delivery in enumerate(got):
-                source.settle_soon(delivery, Decision(Verdict.ACK, reply=b"r%d" % n),
-                                   told.append)  # fmt: skip
+            reads: list[Any] = []
+
+            def started(batch: Any) -> None:  # the batch's tasks, then the next read
+                batches.append(batch)
+                for n, delivery in enumerate(batch):
+                    source.settle_soon(delivery, Decision(Verdict.ACK, reply=b"r%d" % n),
+                                       told.append)  # fmt: skip
+                asyncio.get_running_loop().call_soon(
+                    lambda: reads.append(source.receive_soon(10, batches.append)))  # fmt: skip
+
+            assert source.receive_soon(10, started) is not None
 
             async def answered() -> bool:
                 return len(told) == 2
 
             await eventually(answered, "both settles, answered while the read blocks")
-            assert told == [None, None] and not reading.done()
+            assert told == [None, None] and len(batches) == 1 and len(batches[0]) == 2
+            assert reads[0] is not None and len(batches) == 1  # the next read still blocks
             assert source._settles._wire is None  # the settles' own connection never opened
             await client.xadd(stream, {"envelope": message("m2")})
-            async with asyncio.timeout(5.0):
-                [third] = await reading
-            await source.settle(third, Decision(Verdict.ACK))
+
+            async def third() -> bool:
+                return len(batches) == 2
+
+            await eventually(third, "the next read answered")
+            await source.settle(batches[1][0], Decision(Verdict.ACK))
         replies: Any = await client.xrange(f"{stream}:box")
         assert [fields[b"response"] for _, fields in replies] == [b"r0", b"r1"]
         assert await client.xlen(stream) == 0

@@ -545,39 +545,30 @@ class Wire(asyncio.Protocol):
         while self._waiting:
             _settle_waiter(self._waiting.popleft()[0], error)
 
-    def send(
-        self, payload: bytes, replies: int, ahead: Sequence[Call] = ()
-    ) -> asyncio.Future[list[Any]]:
-        """Write ``payload`` (``replies`` commands); the future of their replies. ``ahead``:
-        commands of one reply each written first, in the same write, their replies to their
-        answers."""
+    def send(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """Write ``payload`` (``replies`` commands); the future of their replies."""
         if self._transport is None or self.broken is not None:  # not under python -O either
             raise self.broken or RedisConnectionError("not connected")
         future = self._loop.create_future()
-        if ahead:
-            payload = self._ahead(ahead, payload)
         self._waiting.append((future, replies, []))
         self._transport.write(payload)
         return future
-
-    def _ahead(self, ahead: Sequence[Call], payload: bytes) -> bytes:
-        """``ahead``'s answers now waiting, in order; their commands, then ``payload``."""
-        if len(ahead) == 1:  # the usual: one settle call
-            command, answer = ahead[0]
-            self._waiting.append((answer, 1, []))
-            return command + payload
-        self._waiting.extend((answer, 1, []) for _, answer in ahead)
-        return b"".join((*(command for command, _ in ahead), payload))
 
     def send_then(
         self, payload: bytes, replies: int, answer: Answer, ahead: Sequence[Call] = ()
     ) -> None:
         """Write ``payload`` (``replies`` commands); their replies go to ``answer``.
-        ``ahead``: as for :meth:`send`."""
+        ``ahead``: commands of one reply each written first, in the same write, their replies
+        to their own answers."""
         if self._transport is None or self.broken is not None:
             raise self.broken or RedisConnectionError("not connected")
-        if ahead:
-            payload = self._ahead(ahead, payload)
+        if len(ahead) == 1:  # the usual: one settle call
+            command, first = ahead[0]
+            self._waiting.append((first, 1, []))
+            payload = command + payload
+        elif ahead:
+            self._waiting.extend((first, 1, []) for _, first in ahead)
+            payload = b"".join((*(command for command, _ in ahead), payload))
         self._waiting.append((answer, replies, []))
         self._transport.write(payload)
 
@@ -662,24 +653,15 @@ class Link:
         self._owed_since = 0.0  # when that look saw it first
         self._closed = False
 
-    async def call(self, payload: bytes, replies: int = 1, ahead: Sequence[Call] = ()) -> list[Any]:
-        """The replies to ``payload`` (``replies`` commands; error replies as values).
-        ``ahead``: commands sent first in the same write (see :meth:`Wire.send`); each answer
-        gets its reply, or the error that kept it from being sent or answered."""
+    async def call(self, payload: bytes, replies: int = 1) -> list[Any]:
+        """The replies to ``payload`` (``replies`` commands; error replies as values)."""
         wire = self._wire
         if wire is None or wire.broken is not None:
-            try:
-                if self._closed:
-                    raise RedisConnectionError(f"{self._address.name}: closed")
-                async with asyncio.timeout(self._timeout):
-                    wire = await self._open()
-            except BaseException as exc:
-                unsent = exc if isinstance(exc, Exception) else RedisConnectionError(
-                    f"{self._address.name}: connecting was given up")  # fmt: skip
-                for _, answer in ahead:
-                    answer(unsent)
-                raise
-        future = wire.send(payload, replies, ahead)
+            if self._closed:
+                raise RedisConnectionError(f"{self._address.name}: closed")
+            async with asyncio.timeout(self._timeout):
+                wire = await self._open()
+        future = wire.send(payload, replies)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().call_later(self._period, self._check)
         try:
@@ -873,7 +855,7 @@ class Settler:
 
     def take(self) -> list[Call]:
         """The settles waiting, as calls to write ahead of another command on another
-        connection (:meth:`Link.call`'s ``ahead``); under way from now on."""
+        connection (:meth:`Link.send_soon`'s ``ahead``); under way from now on."""
         (keys, args, waiters), self._queued = self._queued, ([], [], [])
         calls = []
         for at in range(0, len(waiters), _SETTLE_BATCH):
@@ -1066,7 +1048,6 @@ class RedisStreamSource:
         self._own_keys = frozenset((o.stream, o.retry_key, o.dead_letter))
         self._read_head = (b"XREADGROUP", b"GROUP", o.group.encode(), o.consumer.encode())
         self._new_reads: dict[tuple[int, int | None], bytes] = {}
-        self._handed_out = False  # the last receive returned entries (see receive)
         self._move_whole = False  # Redis lost the mover: run it on its own (sent whole)
         self._stream_key = o.stream.encode()
         self._next_move = self._next_claim = 0.0
@@ -1110,30 +1091,15 @@ class RedisStreamSource:
             )
 
     async def receive(self, limit: int) -> Sequence[Delivery]:
-        """Up to ``limit`` entries. Right after a receive that returned some, it first lets
-        their tasks start (one turn of the loop, in which a handler that makes no API call
-        ends): the settles asked for meanwhile go in the same write as the read, ahead of it on
-        its connection (one write and one wake of Redis for both, not two)."""
         self._settled_meanwhile.clear()  # see _track
         try:
-            if self._handed_out:
-                self._handed_out = False
-                self._settler.holding = True
-                try:
-                    await asyncio.sleep(0)
-                finally:
-                    self._settler.holding = False
-            batch = await self._receive(limit)
+            return await self._receive(limit)
         except BaseException as exc:
             if no_group(exc):  # Redis lost the group (and our pending entries with it)
                 await self._recreate_group()
                 return []
             self._recover_soon(0.0)  # whatever we were handed meanwhile is pending: re-read it
             raise
-        finally:
-            self._settler.release()  # settles held that did not go with a read go now
-        self._handed_out = bool(batch)
-        return batch
 
     def receive_soon(
         self, limit: int, then: Callable[[Sequence[Delivery] | BaseException], None]
@@ -1268,7 +1234,6 @@ class RedisStreamSource:
     async def _receive(self, limit: int) -> list[Delivery]:
         now = time.monotonic()
         if self._regroup:
-            self._settler.release()  # held settles go with a read only, not behind this
             await self._recreate_group()
             self._regroup = False
         move = now >= self._next_move
@@ -1278,16 +1243,13 @@ class RedisStreamSource:
             self._recover_from, self._recover_at = b"0", None
         if move and (self._recover_from is not None or now >= self._next_claim or self._move_whole):
             self._move_whole = False  # on its own: the script sent whole if Redis lost it
-            self._settler.release()
             await self._move_retries(limit)
             move = False
         if self._recover_from is not None:
-            self._settler.release()
             return self._track(await self._recover(limit))
         batch: list[Delivery] = []
         if now >= self._next_claim:
             self._next_claim = now + min(self.options.claim_idle / 2, 5.0)
-            self._settler.release()
             batch = await self._reclaim(limit)
         if len(batch) < limit:
             block = None if batch else _POLL_MS
@@ -1300,15 +1262,14 @@ class RedisStreamSource:
         read = self._new_reads.get((count, block))
         if read is None:
             read = self._pack_read(b">", count, block)
-        ahead = self._settler.take()  # settles held while the tasks started
         if move:
             o = self.options
             [moved, reply] = await self._reads.call(
-                _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), move]) + read, 2, ahead
+                _MOVE_DUE_SCRIPT.packed([o.retry_key, o.stream], [_ms(), move]) + read, 2
             )
             self._moved(moved)
         else:
-            [reply] = await self._reads.call(read, 1, ahead)
+            [reply] = await self._reads.call(read)
         if reply is None:
             return []
         if type(reply) is RespError:
