@@ -241,6 +241,36 @@ def test_the_metrics_pair_is_measured_again_side_by_side_after_the_repetitions()
     assert not [p for p in without.points() if p.variant == "worker-nometrics"]
 
 
+def test_the_queue_rows_are_measured_again_alternating_after_the_repetitions() -> None:
+    plan = QUICK.with_(scenarios=("a", "e"), concurrency=(1, 32), reps=1, paired_reps=1,
+                       queue_reps=3)  # fmt: skip
+    points = list(plan.points())
+    extra = [p for p in points if p.scenario == "e"][3 * 2 :]  # after (e)'s own three variants
+    assert [(p.variant, p.concurrency) for p in extra] == [
+        (variant, level)
+        for pair in (("worker-queue", "worker"), ("worker", "worker-queue"),
+                     ("worker-queue", "worker"))
+        for level in (1, 32)
+        for variant in pair
+    ]  # fmt: skip
+    assert {(p.rep, p.pair, p.tls, p.rate) for p in extra} == {(0, -1, False, None)}
+    assert points.index(extra[-1]) < min(n for n, p in enumerate(points) if p.pair >= 0)
+    records = [
+        *records_for("worker", [1.0], 0.100, scenario="e"),
+        *records_for("worker-queue", [1.0], 0.180, scenario="e"),  # the repetition
+        *(r for cpu in (0.140, 0.150, 0.135) for r in records_for("worker-queue", [1.0], cpu,
+                                                                  scenario="e")),
+        *(r for cpu in (0.110, 0.090, 0.095) for r in records_for("worker", [1.0], cpu,
+                                                                  scenario="e")),
+    ]  # fmt: skip
+    rows = {r["variant"]: r for r in aggregate(records, {})}
+    assert rows["worker-queue"]["reps"] == rows["worker"]["reps"] == 4
+    assert rows["worker-queue"]["cpu_us_per_event"] == pytest.approx(145.0)  # the median of 4
+    assert rows["worker"]["cpu_us_per_event"] == pytest.approx(97.5)
+    assert not [p for p in QUICK.with_(queue_reps=0).points() if p.scenario == "e"][6:]
+    assert not list(QUICK.with_(scenarios=("a",), queue_reps=3)._queue_points())
+
+
 def otel_record(concurrency: int, cpu: float, expected: int, received: int) -> dict[str, Any]:
     record = records_for("worker-otel", [1.0], cpu, concurrency=concurrency)[0]
     record.update(span_figures(expected, received))

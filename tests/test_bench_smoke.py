@@ -110,6 +110,7 @@ def tiny_e(tmp_path: Path, *extra: str) -> list[str]:
     return [
         "bench", "--quick", "--scenarios", "e", "--variants", "worker,worker-queue",
         "--concurrency", "1,4", "--requests", "40", "--warmup", "10", "--rates", "none",
+        "--queue-reps", "0",
         "--no-tls", "--no-profile", "--no-pin", "--no-chart", "--output", str(tmp_path), *extra,
     ]  # fmt: skip
 

@@ -43,6 +43,7 @@ CHECK_PLAN: Final = QUICK.with_(
     open_scenarios=(),
     reps=5,
     paired_reps=0,
+    queue_reps=0,
     fresh_processes=True,
     max_requests=2000,
     max_seconds=0.8,

@@ -144,6 +144,12 @@ class Plan:
     # from two new processes: the metrics' cost (a few µs) is read from the medians over
     # several processes, since one process's CPU per event can sit 10-20 % off another's.
     paired_reps: int = 4
+    # More measurements of (e)'s two rows, worker and worker-queue, at each closed-loop level,
+    # after the repetitions (before the metrics' pairs), the order alternating: the (e) ratio
+    # divides two processes measured one after the other, and on these VMs one process's CPU
+    # per event drifts by 15-20 % within a run, so one measurement of each can move the ratio by
+    # a quarter. They count in the (e) rows as repetitions do (medians over all of them).
+    queue_reps: int = 4
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
     redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)
@@ -185,7 +191,19 @@ class Plan:
                 for concurrency, rate in self.levels_for(scenario):
                     for variant in order:
                         yield Point(rep, scenario, tls, variant, concurrency, rate)
+        yield from self._queue_points()
         yield from self._paired_points()
+
+    def _queue_points(self) -> Iterator[Point]:
+        pair = ["worker", "worker-queue"]
+        if "e" not in self.scenarios or not set(pair) <= set(self.variants_for("e")):
+            return
+        for extra in range(self.queue_reps):
+            order = pair[::-1] if extra % 2 == 0 else pair  # the repetitions put worker first
+            for concurrency, rate in self.levels_for("e"):
+                if rate is None:
+                    for variant in order:
+                        yield Point(self.reps - 1, "e", False, variant, concurrency)
 
     def _paired_points(self) -> Iterator[Point]:
         pair = ["worker", "worker-nometrics"]
@@ -227,6 +245,7 @@ FULL: Final = Plan(
     rates=(200.0, 1000.0),
     open_scenarios=("a", "b", "c", "d", "e"),
     reps=3,
+    queue_reps=2,
     warmup_requests=200,
     warmup_seconds=2.0,
     max_requests=20_000,
