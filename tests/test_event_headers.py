@@ -4,6 +4,8 @@ value), without copying every header per event."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from worker.events import HookType, NonSpecific, event_from_http, lower_headers, view_for
@@ -41,6 +43,15 @@ def test_the_view_answers_as_the_lower_case_dict() -> None:
     assert list(event.headers) == list(copy)
     assert len(event.headers) == len(copy)
     assert event.headers == copy
+
+
+def test_headers_of_a_plain_mapping_are_lowered_as_strings() -> None:
+    assert lower_headers({"Host": "h", "X-Trace": "t"}) == {"host": "h", "x-trace": "t"}
+    assert lower_headers({"A": "first", "a": "last"}) == {"a": "last"}
+    assert lower_headers({"N": None, "Count": 3, "S": "s"}) == {"count": "3", "s": "s"}
+    odd: dict[Any, str] = {1: "one", "B": "b"}  # a name that is not a string
+    assert lower_headers(odd) == {"1": "one", "b": "b"}
+    assert lower_headers({}) == {}
 
 
 def test_the_event_reads_the_last_of_repeated_headers() -> None:

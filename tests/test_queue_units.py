@@ -44,7 +44,7 @@ from worker.cli import build_parser
 from worker.client import BiotApi
 from worker.dispatch import Dispatcher
 from worker.errors import EventError, PayloadTooLarge, TransientApiError
-from worker.events import HookType, NonSpecific
+from worker.events import HookType, NonSpecific, decode_payload
 from worker.logs import Throttle, describe
 from worker.responses import Response
 from worker.routing import Context, Router
@@ -124,6 +124,17 @@ def test_envelopes_are_checked_before_dispatch() -> None:
         parse_envelope(Delivery(b"[1]"), received_at=0.0, max_body_bytes=100)
     with pytest.raises(PayloadTooLarge):
         parse_envelope(Delivery(b" " * 65_737), received_at=0.0, max_body_bytes=100)
+    for blank in (b"", b" \r\n\t\x0b\x0c"):
+        with pytest.raises(EventError, match="queue message is empty"):
+            parse_envelope(Delivery(blank), received_at=0.0, max_body_bytes=100)
+    with pytest.raises(EventError, match="not an envelope"):  # headers must be an object
+        parse_envelope(Delivery(b'{"headers": ["a", "b"]}'), received_at=0.0, max_body_bytes=100)
+    spaced = parse_envelope(Delivery(b'{"headers": {}, "body": " \\n "}'), received_at=0.0,
+                            max_body_bytes=100)  # fmt: skip
+    assert decode_payload(spaced) is None  # a body of whitespace is no body
+    with pytest.raises(EventError, match="body is not valid JSON"):
+        decode_payload(parse_envelope(Delivery(b'{"headers": {}, "body": " x "}'),
+                                      received_at=0.0, max_body_bytes=100))  # fmt: skip
 
 
 UNTRACED = [

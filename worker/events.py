@@ -99,6 +99,14 @@ class Event:
 
 
 def lower_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """Names lower-cased, values as strings, ``None`` values left out (a repeated name: the
+    last value)."""
+    try:  # the usual (JSON, a dict of strings): every value a string
+        lowered = {k.lower(): v for k, v in headers.items() if type(v) is str}
+        if len(lowered) == len(headers):
+            return lowered
+    except AttributeError:  # a name that is not a string
+        pass
     return {str(k).lower(): str(v) for k, v in headers.items() if v is not None}
 
 
@@ -169,10 +177,10 @@ def event_from_envelope(
     ``body`` may be a string (base64 when ``isBase64Encoded``), an already-parsed JSON value, or
     absent (a scheduler event has neither headers nor body).
     """
-    if not isinstance(envelope, Mapping):
+    if type(envelope) is not dict and not isinstance(envelope, Mapping):
         raise EventError("event envelope must be a JSON object", code="NO_EVENT")
     raw_headers = envelope.get("headers") or {}
-    if not isinstance(raw_headers, Mapping):
+    if type(raw_headers) is not dict and not isinstance(raw_headers, Mapping):
         raise EventError("envelope headers must be an object", code="NO_EVENT")
     body = _envelope_body(envelope.get("body"), bool(envelope.get("isBase64Encoded")))
     if len(body) > max_body_bytes:
@@ -198,10 +206,11 @@ def _envelope_body(body: Any, is_base64: bool) -> bytes:
 
 def decode_payload(event: Event) -> Any:
     """The JSON body of the event; ``None`` when the body is empty. Bad JSON is ``NO_EVENT``."""
-    if not event.body.strip():
+    body = event.body
+    if not body or body.isspace():  # no copy of the body, as strip() would make
         return None
     try:
-        return orjson.loads(event.body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise EventError(f"body is not valid JSON: {exc.msg}", code="NO_EVENT") from None
 

@@ -234,13 +234,14 @@ class QueuedTimeout:
 
     def enter(self) -> None:
         """What ``__aenter__`` does, without a coroutine."""
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Timeout should be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
         self._state = _ENTERED
-        self._handle = self._queue.add(self)
+        self._handle = self._queue.add(self, loop)
 
     def leave(self, exc: BaseException | None) -> None:
         """What ``__aexit__`` does for ``exc`` (``None``: the block ended normally): raises
@@ -283,9 +284,11 @@ class TimeoutQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, deadline: QueuedTimeout) -> asyncio.Handle | None:
-        """Queue ``deadline``; or its own timer handle, which the caller cancels on exit."""
-        loop = asyncio.get_running_loop()
+    def add(
+        self, deadline: QueuedTimeout, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Handle | None:
+        """Queue ``deadline`` (``loop``: the running loop); or its own timer handle, which the
+        caller cancels on exit."""
         entries = self._entries
         if loop is not self._loop:  # another loop (a test's, a Lambda container's): start anew
             self._loop, self._timer = loop, None
@@ -335,8 +338,10 @@ class OwnTimers(TimeoutQueue):
 
     __slots__ = ()
 
-    def add(self, deadline: QueuedTimeout) -> asyncio.Handle | None:
-        return asyncio.get_running_loop().call_at(deadline.when, deadline.expire)
+    def add(
+        self, deadline: QueuedTimeout, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Handle | None:
+        return loop.call_at(deadline.when, deadline.expire)
 
     def finished(self) -> None:
         pass

@@ -301,13 +301,13 @@ def parse_envelope(delivery: Delivery, *, received_at: float, max_body_bytes: in
     is not a valid envelope."""
     if _too_large(delivery.body, max_body_bytes):
         raise PayloadTooLarge(f"queue message of {len(delivery.body)} bytes is too large")
-    if not delivery.body.strip():
+    if not delivery.body or delivery.body.isspace():  # no copy, as strip() would make
         raise EventError("queue message is empty")
     try:
         envelope = orjson.loads(delivery.body)
     except orjson.JSONDecodeError as exc:
         raise EventError(f"queue message is not JSON: {exc.msg}") from None
-    if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), Mapping):
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), dict):
         raise EventError("queue message is not an envelope with a headers object")
     event = event_from_envelope(envelope, received_at=received_at, max_body_bytes=max_body_bytes)
     event.attempt = delivery.attempt
@@ -900,7 +900,7 @@ class _Pump:
         self._wake.set()
 
     async def _one(self, delivery: Delivery) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None
         try:
             try:
