@@ -530,7 +530,7 @@ def test_a_tiny_run_measures_the_peers_beside_the_worker_and_cleans_up(
     args = build_parser().parse_args([
         "bench", "--quick", "--scenarios", "a,e", "--concurrency", "2",
         "--variants", "worker,fastapi,worker-queue,faststream",
-        "--requests", "30", "--warmup", "10", "--rates", "none", "--queue-reps", "1",
+        "--requests", "30", "--warmup", "10", "--rates", "none", "--target-reps", "1",
         "--no-tls", "--no-profile", "--no-pin", "--no-chart", "--output", str(tmp_path),
     ])  # fmt: skip
     assert bench_main(args) == 0
@@ -541,10 +541,10 @@ def test_a_tiny_run_measures_the_peers_beside_the_worker_and_cleans_up(
     rows = {(row["scenario"], row["variant"]): row for row in result["rows"]}
     assert set(rows) == {("a", "worker"), ("a", "fastapi"), ("e", "worker"),
                          ("e", "worker-queue"), ("e", "faststream")}  # fmt: skip
-    for key, row in rows.items():  # (e)'s two rows measured once more (--queue-reps 1)
+    for key, row in rows.items():  # (e)'s two rows measured once more (--target-reps 1)
         reps = 2 if key in (("e", "worker"), ("e", "worker-queue")) else 1
         assert (row["reps"], row["n"], row["errors"], row["incomplete"]) == (reps, 30 * reps, 0, 0)
-    assert result["plan"]["queue_reps"] == 1
+    assert result["plan"]["target_reps"] == 1
     assert set(rows[("a", "worker")]["ratios"]) == {"fastapi"}
     assert set(rows[("e", "worker-queue")]["ratios"]) == {"worker", "faststream"}
     assert set(rows[("e", "faststream")]["ratios"]) == {"worker"}  # ÷ the worker over HTTP

@@ -217,7 +217,8 @@ def test_plans_measure_metrics_off_and_opentelemetry_in_a_and_b_interleaved() ->
         assert measured == {("a", False), ("b", False)}
         assert {"worker-nometrics@http", "worker-otel@http", "worker@http"} <= set(plan.targets())
     plan = QUICK.with_(scenarios=("a",), concurrency=(1,), reps=3, paired_reps=0)
-    orders = [[p.variant for p in plan.points() if p.rep == rep] for rep in range(3)]
+    orders = [[p.variant for p in plan.points() if p.rep == rep and not p.again]
+              for rep in range(3)]  # fmt: skip
     assert all(set(order) >= {"worker", "worker-nometrics", "worker-otel"} for order in orders)
     assert orders[0] != orders[1] != orders[2]  # the same variants, rotated per repetition
     assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
@@ -241,20 +242,24 @@ def test_the_metrics_pair_is_measured_again_side_by_side_after_the_repetitions()
     assert not [p for p in without.points() if p.variant == "worker-nometrics"]
 
 
-def test_the_queue_rows_are_measured_again_alternating_after_the_repetitions() -> None:
+def test_the_rows_targets_divide_are_measured_again_alternating_after_the_repetitions() -> None:
     plan = QUICK.with_(scenarios=("a", "e"), concurrency=(1, 32), reps=1, paired_reps=1,
-                       queue_reps=3)  # fmt: skip
+                       target_reps=3)  # fmt: skip
     points = list(plan.points())
-    extra = [p for p in points if p.scenario == "e"][3 * 2 :]  # after (e)'s own three variants
-    assert [(p.variant, p.concurrency) for p in extra] == [
-        (variant, level)
-        for pair in (("worker-queue", "worker"), ("worker", "worker-queue"),
-                     ("worker-queue", "worker"))
+    extra = [p for p in points if p.again]
+    assert [(p.scenario, p.variant, p.concurrency) for p in extra] == [
+        (scenario, variant, level)
+        for k in range(3)
+        for scenario, pair in (("a", ("floor", "worker")), ("e", ("worker", "worker-queue")))
         for level in (1, 32)
-        for variant in pair
+        for variant in (pair[::-1] if k % 2 == 0 else pair)
     ]  # fmt: skip
     assert {(p.rep, p.pair, p.tls, p.rate) for p in extra} == {(0, -1, False, None)}
+    first = points.index(extra[0])
+    assert not [p for p in points[:first] if p.again]  # the repetitions come first...
+    assert points[first : first + len(extra)] == extra  # ...then these, together...
     assert points.index(extra[-1]) < min(n for n, p in enumerate(points) if p.pair >= 0)
+    assert [p for p in points[first:] if not p.again] == [p for p in points if p.pair >= 0]
     records = [
         *records_for("worker", [1.0], 0.100, scenario="e"),
         *records_for("worker-queue", [1.0], 0.180, scenario="e"),  # the repetition
@@ -267,8 +272,22 @@ def test_the_queue_rows_are_measured_again_alternating_after_the_repetitions() -
     assert rows["worker-queue"]["reps"] == rows["worker"]["reps"] == 4
     assert rows["worker-queue"]["cpu_us_per_event"] == pytest.approx(145.0)  # the median of 4
     assert rows["worker"]["cpu_us_per_event"] == pytest.approx(97.5)
-    assert not [p for p in QUICK.with_(queue_reps=0).points() if p.scenario == "e"][6:]
-    assert not list(QUICK.with_(scenarios=("a",), queue_reps=3)._queue_points())
+    assert not [p for p in QUICK.with_(target_reps=0).points() if p.again]
+    without_floor = QUICK.with_(scenarios=("a", "b"), variants=("worker", "worker-nometrics"))
+    assert not [p for p in without_floor.points() if p.again]
+    b_only = {(p.scenario, p.variant) for p in QUICK.with_(scenarios=("b",)).points() if p.again}
+    assert b_only == {("b", "floor"), ("b", "worker")}
+
+
+def test_a_targets_extra_measurements_stay_out_of_the_metrics_comparison() -> None:
+    plain = records_for("worker", [1.0], 0.200) + records_for("worker-nometrics", [1.0], 0.190)
+    again = records_for("worker", [1.0, 1.0, 1.0], 0.400)
+    for record in again:
+        record["again"] = True
+    rows = {r["variant"]: r for r in metrics_rows([*plain, *again], {})}
+    assert rows["worker"]["reps"] == 1 and rows["worker"]["cpu_us_per_event"] == pytest.approx(200)
+    assert {r["variant"]: r["reps"] for r in aggregate([*plain, *again], {})} == {
+        "worker": 4, "worker-nometrics": 1}  # fmt: skip
 
 
 def otel_record(concurrency: int, cpu: float, expected: int, received: int) -> dict[str, Any]:

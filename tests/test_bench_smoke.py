@@ -23,7 +23,7 @@ def test_tiny_bench_run_writes_the_table_and_the_json(
     args = build_parser().parse_args([
         "bench", "--quick", "--scenarios", "a", "--variants", "floor,worker",
         "--concurrency", "1", "--requests", "50", "--warmup", "10", "--rates", "none",
-        "--no-tls", "--no-profile", "--no-pin", "--no-chart",
+        "--target-reps", "1", "--no-tls", "--no-profile", "--no-pin", "--no-chart",
         "--output", str(tmp_path),
     ])  # fmt: skip
     assert bench_main(args) == 0
@@ -44,12 +44,14 @@ def test_tiny_bench_run_writes_the_table_and_the_json(
             0,
             0,
         )
-        assert row["n"] == 50
+        assert (row["reps"], row["n"]) == (2, 100)  # the repetition, then once more (again)
         assert set(row["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "mean", "max"}
         assert row["throughput"] > 0
         assert set(row["cpu_util"]) == {"target", "emulator", "loadgen"}
     assert set(rows["worker"]["ratios"]["floor"]) == {"p50", "p99", "cpu", "throughput"}
     assert {t["target"] for t in result["targets"]} >= {"(a) c=1 p50 vs floor"}
+    assert [(p["variant"], p["again"]) for p in result["points"]] == [
+        ("floor", False), ("worker", False), ("worker", True), ("floor", True)]  # fmt: skip
 
 
 def test_tiny_bench_run_measures_what_metrics_and_opentelemetry_cost(
@@ -110,7 +112,7 @@ def tiny_e(tmp_path: Path, *extra: str) -> list[str]:
     return [
         "bench", "--quick", "--scenarios", "e", "--variants", "worker,worker-queue",
         "--concurrency", "1,4", "--requests", "40", "--warmup", "10", "--rates", "none",
-        "--queue-reps", "0",
+        "--target-reps", "0",
         "--no-tls", "--no-profile", "--no-pin", "--no-chart", "--output", str(tmp_path), *extra,
     ]  # fmt: skip
 

@@ -2,9 +2,10 @@
 BioT's two Lambda styles, measured over loopback HTTP against the emulator; scenario (e) puts
 the (a) event through Redis Streams with a reply (``--redis``), beside the worker over HTTP.
 
-``biot-worker bench --quick`` (about 4 minutes on 2 cores: every scenario at c=1 and c=32,
-one open-loop rate, (e)'s two rows measured 5 times) or ``biot-worker bench`` (the full run:
-c=1/8/32/128, two open-loop rates, 3 interleaved repetitions, fresh-JWT, memory and profile).
+``biot-worker bench --quick`` (about 5 minutes on 2 cores: every scenario at c=1 and c=32,
+one open-loop rate, the rows the targets divide measured 5 times) or ``biot-worker bench``
+(the full run: c=1/8/32/128, two open-loop rates, 3 interleaved repetitions and 2 more of the
+rows the targets divide, fresh-JWT, memory and profile).
 Both print the table and write the JSON and, with matplotlib installed, the PNG chart.
 Performance is reported, never asserted: the exit code is 0 whatever the figures, 1 only when
 the run itself failed.
@@ -47,7 +48,7 @@ def _csv(kind: type, choices: Any = None) -> Any:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--quick", action="store_true", help="a short run (about 4 minutes on 2 cores)")
+    add("--quick", action="store_true", help="a short run (about 5 minutes on 2 cores)")
     add("--scenarios", type=_csv(str, SCENARIOS), help="subset of a,b,c,d,e")
     add("--variants", type=_csv(str, VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     add("--concurrency", type=_csv(int), help="closed-loop levels, e.g. 1,8,32,128")
@@ -68,11 +69,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "closed-loop level, after the repetitions, for the metrics' cost [4]",
     )
     add(
-        "--queue-reps",
+        "--target-reps",
         type=int,
-        help="extra measurements of worker and worker-queue in (e) at each closed-loop level, "
-        "after the repetitions, alternating which goes first; they count in the (e) rows "
-        "[quick: 4, full: 2]",
+        help="extra measurements of the rows the targets divide (floor and worker in (a) and "
+        "(b), worker and worker-queue in (e)) at each closed-loop level, after the repetitions, "
+        "alternating which goes first; they count in those rows [quick: 4, full: 2]",
     )
     add("--requests", type=int, help="most events measured per point")
     add("--seconds", type=float, help="most seconds measured per point")
@@ -128,7 +129,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         ("open_scenarios", "open_scenarios"), ("reps", "reps"), ("requests", "max_requests"),
         ("seconds", "max_seconds"), ("warmup", "warmup_requests"),
         ("api_latency", "api_latency"), ("memory_seconds", "memory_seconds"),
-        ("redis", "redis_url"), ("paired_reps", "paired_reps"), ("queue_reps", "queue_reps"),
+        ("redis", "redis_url"), ("paired_reps", "paired_reps"), ("target_reps", "target_reps"),
     ):  # fmt: skip
         if getattr(args, name, None) is not None:
             changes[field] = getattr(args, name)

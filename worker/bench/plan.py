@@ -77,6 +77,10 @@ PEER_VARIANTS: Final = ("fastapi", "faststream")
 TLS_VARIANTS: Final = (*BASE_VARIANTS, "fastapi")
 OBSERVABILITY_VARIANTS: Final = ("worker-nometrics", "worker-otel")
 FRESH_JWT_TOKENS: Final = 2500  # distinct tokens signed for one fresh-JWT point
+# The rows each scenario's targets divide, measured again after the repetitions (in the order
+# the repetitions measure them: Plan.variants' order).
+TARGET_PAIRS: Final = (("a", ("floor", "worker")), ("b", ("floor", "worker")),
+                       ("e", ("worker", "worker-queue")))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,8 @@ class Point:
     # Which extra pair of the metrics' comparison this is (-1: none): each pair is served by
     # new worker and worker-nometrics processes (see Plan.paired_reps).
     pair: int = -1
+    # A row a target reads, measured again after the repetitions (see Plan.target_reps).
+    again: bool = False
 
     @property
     def group(self) -> tuple[str, bool]:
@@ -144,12 +150,14 @@ class Plan:
     # from two new processes: the metrics' cost (a few µs) is read from the medians over
     # several processes, since one process's CPU per event can sit 10-20 % off another's.
     paired_reps: int = 4
-    # More measurements of (e)'s two rows, worker and worker-queue, at each closed-loop level,
-    # after the repetitions (before the metrics' pairs), the order alternating: the (e) ratio
-    # divides two processes measured one after the other, and on these VMs one process's CPU
-    # per event drifts by 15-20 % within a run, so one measurement of each can move the ratio by
-    # a quarter. They count in the (e) rows as repetitions do (medians over all of them).
-    queue_reps: int = 4
+    # More measurements of the rows the targets divide (TARGET_PAIRS: the floor and the worker
+    # in (a) and (b), the worker over HTTP and over Redis Streams in (e)) at each closed-loop
+    # level, after the repetitions (before the metrics' pairs), the pair's order alternating:
+    # a target's ratio divides two processes measured one after the other, and on these VMs
+    # one process's CPU per event drifts by 15-20 % within a run, so one measurement of each
+    # can move a ratio by a quarter. They count in their rows as repetitions do (medians over
+    # all of them), not in the metrics' comparison (which has its own pairs).
+    target_reps: int = 4
     seed: int = 1
     candidate: str | None = None  # module the worker-candidate variant preloads
     redis_url: str = "redis://127.0.0.1:6379/0"  # scenario (e)
@@ -191,19 +199,22 @@ class Plan:
                 for concurrency, rate in self.levels_for(scenario):
                     for variant in order:
                         yield Point(rep, scenario, tls, variant, concurrency, rate)
-        yield from self._queue_points()
+        yield from self._target_points()
         yield from self._paired_points()
 
-    def _queue_points(self) -> Iterator[Point]:
-        pair = ["worker", "worker-queue"]
-        if "e" not in self.scenarios or not set(pair) <= set(self.variants_for("e")):
-            return
-        for extra in range(self.queue_reps):
-            order = pair[::-1] if extra % 2 == 0 else pair  # the repetitions put worker first
-            for concurrency, rate in self.levels_for("e"):
-                if rate is None:
-                    for variant in order:
-                        yield Point(self.reps - 1, "e", False, variant, concurrency)
+    def _target_points(self) -> Iterator[Point]:
+        pairs = [(scenario, pair) for scenario, pair in TARGET_PAIRS
+                 if scenario in self.scenarios
+                 and set(pair) <= set(self.variants_for(scenario))]  # fmt: skip
+        for extra in range(self.target_reps):
+            for scenario, pair in pairs:
+                # the first repetition measures the pair in this order: the next one reversed
+                order = pair[::-1] if extra % 2 == 0 else pair
+                for concurrency, rate in self.levels_for(scenario):
+                    if rate is None:
+                        for variant in order:
+                            yield Point(self.reps - 1, scenario, False, variant, concurrency,
+                                        again=True)  # fmt: skip
 
     def _paired_points(self) -> Iterator[Point]:
         pair = ["worker", "worker-nometrics"]
@@ -245,7 +256,7 @@ FULL: Final = Plan(
     rates=(200.0, 1000.0),
     open_scenarios=("a", "b", "c", "d", "e"),
     reps=3,
-    queue_reps=2,
+    target_reps=2,
     warmup_requests=200,
     warmup_seconds=2.0,
     max_requests=20_000,

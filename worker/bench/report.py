@@ -86,6 +86,7 @@ def point_record(point: Point, result: LoadResult) -> dict[str, Any]:
     return {
         "rep": point.rep,
         "pair": point.pair,
+        "again": point.again,
         "scenario": point.scenario,
         "tls": point.tls,
         "variant": point.variant,
@@ -144,6 +145,8 @@ def metrics_rows(
     grouped: dict[tuple[str, bool, str, str], list[Mapping[str, Any]]] = {}
     for record in records:
         key = row_key(record)
+        if record.get("again"):  # a target's extra measurement, with no nometrics beside it
+            continue
         if key[:2] == (METRICS_SCENARIO, False) and key[3] in ("worker", "worker-nometrics"):
             grouped.setdefault(key, []).append(record)
     return [_row(key, reps, samples) for key, reps in grouped.items()]
