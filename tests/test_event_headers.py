@@ -52,6 +52,8 @@ def test_headers_of_a_plain_mapping_are_lowered_as_strings() -> None:
     odd: dict[Any, str] = {1: "one", "B": "b"}  # a name that is not a string
     assert lower_headers(odd) == {"1": "one", "b": "b"}
     assert lower_headers({}) == {}
+    named_in_bytes: dict[Any, str] = {b"X": "v"}  # as str(name).lower() names it
+    assert lower_headers(named_in_bytes) == {"b'x'": "v"}
 
 
 def test_the_event_reads_the_last_of_repeated_headers() -> None:

@@ -101,12 +101,11 @@ class Event:
 def lower_headers(headers: Mapping[str, Any]) -> dict[str, str]:
     """Names lower-cased, values as strings, ``None`` values left out (a repeated name: the
     last value)."""
-    try:  # the usual (JSON, a dict of strings): every value a string
-        lowered = {k.lower(): v for k, v in headers.items() if type(v) is str}
-        if len(lowered) == len(headers):
-            return lowered
-    except AttributeError:  # a name that is not a string
-        pass
+    # The usual (JSON, a dict of strings) in one pass; anything else (a None or a number, a name
+    # that is not a string, a name repeated in another case) the general way, with the same result.
+    lowered = {k.lower(): v for k, v in headers.items() if type(v) is str and type(k) is str}
+    if len(lowered) == len(headers):
+        return lowered
     return {str(k).lower(): str(v) for k, v in headers.items() if v is not None}
 
 

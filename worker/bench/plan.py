@@ -208,7 +208,7 @@ class Plan:
                  and set(pair) <= set(self.variants_for(scenario))]  # fmt: skip
         for extra in range(self.target_reps):
             for scenario, pair in pairs:
-                # the first repetition measures the pair in this order: the next one reversed
+                # the repetitions measure the pair in this order: the first extra goes the other
                 order = pair[::-1] if extra % 2 == 0 else pair
                 for concurrency, rate in self.levels_for(scenario):
                     if rate is None:
