@@ -14,7 +14,7 @@ import asyncio
 import importlib.util
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -33,6 +33,7 @@ from tests.redis_server import RedisServer
 from worker.adapters.queue import Decision, SourceUnavailable, Verdict
 from worker.adapters.redis_streams import _SETTLE as SETTLE_SCRIPT
 from worker.adapters.redis_streams import (
+    _SETTLE_BATCH,
     Address,
     Link,
     LuaScript,
@@ -229,6 +230,45 @@ async def test_a_settle_given_up_on_before_it_went_is_never_sent() -> None:
             assert b"1-2" not in once.received[1] and b"1-3" not in once.received[1]
         finally:
             link.close()
+
+
+async def test_settles_held_past_one_call_go_as_several_calls_each_answered() -> None:
+    """More settles than one script call carries (``_SETTLE_BATCH``), released together: they
+    go as that many calls, in order, and every entry gets its own XACK result."""
+    require_broker("Redis", REDIS)
+    link = Link(Address("redis", REDIS[0], REDIS[1]), timeout=5.0)
+    stream = f"test-settle-batches-{uuid.uuid4().hex}"
+    sent: list[bytes] = []
+
+    class Counting:
+        def start(self, payload: bytes, answer: Any) -> None:
+            sent.append(payload)
+            link.start(payload, answer)
+
+    try:
+        settler = Settler(cast(Link, Counting()), [stream, f"{stream}:retry", f"{stream}:dead"],
+                          ["g", "1", "1", "1"])  # fmt: skip
+        settler.holding = True
+        count = 2 * _SETTLE_BATCH + 5
+        futures = [settler.add((bulk(b""), b"".join(bulk(a) for a in (
+            b"1-%d" % n, b"", b"", b"0", b"")))) for n in range(1, count + 1)]  # fmt: skip
+        assert sent == []  # held
+        settler.unhold()
+        async with asyncio.timeout(10):  # a settle never sent is never answered
+            results = await asyncio.gather(*futures)
+        assert results == [0] * count  # none was pending: XACK 0 each
+        assert len(sent) == 3
+        assert [b"1-1\r\n" in sent[0], b"1-%d\r\n" % (_SETTLE_BATCH + 1) in sent[1],
+                b"1-%d\r\n" % count in sent[2]] == [True, True, True]  # fmt: skip
+    finally:
+        link.close()
+        client = aioredis.Redis(host=REDIS[0], port=REDIS[1])
+        try:  # nothing should be there; whatever is goes
+            keys = [key async for key in client.scan_iter(match=f"{stream}*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 async def test_a_server_that_is_not_there_is_a_connection_error() -> None:

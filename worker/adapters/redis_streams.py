@@ -835,7 +835,7 @@ class Settler:
         # the queued entries: their reply streams, arguments and waiters, in order
         self._queued: tuple[list[bytes], list[bytes], list[_Waiter]] = ([], [], [])
         self._calls = 0  # calls under way
-        #: Settles asked for meanwhile wait for :meth:`take` (or :meth:`release`).
+        #: Settles asked for meanwhile wait for :meth:`take` (or :meth:`unhold`).
         self.holding = False
 
     def add(self, part: Part) -> asyncio.Future[int]:
@@ -857,6 +857,9 @@ class Settler:
         """The settles waiting, as calls to write ahead of another command on another
         connection (:meth:`Link.send_soon`'s ``ahead``); under way from now on."""
         (keys, args, waiters), self._queued = self._queued, ([], [], [])
+        if len(waiters) <= _SETTLE_BATCH:  # the usual: one call
+            call = self._pack(keys, args, waiters, whole=False)
+            return [] if call is None else [call]
         calls = []
         for at in range(0, len(waiters), _SETTLE_BATCH):
             end = at + _SETTLE_BATCH
@@ -876,13 +879,8 @@ class Settler:
         self.release()
 
     def _flush(self) -> None:
-        (keys, args, waiters), self._queued = self._queued, ([], [], [])
-        if len(waiters) <= _SETTLE_BATCH:
-            self._send(keys, args, waiters, whole=False)
-            return
-        for at in range(0, len(waiters), _SETTLE_BATCH):
-            end = at + _SETTLE_BATCH
-            self._send(keys[at:end], args[at:end], waiters[at:end], whole=False)
+        for call in self.take():
+            self._link.start(*call)
 
     def _send(
         self, keys: list[bytes], args: list[bytes], waiters: list[_Waiter], whole: bool
